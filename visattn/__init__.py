@@ -1,0 +1,21 @@
+"""visattn: efficient attention for vision backbones and diffusion transformers.
+
+``import visattn`` is light: it imports torch (and registers visattn's timm backbones as they land),
+never diffusers and never Triton; kernels compile on first use.
+"""
+
+from __future__ import annotations
+
+from .ops import BlockSparsePlan, block_sparse_attention, block_sparse_attention_ref
+from .ops._dispatch import list_backends, use_backend
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_ref",
+    "BlockSparsePlan",
+    "list_backends",
+    "use_backend",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""timm-registered backbone families; importing this package registers them with timm."""

@@ -1,0 +1,3 @@
+"""Benchmark suites behind ``visattn bench`` (one module per method, shared harness)."""
+
+SUITES = {"block_sparse": "visattn.bench.block_sparse"}

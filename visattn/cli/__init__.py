@@ -1,0 +1,1 @@
+"""The ``visattn`` command line (``visattn`` console script and ``python -m visattn``)."""

@@ -1,0 +1,45 @@
+"""Shared Triton helpers: the online-softmax step and small host utilities.
+
+``INTERPRET`` records whether ``TRITON_INTERPRET=1`` was set when the kernels were defined: Triton
+decides at decoration time whether ``@triton.jit`` functions are compiled or interpreted, so the
+dispatcher uses this flag to explain a mismatch instead of failing inside Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def head_dim_pad(head_dim: int) -> int:
+    """Head dim rounded up to the power of two >= 16 that ``tl.arange`` and ``tl.dot`` need."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def is_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+@triton.jit
+def _online_softmax_step(qk, m_i, l_i, acc):
+    """One online-softmax update with logits ``qk`` already in log2 units.
+
+    Rows whose running max is still -inf (every key so far masked) use 0 as their shift, so that
+    ``exp2(-inf - -inf)`` never produces a NaN. Returns the probabilities (fp32, unnormalised),
+    the new max and sum, and ``acc`` rescaled to the new max (the caller adds ``p @ v``).
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc

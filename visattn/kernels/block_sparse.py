@@ -1,0 +1,412 @@
+"""Block-sparse flash attention: the shared core that PSA and Rectified SpaAttn build on.
+
+For batch ``b``, head ``h`` and query tile ``i`` (``block_q`` rows) the forward kernel walks the list
+``kv_index[b, h, i, :kv_count[b, h, i]]`` of key blocks (``block_k`` keys each): it never scans all
+blocks. The backward runs two kernels without atomics (deterministic): dK/dV per key tile walking the
+transposed list (the query tiles that attend the block), and dQ per query tile walking the forward list.
+
+Extension points (PSA, Rectified): ``_kv_block_start`` turns a list entry into the first key of the
+tile it names (PSA adds a pooling level per entry); ``_attend_tile`` is the online-softmax body; the
+forward epilogue is ``_fwd_epilogue`` (Rectified adds its ``R`` scaling and pooled compensation).
+
+Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter on CPU). fp16, bf16 and fp32
+(fp32 dots run in IEEE precision); head dims up to 256 (non-powers of two are padded with masked
+lanes). ``block_q``/``block_k`` are powers of two >= 16. Kernel tiles divide the plan blocks: a
+block of 128 keys may run as two 64-key tiles. Key offsets beyond ``seq_k`` (the partial last block,
+or entries naming blocks out of range) are masked, so a bad plan cannot read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _configs
+from ._common import LOG2E, _online_softmax_step, head_dim_pad
+
+
+@triton.jit
+def _kv_block_start(idx_row_ptr, j, stride_ij, seq_k, BLOCK_K: tl.constexpr):
+    """First key of the ``j``-th listed block; invalid (negative) entries map past ``seq_k``."""
+    blk = tl.load(idx_row_ptr + j * stride_ij)
+    start = blk * BLOCK_K
+    return tl.where(blk < 0, seq_k, start)
+
+
+@triton.jit
+def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc, sm_scale_log2,
+                 offs_n, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, TAIL_BRANCH: tl.constexpr):
+    """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``."""
+    keys = start_n + offs_n
+    valid = keys < seq_k
+    row = start_n.to(tl.int64)
+    k_ptrs = k_base + row * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + row * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if HEAD_DIM == HEAD_DIM_PAD:
+        kv_mask = valid[:, None]
+    else:
+        kv_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if TAIL_BRANCH:
+        # only a tile reaching past seq_k (the partial last block, invalid entries) pays for the mask;
+        # full tiles run the plain FMA + exp2 of the online softmax
+        if start_n + BLOCK_N > seq_k:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet: no NaN
+        p = tl.math.exp2(qk * sm_scale_log2 - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        # invalid keys get -inf through an additive bias
+        qk = qk * sm_scale_log2 + tl.where(valid, 0.0, float("-inf"))[None, :]
+        p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_epilogue(acc, m_i, l_i):
+    """Normalise; rows that saw no key give 0 and LSE -inf (natural log)."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return out, lse
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv"])
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, LSE, KV_INDEX, KV_COUNT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_ib, stride_ih, stride_ii, stride_ij,
+    stride_cb, stride_ch, stride_ci,
+    seq_q, seq_k, n_heads, kv_group, max_kv, sm_scale_log2,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  # plan granularity: shapes the index arithmetic
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # kernel tile: divides BLOCK_Q / BLOCK_K
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL_BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    hk = h // kv_group
+    start_m = pid_m * BLOCK_M
+    tile = start_m // BLOCK_Q
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = (start_m + offs_m) < seq_q
+    if HEAD_DIM == HEAD_DIM_PAD:
+        q_mask = row_ok[:, None]
+    else:
+        q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q = tl.load(q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    idx_row = KV_INDEX + b * stride_ib + h * stride_ih + tile.to(tl.int64) * stride_ii
+    count = tl.load(KV_COUNT + b * stride_cb + h * stride_ch + tile * stride_ci)
+    count = tl.minimum(tl.maximum(count, 0), max_kv)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    # one flat loop over (entry, sub-tile) keeps a single innermost loop for Triton's pipeliner
+    total = count * SUB
+    blk = tl.load(idx_row, mask=total > 0, other=0)
+    for t in range(0, total):
+        if PREFETCH:
+            # the next entry's id is read one iteration ahead, so the K/V addresses of an iteration
+            # depend on a loop-carried value rather than on a load in the same iteration
+            cur = blk
+            blk = tl.load(idx_row + ((t + 1) // SUB) * stride_ij, mask=t + 1 < total, other=0)
+        else:
+            cur = tl.load(idx_row + (t // SUB) * stride_ij)
+        start_n = tl.where(cur < 0, seq_k, cur * BLOCK_K) + (t % SUB) * BLOCK_N
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc,
+                                     sm_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                                     DOT_PRECISION, TAIL_BRANCH)
+
+    out, lse = _fwd_epilogue(acc, m_i, l_i)
+    o_ptrs = O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
+    tl.store(o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * seq_q + start_m + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seq_q"])
+def _block_sparse_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, LSE, LSE2,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    seq_q, n_heads,
+    HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """delta = rowsum(O * dO) - dLSE, and the LSE in log2 units with empty rows mapped to +inf."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (rows < seq_q)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    base = pid_bh.to(tl.int64) * seq_q
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + base + rows, mask=rows < seq_q, other=0.0)
+    tl.store(DELTA + base + rows, delta, mask=rows < seq_q)
+    lse = tl.load(LSE + base + rows, mask=rows < seq_q, other=0.0)
+    # an empty row has p = 0 everywhere: +inf makes exp2(s - lse) = 0 instead of NaN
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(LSE2 + base + rows, lse2, mask=rows < seq_q)
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_q"])
+def _block_sparse_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DK, DV, Q_INDEX, Q_COUNT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_ib, stride_ih, stride_ij, stride_ii,
+    stride_cb, stride_ch, stride_cj,
+    seq_q, seq_k, n_heads, kv_group, max_q, sm_scale, sm_scale_log2,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile of query head h, over the query tiles that attend its block."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    hk = h // kv_group
+    start_n = pid_n * BLOCK_N
+    kblk = start_n // BLOCK_K
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    key_ok = (start_n + offs_n) < seq_k
+    if HEAD_DIM == HEAD_DIM_PAD:
+        kv_mask = key_ok[:, None]
+    else:
+        kv_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row_n = start_n.to(tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + row_n * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + row_n * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    stat_base = pid_bh.to(tl.int64) * seq_q
+    idx_row = Q_INDEX + b * stride_ib + h * stride_ih + kblk.to(tl.int64) * stride_ij
+    count = tl.load(Q_COUNT + b * stride_cb + h * stride_ch + kblk * stride_cj)
+    count = tl.minimum(tl.maximum(count, 0), max_q)
+    SUB: tl.constexpr = BLOCK_Q // BLOCK_M
+    for t in range(0, count * SUB):
+        qblk = tl.load(idx_row + (t // SUB) * stride_ii)
+        start_m = qblk * BLOCK_Q + (t % SUB) * BLOCK_M
+        rows = start_m + offs_m
+        row_ok = rows < seq_q
+        if HEAD_DIM == HEAD_DIM_PAD:
+            q_mask = row_ok[:, None]
+        else:
+            q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        row_m = start_m.to(tl.int64)
+        q = tl.load(q_base + row_m * stride_qn + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + row_m * stride_don + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask,
+                     other=0.0)
+        # rows past seq_q read lse2 = +inf, so their probabilities are 0
+        lse2 = tl.load(LSE2 + stat_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
+        # keys past seq_k are zero rows of k and v: their dk/dv rows are never stored
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        pT = tl.math.exp2(qkT * sm_scale_log2 - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk *= sm_scale
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + row_n * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + row_n * stride_dvn + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv"])
+def _block_sparse_bwd_dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ, KV_INDEX, KV_COUNT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_ib, stride_ih, stride_ii, stride_ij,
+    stride_cb, stride_ch, stride_ci,
+    seq_q, seq_k, n_heads, kv_group, max_kv, sm_scale, sm_scale_log2,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query tile over its listed key blocks (the forward's walk, recomputing P)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    hk = h // kv_group
+    start_m = pid_m * BLOCK_M
+    tile = start_m // BLOCK_Q
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rows = start_m + offs_m
+    row_ok = rows < seq_q
+    if HEAD_DIM == HEAD_DIM_PAD:
+        q_mask = row_ok[:, None]
+    else:
+        q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row_m = start_m.to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row_m * stride_qn + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + row_m * stride_don + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=q_mask, other=0.0)
+    stat_base = pid_bh.to(tl.int64) * seq_q
+    lse2 = tl.load(LSE2 + stat_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    idx_row = KV_INDEX + b * stride_ib + h * stride_ih + tile.to(tl.int64) * stride_ii
+    count = tl.load(KV_COUNT + b * stride_cb + h * stride_ch + tile * stride_ci)
+    count = tl.minimum(tl.maximum(count, 0), max_kv)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    for t in range(0, count * SUB):
+        start_n = _kv_block_start(idx_row, t // SUB, stride_ij, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
+        keys = start_n + offs_n
+        if HEAD_DIM == HEAD_DIM_PAD:
+            kv_mask = (keys < seq_k)[:, None]
+        else:
+            kv_mask = (keys < seq_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        row_n = start_n.to(tl.int64)
+        k = tl.load(k_base + row_n * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + row_n * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        # masked keys are zero rows of k: whatever their p, they add nothing to dq = ds @ k
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * sm_scale_log2 - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + row_m * stride_dqn + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers. Tensors arrive as [B, N, H, D] *views* in either memory order: the kernels
+# address them by (batch, head, token) strides, so no layout is copied. The last dim must be dense.
+
+
+def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    # t is a [B, N, H, D] view: return (batch, head, token) strides
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _plan_strides(t: torch.Tensor) -> tuple[int, ...]:
+    # broadcast axes of size 1 get stride 0, so a [1, 1, n, m] plan serves every (b, h)
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim()))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, scale: float):
+    """Forward launcher. q/k/v: [B, N, H, D] views; returns ``(out, lse)``, lse fp32 [B, H, N_q] (ln)."""
+    B, Nq, H, D = q.shape
+    Nk, Hk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    dpad = head_dim_pad(D)
+    cfg = _configs.fwd_config(q.device, D, block_q, block_k, q.dtype)
+    grid = (triton.cdiv(Nq, cfg.block_m), B * H)
+    _block_sparse_fwd_kernel[grid](
+        q, k, v, out, lse, kv_index, kv_count,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
+        *_plan_strides(kv_index), *_plan_strides(kv_count),
+        Nq, Nk, H, H // Hk, kv_index.shape[-1], scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=_precision(q.dtype),
+        TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_index, kv_count, q_index, q_count,
+                     block_q: int, block_k: int, scale: float):
+    """Backward launcher: returns ``(dq, dk, dv)``; dk/dv have q's head count (the caller sums GQA groups).
+
+    ``q_index``/``q_count`` is the transposed plan: for each key block, the query tiles attending it.
+    ``dlse`` (or None) is the gradient flowing into the returned LSE.
+    """
+    B, Nq, H, D = q.shape
+    Nk, Hk = k.shape[1], k.shape[2]
+    dpad = head_dim_pad(D)
+    dev = q.device
+    delta = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    pre_block = 64
+    _block_sparse_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_block), B * H)](
+        out, do, dlse if dlse is not None else delta, delta, lse, lse2,
+        *_bhn_strides(out), *_bhn_strides(do), Nq, H,
+        HAS_DLSE=dlse is not None, BLOCK=pre_block, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
+    )
+    dq = torch.empty_like(q)
+    # GQA: one dk/dv slice per query head, reduced over the group by the caller
+    dk = torch.empty_like(k) if Hk == H else k.new_empty((B, Nk, H, D))
+    dv = torch.empty_like(v) if Hk == H else v.new_empty((B, Nk, H, D))
+    prec = _precision(q.dtype)
+    cfg = _configs.bwd_dkdv_config(dev, D, block_q, block_k, q.dtype)
+    _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.block_n), B * H)](
+        q, k, v, do, lse2, delta, dk, dv, q_index, q_count,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do),
+        *_bhn_strides(dk), *_bhn_strides(dv),
+        *_plan_strides(q_index), *_plan_strides(q_count),
+        Nq, Nk, H, H // Hk, q_index.shape[-1], scale, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = _configs.bwd_dq_config(dev, D, block_q, block_k, q.dtype)
+    _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg.block_m), B * H)](
+        q, k, v, do, lse2, delta, dq, kv_index, kv_count,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
+        *_plan_strides(kv_index), *_plan_strides(kv_count),
+        Nq, Nk, H, H // Hk, kv_index.shape[-1], scale, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv

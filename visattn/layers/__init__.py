@@ -1,0 +1,1 @@
+"""nn.Module layers that own projections and call visattn.ops (one file per method)."""

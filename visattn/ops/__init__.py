@@ -1,0 +1,9 @@
+"""visattn's functional ops: public attention functions, their references and plans.
+
+Layouts are part of each op's contract and stated in its docstring.
+"""
+
+from .block_sparse import block_sparse_attention, block_sparse_attention_ref
+from .block_sparse_plan import BlockSparsePlan
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_ref", "BlockSparsePlan"]
