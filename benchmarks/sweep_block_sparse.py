@@ -102,10 +102,38 @@ def time_cfgs(kind, cfgs, q, k, v, plan, log, results):
     _configs.OVERRIDES.clear()
 
 
+def bwd_grid(q, k, v, log, results):
+    N = q.shape[1]
+    dkdv = [TileConfig(*c) for c in [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2),
+                                      (32, 64, 4, 2)]]
+    dq = [TileConfig(*c) for c in [(128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3),
+                                    (64, 128, 4, 2)]]
+    g = torch.randn_like(q)
+    for density in (1.0, 0.15):
+        plan = BlockSparsePlan.random(N, N, density, generator=torch.Generator().manual_seed(0), device="cuda")
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = block_sparse_attention(qq, kk, vv, plan, backend="triton")
+        for a in dkdv:
+            for b in dq:
+                _configs.OVERRIDES.clear()
+                _configs.OVERRIDES.update(dkdv=a, dq=b)
+                try:
+                    ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, (qq, kk, vv), g, retain_graph=True),
+                                                 warmup=25, rep=100, return_mode="median")
+                except Exception as e:
+                    log(f"  {density} {a} {b}: FAILED {type(e).__name__}")
+                    continue
+                log(f"  bwd density {density}: dkdv {a.block_m}x{a.block_n} w{a.num_warps} s{a.num_stages} | "
+                    f"dq {b.block_m}x{b.block_n} w{b.num_warps} s{b.num_stages}: {ms:.3f} ms")
+                results.append({"density": density, "dkdv": a.__dict__, "dq": b.__dict__, "ms": ms})
+    _configs.OVERRIDES.clear()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bwd-grid", action="store_true", help="time dK/dV x dQ tile pairs only")
     args = ap.parse_args()
     lines = []
 
@@ -133,6 +161,11 @@ def main():
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         log(f"plain dense triton fwd calibration {bm}x{bn} w{w} s{st}: {ms:.3f} ms ({dense / ms:.2f}x cuDNN)")
     results = []
+    if args.bwd_grid:
+        bwd_grid(q, k, v, log, results)
+        with open(f"{args.out}/bwd_grid.json", "w") as f:
+            json.dump(results, f, indent=1)
+        return
     fwd_cfgs = [TileConfig(m, n, w, s, tb, pf) for m, n, w, s in [(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3)]
                 for tb in (True, False) for pf in (False, True)]
     dkdv_cfgs = [TileConfig(m, n, w, s) for m, n, w, s in [

@@ -5,7 +5,7 @@ For batch ``b``, head ``h`` and query tile ``i`` (``block_q`` rows) the forward 
 blocks. The backward runs two kernels without atomics (deterministic): dK/dV per key tile walking the
 transposed list (the query tiles that attend the block), and dQ per query tile walking the forward list.
 
-Extension points (PSA, Rectified): ``_kv_block_start`` turns a list entry into the first key of the
+Extension points (PSA, Rectified): ``_entry_start`` turns a list entry into the first key of the
 tile it names (PSA adds a pooling level per entry); ``_attend_tile`` is the online-softmax body; the
 forward epilogue is ``_fwd_epilogue`` (Rectified adds its ``R`` scaling and pooled compensation).
 
@@ -27,11 +27,11 @@ from ._common import LOG2E, _online_softmax_step, head_dim_pad
 
 
 @triton.jit
-def _kv_block_start(idx_row_ptr, j, stride_ij, seq_k, BLOCK_K: tl.constexpr):
-    """First key of the ``j``-th listed block; invalid (negative) entries map past ``seq_k``."""
-    blk = tl.load(idx_row_ptr + j * stride_ij)
-    start = blk * BLOCK_K
-    return tl.where(blk < 0, seq_k, start)
+def _entry_start(blk, seq_k, BLOCK_K: tl.constexpr):
+    """First key of the block a list entry names; ids outside [0, ceil(seq_k / BLOCK_K)) map to
+    ``seq_k`` (nothing valid), decided before ``blk * BLOCK_K`` could wrap around in int32."""
+    ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
+    return tl.where(ok, blk * BLOCK_K, seq_k)
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _block_sparse_fwd_kernel(
             blk = tl.load(idx_row + ((t + 1) // SUB) * stride_ij, mask=t + 1 < total, other=0)
         else:
             cur = tl.load(idx_row + (t // SUB) * stride_ij)
-        start_n = tl.where(cur < 0, seq_k, cur * BLOCK_K) + (t % SUB) * BLOCK_N
+        start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
         m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc,
                                      sm_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
                                      DOT_PRECISION, TAIL_BRANCH)
@@ -302,8 +302,11 @@ def _block_sparse_bwd_dq_kernel(
     count = tl.minimum(tl.maximum(count, 0), max_kv)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    # the block id is read in the iteration that uses it: reading it one iteration ahead, as the
+    # forward does, made the backward 1.6x slower on an H100 (benchmarks/NOTES.md, v3)
     for t in range(0, count * SUB):
-        start_n = _kv_block_start(idx_row, t // SUB, stride_ij, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
+        cur = tl.load(idx_row + (t // SUB) * stride_ij)
+        start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
         keys = start_n + offs_n
         if HEAD_DIM == HEAD_DIM_PAD:
             kv_mask = (keys < seq_k)[:, None]

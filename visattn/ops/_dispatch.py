@@ -182,16 +182,39 @@ def select(op: str, backend: str | None, device: torch.device, summary: str, *ar
 # Environment-level availability, shared by the per-op ``can_run`` checks and ``visattn info``.
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+_ENV_REASONS: dict[tuple, tuple[str, ...]] = {}
+
+
 def triton_reasons(device: torch.device | None = None) -> list[str]:
-    """Why the Triton backend cannot run at all on ``device`` (empty if it can)."""
+    """Why the Triton backend cannot run at all on ``device`` (empty if it can).
+
+    These are facts of the process (installed packages, GPU capability, ``TRITON_INTERPRET``), so
+    they are computed once per device eagerly and only looked up while ``torch.compile`` traces
+    (dynamo cannot trace importlib or CUDA queries). A device first seen inside a traced region is
+    not checked here; an unusable environment then fails at kernel launch.
+    """
+    key = (None if device is None else device.type, None if device is None else device.index,
+           os.environ.get("TRITON_INTERPRET", "0"))
+    if torch.compiler.is_compiling():
+        return list(_ENV_REASONS.get(key, ()))
+    hit = _ENV_REASONS.get(key)
+    if hit is None:
+        hit = _ENV_REASONS[key] = _triton_env_reasons(key[0], -1 if key[1] is None else key[1])
+    return list(hit)
+
+
+def _triton_env_reasons(device_type: str | None, index: int) -> tuple[str, ...]:
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         reasons.append("triton is not installed (pip install triton; it ships with torch on Linux)")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if device is None:
+    if device_type is None:
         if not torch.cuda.is_available() and not interpret:
             reasons.append("no CUDA device and TRITON_INTERPRET is not set to 1")
-    elif device.type == "cpu":
+    elif device_type == "cpu":
         if not interpret:
             reasons.append("tensors are on the CPU; set TRITON_INTERPRET=1 to run the kernels in the interpreter")
         elif not _kernels_match_interpret():
@@ -199,16 +222,16 @@ def triton_reasons(device: torch.device | None = None) -> list[str]:
                 "TRITON_INTERPRET=1 was set after visattn's Triton kernels were compiled; set it before "
                 "the first kernel call (e.g. at the top of conftest.py)"
             )
-    elif device.type == "cuda":
+    elif device_type == "cuda":
         if interpret:
             reasons.append("TRITON_INTERPRET=1 is set, which runs kernels on the CPU only")
-        elif torch.cuda.get_device_capability(device) < (8, 0):
-            reasons.append(
-                f"needs a GPU of compute capability >= 8.0, got {torch.cuda.get_device_capability(device)}"
-            )
+        elif not torch.cuda.is_available():
+            reasons.append("CUDA is not available in this process")
+        elif (cap := torch.cuda.get_device_capability(index if index >= 0 else None)) < (8, 0):
+            reasons.append(f"needs a GPU of compute capability >= 8.0, got {cap}")
     else:
-        reasons.append(f"device type {device.type!r} is not supported by the Triton kernels")
-    return reasons
+        reasons.append(f"device type {device_type!r} is not supported by the Triton kernels")
+    return tuple(reasons)
 
 
 def _kernels_match_interpret() -> bool:
@@ -229,7 +252,7 @@ def flex_reasons() -> list[str]:
 
 
 def natten_reasons() -> list[str]:
-    if importlib.util.find_spec("natten") is None:
+    if importlib.util.find_spec("natten") is None:  # not on a traced path: natten is a comparison backend
         return ["natten is not installed (pip install --no-build-isolation natten)"]
     return []
 

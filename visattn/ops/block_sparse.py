@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import _dispatch
 from ._checks import check_layout, check_qkv, check_scale, describe_tensors
 from ._types import Layout
-from .block_sparse_plan import BlockSparsePlan, _cdiv
+from .block_sparse_plan import BlockSparsePlan, _cdiv, transpose_lists
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_ref", "BlockSparsePlan"]
 
@@ -51,7 +51,8 @@ def block_sparse_attention(
             batch and heads where its axes 0/1 have size 1.
         scale: softmax scale, ``D ** -0.5`` by default.
         layout: ``"BNHD"`` (default) or ``"BHND"``; the output has the same layout.
-        return_lse: also return the log-sum-exp (natural log, fp32 ``[B, H, N_q]``), differentiable.
+        return_lse: also return the log-sum-exp (natural log, ``[B, H, N_q]``, fp32; fp64 for fp64
+            input on the ``"torch"`` backend), differentiable.
         backend: ``"auto"`` (default, or the one set by ``visattn.use_backend``), ``"triton"``,
             ``"torch"`` or ``"flex"`` (FlexAttention with a cached ``BlockMask``, for comparison).
 
@@ -194,12 +195,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_index, kv_count = ctx.saved_tensors
-    plan = BlockSparsePlan(kv_index, kv_count, ctx.block_q, ctx.block_k)
-    q_index, q_count = plan.transpose(_cdiv(k.shape[1], ctx.block_k))
+    q_index, q_count = transpose_lists(kv_index, kv_count, _cdiv(k.shape[1], ctx.block_k))
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
         dout = dout.contiguous()  # the kernels need a dense head dim
+    if dlse is not None:
+        dlse = dlse.contiguous()  # e.g. lse.sum() hands back a stride-0 expanded gradient
     dq, dk, dv = _block_sparse_bwd_op(dout, q, k, v, out, lse, dlse, kv_index, kv_count, q_index, q_count,
                                       ctx.block_q, ctx.block_k, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
@@ -222,6 +224,10 @@ def _triton_can_run(q, k, v, plan) -> list[str]:
     reasons = _dispatch.triton_reasons(q.device)
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Triton's interpreter multiplies the raw bits of bfloat16 operands in tl.dot (seen with
+        # Triton 3.9): refuse rather than return wrong numbers
+        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU")
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_TRITON_MAX_HEAD_DIM} is not supported")
     return reasons
@@ -301,8 +307,15 @@ def _run_flex(q, k, v, plan, scale, layout):
     if q.device.type == "cpu" and not torch.is_grad_enabled():
         q, k, v = q.detach(), k.detach(), v.detach()  # Flex rejects requires_grad inputs on the CPU
     bm = flex_block_mask(plan, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out, lse = _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale, return_lse=True,
-                                  enable_gqa=q.shape[1] != k.shape[1])
+    flex = _flex_fn(q.device)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9: the older keyword
+        out, lse = flex(q, k, v, block_mask=bm, scale=scale, return_lse=True, enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        out, aux = flex(q, k, v, block_mask=bm, scale=scale, return_aux=AuxRequest(lse=True),
+                        enable_gqa=q.shape[1] != k.shape[1])
+        lse = aux.lse
     return (out.transpose(1, 2) if layout == "BNHD" else out), lse.float()
 
 

@@ -11,7 +11,6 @@ Every method here works on device tensors without reading their values on the ho
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -159,29 +158,15 @@ class BlockSparsePlan:
     # ------------------------------------------------------------------ conversions
     def to_mask(self, num_kv_blocks: int) -> torch.Tensor:
         """Boolean block mask ``[B or 1, H or 1, num_q_tiles, num_kv_blocks]``; out-of-range entries dropped."""
-        idx = self.kv_index.long()
-        used = torch.arange(self.max_kv, device=idx.device) < self.kv_count[..., None].clamp(max=self.max_kv)
-        ok = used & (idx >= 0) & (idx < num_kv_blocks)
-        target = torch.where(ok, idx, torch.full_like(idx, num_kv_blocks))  # sentinel column
-        mask = torch.zeros((*idx.shape[:3], num_kv_blocks + 1), dtype=torch.bool, device=idx.device)
-        mask.scatter_(-1, target, True)
-        return mask[..., :num_kv_blocks]
+        return lists_to_mask(self.kv_index, self.kv_count, num_kv_blocks)
 
     def transpose(self, num_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For every key block, the query tiles that attend it: ``(q_index, q_count)``.
 
         ``q_index``: int32 ``[B or 1, H or 1, num_kv_blocks, num_q_tiles]``; ``q_count``: int32
-        ``[B or 1, H or 1, num_kv_blocks]``. Used by the backward's dK/dV pass; cached per plan.
+        ``[B or 1, H or 1, num_kv_blocks]``. This is the backward's dK/dV walk.
         """
-        key = ("transpose", num_kv_blocks, self.kv_index._version, self.kv_count._version)
-        hit = self._cache.get("transpose")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        mask_t = self.to_mask(num_kv_blocks).transpose(-1, -2)
-        q_count = mask_t.sum(-1, dtype=torch.int32).contiguous()
-        q_index = torch.sort((~mask_t).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
-        self._cache["transpose"] = (key, (q_index, q_count))
-        return q_index, q_count
+        return transpose_lists(self.kv_index, self.kv_count, num_kv_blocks)
 
     def density(self, seq_q: int, seq_k: int) -> torch.Tensor:
         """Fraction of (query, key) pairs attended, counting partial last blocks exactly (a 0-d tensor)."""
@@ -204,6 +189,26 @@ class BlockSparsePlan:
         )
 
 
-def num_blocks(seq: int, block: int) -> int:
-    """Number of blocks of ``block`` tokens covering ``seq`` tokens (the last may be partial)."""
-    return math.ceil(seq / block)
+def lists_to_mask(kv_index: torch.Tensor, kv_count: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """Boolean block mask from index lists; unused, negative and out-of-range entries are dropped."""
+    idx = kv_index.long()
+    max_kv = idx.shape[-1]
+    used = torch.arange(max_kv, device=idx.device) < kv_count[..., None].clamp(max=max_kv)
+    ok = used & (idx >= 0) & (idx < num_kv_blocks)
+    target = torch.where(ok, idx, torch.full_like(idx, num_kv_blocks))  # sentinel column
+    mask = torch.zeros((*idx.shape[:3], num_kv_blocks + 1), dtype=torch.bool, device=idx.device)
+    mask.scatter_(-1, target, True)
+    return mask[..., :num_kv_blocks]
+
+
+def transpose_lists(kv_index: torch.Tensor, kv_count: torch.Tensor, num_kv_blocks: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed lists ``(q_index, q_count)``: for each key block, the query tiles listing it.
+
+    Pure tensor ops on the device (no host sync), so it traces under ``torch.compile``.
+    """
+    mask_t = lists_to_mask(kv_index, kv_count, num_kv_blocks).transpose(-1, -2)
+    q_count = mask_t.sum(-1, dtype=torch.int32).contiguous()
+    # stable sort of "not listed" puts the listing query tiles first, in increasing order
+    q_index = torch.sort((~mask_t).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    return q_index, q_count
