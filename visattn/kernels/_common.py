@@ -43,3 +43,22 @@ def _online_softmax_step(qk, m_i, l_i, acc):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return p, m_new, l_i, acc
+
+
+@triton.jit
+def _bh_ids(pid_bh, n_heads, kv_group):
+    """(batch, query head, key/value head) of a program, as int64 for the offset arithmetic."""
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    return b, h, h // kv_group
+
+
+@triton.jit
+def _load_tile(base, start, stride, offs_r, offs_d, mask):
+    """Rows ``start + offs_r`` of a [tokens, head_dim] slice addressed by its token stride.
+
+    The large part of the offset (``start * stride``) is a scalar in int64; the per-element part
+    stays int32. The head dim is dense (stride 1).
+    """
+    return tl.load(base + start.to(tl.int64) * stride + offs_r[:, None] * stride + offs_d[None, :], mask=mask,
+                   other=0.0)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import LOG2E, _online_softmax_step, head_dim_pad
+from ._common import LOG2E, _bh_ids, _load_tile, _online_softmax_step, head_dim_pad
 
 
 @triton.jit
@@ -41,15 +41,12 @@ def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l
     """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``."""
     keys = start_n + offs_n
     valid = keys < seq_k
-    row = start_n.to(tl.int64)
-    k_ptrs = k_base + row * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + row * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     if HEAD_DIM == HEAD_DIM_PAD:
         kv_mask = valid[:, None]
     else:
         kv_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k = _load_tile(k_base, start_n, stride_kn, offs_n, offs_d, kv_mask)
+    v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if TAIL_BRANCH:
         # only a tile reaching past seq_k (the partial last block, invalid entries) pays for the mask;
@@ -97,9 +94,7 @@ def _block_sparse_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    hk = h // kv_group
+    b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
     start_m = pid_m * BLOCK_M
     tile = start_m // BLOCK_Q
 
@@ -111,8 +106,7 @@ def _block_sparse_fwd_kernel(
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -194,9 +188,7 @@ def _block_sparse_bwd_dkdv_kernel(
     """dK, dV of one key tile of query head h, over the query tiles that attend its block."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    hk = h // kv_group
+    b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
     start_n = pid_n * BLOCK_N
     kblk = start_n // BLOCK_K
 
@@ -209,10 +201,8 @@ def _block_sparse_bwd_dkdv_kernel(
     else:
         kv_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     row_n = start_n.to(tl.int64)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + row_n * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + row_n * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh, start_n, stride_kn, offs_n, offs_d, kv_mask)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh, start_n, stride_vn, offs_n, offs_d, kv_mask)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
 
@@ -232,10 +222,8 @@ def _block_sparse_bwd_dkdv_kernel(
             q_mask = row_ok[:, None]
         else:
             q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        row_m = start_m.to(tl.int64)
-        q = tl.load(q_base + row_m * stride_qn + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + row_m * stride_don + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask,
-                     other=0.0)
+        q = _load_tile(q_base, start_m, stride_qn, offs_m, offs_d, q_mask)
+        do = _load_tile(do_base, start_m, stride_don, offs_m, offs_d, q_mask)
         # rows past seq_q read lse2 = +inf, so their probabilities are 0
         lse2 = tl.load(LSE2 + stat_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
@@ -271,9 +259,7 @@ def _block_sparse_bwd_dq_kernel(
     """dQ of one query tile over its listed key blocks (the forward's walk, recomputing P)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    hk = h // kv_group
+    b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
     start_m = pid_m * BLOCK_M
     tile = start_m // BLOCK_Q
 
@@ -287,10 +273,8 @@ def _block_sparse_bwd_dq_kernel(
     else:
         q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     row_m = start_m.to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + row_m * stride_qn + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + row_m * stride_don + offs_m[:, None] * stride_don
-                 + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, start_m, stride_don, offs_m, offs_d, q_mask)
     stat_base = pid_bh.to(tl.int64) * seq_q
     lse2 = tl.load(LSE2 + stat_base + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
@@ -312,9 +296,8 @@ def _block_sparse_bwd_dq_kernel(
             kv_mask = (keys < seq_k)[:, None]
         else:
             kv_mask = (keys < seq_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
-        row_n = start_n.to(tl.int64)
-        k = tl.load(k_base + row_n * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + row_n * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, start_n, stride_kn, offs_n, offs_d, kv_mask)
+        v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
         # masked keys are zero rows of k: whatever their p, they add nothing to dq = ds @ k
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * sm_scale_log2 - lse2[:, None])
