@@ -96,7 +96,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert "visattn bench" in main_cmd and '".[bench]"' in main_cmd
     assert "pytest" in test_cmd and '".[test]"' in test_cmd
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "test-command" in ci  # .ci/run executes the README block itself
+    assert "test-command" in ci and test_cmd in ci  # .ci/run runs the same command and checks README
 
 
 def test_pipelines_import_names_the_extra():
