@@ -54,6 +54,19 @@ def _bh_ids(pid_bh, n_heads, kv_group):
 
 
 @triton.jit
+def _tile_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Load/store mask of a [rows, HEAD_DIM_PAD] tile: valid rows, and real head-dim lanes.
+
+    When the head dim is a power of two the mask is ``[rows, 1]``: constant along the head dim,
+    so the compiler keeps 16-byte vector accesses.
+    """
+    if HEAD_DIM == HEAD_DIM_PAD:
+        return row_ok[:, None]
+    else:
+        return row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
 def _load_tile(base, start, stride, offs_r, offs_d, mask):
     """Rows ``start + offs_r`` of a [tokens, head_dim] slice addressed by its token stride.
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import LOG2E, _bh_ids, _load_tile, _online_softmax_step, head_dim_pad
+from ._common import LOG2E, _bh_ids, _load_tile, _online_softmax_step, _tile_mask, head_dim_pad
 
 
 @triton.jit
@@ -41,10 +41,7 @@ def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l
     """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``."""
     keys = start_n + offs_n
     valid = keys < seq_k
-    if HEAD_DIM == HEAD_DIM_PAD:
-        kv_mask = valid[:, None]
-    else:
-        kv_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    kv_mask = _tile_mask(valid, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     k = _load_tile(k_base, start_n, stride_kn, offs_n, offs_d, kv_mask)
     v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -102,10 +99,7 @@ def _block_sparse_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = (start_m + offs_m) < seq_q
-    if HEAD_DIM == HEAD_DIM_PAD:
-        q_mask = row_ok[:, None]
-    else:
-        q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
 
     k_base = K + b * stride_kb + hk * stride_kh
@@ -155,7 +149,7 @@ def _block_sparse_bwd_preprocess_kernel(
     h = (pid_bh % n_heads).to(tl.int64)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = (rows < seq_q)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    mask = _tile_mask(rows < seq_q, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :], mask=mask,
                  other=0.0)
@@ -196,10 +190,7 @@ def _block_sparse_bwd_dkdv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     key_ok = (start_n + offs_n) < seq_k
-    if HEAD_DIM == HEAD_DIM_PAD:
-        kv_mask = key_ok[:, None]
-    else:
-        kv_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    kv_mask = _tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     row_n = start_n.to(tl.int64)
     k = _load_tile(K + b * stride_kb + hk * stride_kh, start_n, stride_kn, offs_n, offs_d, kv_mask)
     v = _load_tile(V + b * stride_vb + hk * stride_vh, start_n, stride_vn, offs_n, offs_d, kv_mask)
@@ -218,10 +209,7 @@ def _block_sparse_bwd_dkdv_kernel(
         start_m = qblk * BLOCK_Q + (t % SUB) * BLOCK_M
         rows = start_m + offs_m
         row_ok = rows < seq_q
-        if HEAD_DIM == HEAD_DIM_PAD:
-            q_mask = row_ok[:, None]
-        else:
-            q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
         q = _load_tile(q_base, start_m, stride_qn, offs_m, offs_d, q_mask)
         do = _load_tile(do_base, start_m, stride_don, offs_m, offs_d, q_mask)
         # rows past seq_q read lse2 = +inf, so their probabilities are 0
@@ -268,10 +256,7 @@ def _block_sparse_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     rows = start_m + offs_m
     row_ok = rows < seq_q
-    if HEAD_DIM == HEAD_DIM_PAD:
-        q_mask = row_ok[:, None]
-    else:
-        q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     row_m = start_m.to(tl.int64)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
     do = _load_tile(DO + b * stride_dob + h * stride_doh, start_m, stride_don, offs_m, offs_d, q_mask)
@@ -292,10 +277,7 @@ def _block_sparse_bwd_dq_kernel(
         cur = tl.load(idx_row + (t // SUB) * stride_ij)
         start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
         keys = start_n + offs_n
-        if HEAD_DIM == HEAD_DIM_PAD:
-            kv_mask = (keys < seq_k)[:, None]
-        else:
-            kv_mask = (keys < seq_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        kv_mask = _tile_mask(keys < seq_k, offs_d, HEAD_DIM, HEAD_DIM_PAD)
         k = _load_tile(k_base, start_n, stride_kn, offs_n, offs_d, kv_mask)
         v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
         # masked keys are zero rows of k: whatever their p, they add nothing to dq = ds @ k
