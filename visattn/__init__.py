@@ -6,6 +6,7 @@ never diffusers and never Triton; kernels compile on first use.
 
 from __future__ import annotations
 
+from . import backbones  # noqa: F401  (registers the timm families)
 from .ops import BlockSparsePlan, block_sparse_attention, block_sparse_attention_ref
 from .ops._dispatch import list_backends, use_backend
 
