@@ -58,7 +58,8 @@ def flex_block_mask(p: NAParams, n_extra: int, device):
     bm = _BLOCK_MASKS.get(key)
     if bm is None:
         N = math.prod(p.size)
-        bm = create_block_mask(_mask_mod(p, device, N), None, None, N, N + n_extra, device=device)
+        bm = create_block_mask(_mask_mod(p, device, N), None, None, N, N + n_extra, device=device,
+                               _compile=torch.device(device).type == "cuda")  # fused: no N x N mask in memory
         if len(_BLOCK_MASKS) > 64:
             _BLOCK_MASKS.clear()
         _BLOCK_MASKS[key] = bm
