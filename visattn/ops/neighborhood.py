@@ -214,12 +214,7 @@ def _cfg_from(opts, device, size, ks, D, dtype):
                                  opts.get("num_stages", base.num_stages))
 
 
-@torch.library.custom_op("visattn::neighborhood_fwd", mutates_args=())
-def _neighborhood_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke: torch.Tensor | None, ve: torch.Tensor | None,
-    rpb: torch.Tensor | None, kpm: torch.Tensor | None, kernel_size: list[int], stride: list[int],
-    dilation: list[int], causal: list[int], scale: float, tiles: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, tiles):
     from ..kernels import _configs
     from ..kernels.neighborhood import neighborhood_fwd
 
@@ -228,6 +223,32 @@ def _neighborhood_fwd_op(
     cfg = _configs.NATileConfig(tuple(tiles[0:3]), tuple(tiles[3:6]), tiles[6], tiles[7]) if tiles else None
     return neighborhood_fwd(q, k, v, (start, end), tuple(kernel_size), tuple(dilation), scale,
                             (ke, ve) if ke is not None else None, rpb, _as_u8(kpm), cfg)
+
+
+def _bwd_impl(do, q, k, v, out, lse, dlse, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, rpb_grad):
+    from ..kernels.neighborhood import neighborhood_bwd
+
+    size = tuple(q.shape[1:4])
+    ks = tuple(kernel_size)
+    tables = _tables(size, ks, tuple(stride), tuple(dilation), causal, q.device)
+    dq, dk, dv, dke, dve, ds = neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, ks, tuple(dilation), scale,
+                                                (ke, ve) if ke is not None else None, rpb, _as_u8(kpm), rpb_grad)
+    drpb = _rpb_grad(ds, tables[0], ks, tuple(dilation), rpb) if rpb_grad else None
+    return dq, dk, dv, dke, dve, drpb
+
+
+# The custom ops serve torch.compile (fake impls, no graph breaks); eager calls go through the
+# autograd.Function below, because the custom-op dispatcher's per-call checks cost ~0.5 ms on the
+# host, more than the kernels of a small layer (measured on an H100, benchmarks/NOTES.md).
+
+
+@torch.library.custom_op("visattn::neighborhood_fwd", mutates_args=())
+def _neighborhood_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke: torch.Tensor | None, ve: torch.Tensor | None,
+    rpb: torch.Tensor | None, kpm: torch.Tensor | None, kernel_size: list[int], stride: list[int],
+    dilation: list[int], causal: list[int], scale: float, tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, tiles)
 
 
 @_neighborhood_fwd_op.register_fake
@@ -242,15 +263,10 @@ def _neighborhood_bwd_op(
     kpm: torch.Tensor | None, kernel_size: list[int], stride: list[int], dilation: list[int],
     causal: list[int], scale: float, rpb_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..kernels.neighborhood import neighborhood_bwd
-
-    size = tuple(q.shape[1:4])
-    ks = tuple(kernel_size)
-    tables = _tables(size, ks, tuple(stride), tuple(dilation), causal, q.device)
-    dq, dk, dv, dke, dve, ds = neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, ks, tuple(dilation), scale,
-                                                (ke, ve) if ke is not None else None, rpb, _as_u8(kpm), rpb_grad)
-    drpb = _rpb_grad(ds, tables[0], ks, tuple(dilation), rpb) if rpb_grad else q.new_empty(0)
-    return dq, dk, dv, dke if dke is not None else q.new_empty(0), dve if dve is not None else q.new_empty(0), drpb
+    dq, dk, dv, dke, dve, drpb = _bwd_impl(do, q, k, v, out, lse, dlse, ke, ve, rpb, kpm, kernel_size, stride,
+                                           dilation, causal, scale, rpb_grad)
+    return (dq, dk, dv, dke if dke is not None else q.new_empty(0), dve if dve is not None else q.new_empty(0),
+            drpb if drpb is not None else q.new_empty(0))
 
 
 @_neighborhood_bwd_op.register_fake
@@ -304,6 +320,34 @@ def _backward(ctx, dout, dlse):
 _neighborhood_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _NeighborhoodFunction(torch.autograd.Function):
+    """Eager path: the same kernels as the custom ops, without the dispatcher's per-call overhead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, tiles):
+        out, lse = _fwd_impl(q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, tiles)
+        ctx.save_for_backward(q, k, v, out, lse, ke, ve, rpb, kpm)
+        ctx.args = (kernel_size, stride, dilation, causal, scale)
+        ctx.rpb_grad = rpb is not None and ctx.needs_input_grad[5]
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, ke, ve, rpb, kpm = ctx.saved_tensors
+        kernel_size, stride, dilation, causal, scale = ctx.args
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dlse = None if dlse is None else dlse.contiguous()
+        dq, dk, dv, dke, dve, drpb = _bwd_impl(dout, q, k, v, out, lse, dlse, ke, ve, rpb, kpm, kernel_size, stride,
+                                               dilation, causal, scale, ctx.rpb_grad)
+        return dq, dk, dv, dke, dve, drpb, None, None, None, None, None, None, None
+
+
+def _neighborhood_fwd(*args):
+    if torch.compiler.is_compiling():
+        return _neighborhood_fwd_op(*args)
+    return _NeighborhoodFunction.apply(*args)
+
+
 def _to6(t: torch.Tensor, n: int) -> torch.Tensor:
     """[B, *spatial, H, D] -> a [B, L0, L1, L2, H, D] view with leading size-1 axes."""
     t = t if t.stride(-1) == 1 else t.contiguous()  # the kernels need a dense head dim
@@ -344,7 +388,7 @@ def _run_triton(q, k, v, p: NAParams, scale, extra_kv, rpb, kpm, opts):
     kpm6 = None if kpm is None else kpm.reshape(kpm.shape[0], *([1] * (3 - n)), *kpm.shape[1:])
     cfg = _cfg_from(opts, q.device, (1,) * (3 - n) + p.size, (1,) * (3 - n) + p.kernel_size, q.shape[-1], q.dtype)
     tiles = [] if cfg is None else [*cfg.q_tile, *cfg.kv_tile, cfg.num_warps, cfg.num_stages]
-    out, lse = _neighborhood_fwd_op(_to6(q, n), _to6(k, n), _to6(v, n), ke, ve, rpb6, kpm6,
+    out, lse = _neighborhood_fwd(_to6(q, n), _to6(k, n), _to6(v, n), ke, ve, rpb6, kpm6,
                                     _pad3(p.kernel_size, 1), _pad3(p.stride, 1), _pad3(p.dilation, 1),
                                     _pad3([int(c) for c in p.is_causal], 0), scale, tiles)
     B, H = q.shape[0], q.shape[-2]
