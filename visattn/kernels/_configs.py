@@ -129,4 +129,15 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
         3: {64: (2, 4, 8), 128: (2, 8, 8), 32: (2, 4, 4)},
     }[rank]
     warps = 8 if (bm == 128 and head_dim > 64) else 4
-    return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, 2 if which != "fwd" else 3)
+    stages = 2 if which != "fwd" else 3
+    # shared memory with a padded head dim (masked lanes): Q plus `stages` K and V buffers must stay
+    # well under the 228 KB of an H100 (a D=80 fp16 forward at 128x128x3 asked for 360 KB and failed
+    # to launch); power-of-two head dims at these tiles were measured to fit
+    dp = max(16, 1 << (head_dim - 1).bit_length())
+    esize = 4 if dtype == torch.float32 else 2
+    if dp != head_dim:
+        while stages > 1 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
+            stages -= 1
+        while bn > 32 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
+            bn //= 2
+    return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, stages)
