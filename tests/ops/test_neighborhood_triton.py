@@ -198,26 +198,34 @@ def test_rpb_float64_is_refused():
         neighborhood_attention(q, q, q, 3, rpb=torch.zeros(1, 5, dtype=torch.float64), backend="triton")
 
 
-def test_torch_compile_fullgraph():
-    """Fake impls and autograd registration let dynamo trace the op without graph breaks (aot_eager keeps
-    the CPU run free of a C++ toolchain; the inductor path is in the GPU suite)."""
-    size, ks = (5, 6), (3, 2)
-    q, k, v = (torch.randn(1, *size, 1, 16, requires_grad=True) for _ in range(3))
-    rpb = torch.randn(1, 5, 3, requires_grad=True)
-
-    def f(q, k, v, rpb):
-        out, lse = neighborhood_attention(q, k, v, ks, stride=(1, 2), rpb=rpb, return_lse=True, backend="triton")
-        return out.sum() + lse.sum()
-
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_torch_compile_fullgraph(dynamic):
+    """Fake impls and autograd registration let dynamo trace the op without graph breaks, with every optional
+    input and across two resolutions (the second recompiles with dynamic shapes by default). aot_eager keeps
+    the CPU run free of a C++ toolchain; the inductor path is in the GPU suite."""
     torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = cf(q, k, v, rpb)
-    g_got = torch.autograd.grad(got, (q, k, v, rpb))
-    want = f(q, k, v, rpb)
-    g_want = torch.autograd.grad(want, (q, k, v, rpb))
-    torch.testing.assert_close(got, want)
-    for a, b in zip(g_got, g_want):
-        torch.testing.assert_close(a, b)
-    ref = neighborhood_attention_ref(q.double(), k.double(), v.double(), ks, stride=(1, 2), rpb=rpb.double(),
-                                     return_lse=True)
-    assert abs(got.item() - (ref[0].sum() + ref[1].sum()).item()) < 1e-3 * math.sqrt(q.numel())
+    compiled = None
+    for size in [(5, 6), (6, 7)]:
+        ks = (3, 2)
+        q, k, v = (torch.randn(1, *size, 1, 16, requires_grad=True) for _ in range(3))
+        ke, ve = (torch.randn(1, 2, 1, 16, requires_grad=True) for _ in range(2))
+        rpb = torch.randn(1, 5, 3, requires_grad=True)
+        kpm = torch.rand(1, *size) > 0.2
+        leaves = (q, k, v, ke, ve, rpb)
+
+        def f(q, k, v, ke, ve, rpb, kpm):
+            out, lse = neighborhood_attention(q, k, v, ks, stride=(1, 2), extra_kv=(ke, ve), rpb=rpb,
+                                              key_padding_mask=kpm, return_lse=True, backend="triton")
+            return out.sum() + lse.sum()
+
+        compiled = compiled or torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        got = compiled(*leaves, kpm)
+        g_got = torch.autograd.grad(got, leaves)
+        want = f(*leaves, kpm)
+        g_want = torch.autograd.grad(want, leaves)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+        ref = neighborhood_attention_ref(*(t.double() for t in (q, k, v)), ks, stride=(1, 2), rpb=rpb.double(),
+                                         extra_kv=(ke.double(), ve.double()), key_padding_mask=kpm, return_lse=True)
+        assert abs(got.item() - (ref[0].sum() + ref[1].sum()).item()) < 1e-3 * math.sqrt(q.numel())
