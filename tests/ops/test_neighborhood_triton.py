@@ -29,9 +29,8 @@ pytestmark = pytest.mark.skipif(bool(_dispatch.triton_reasons(CPU)),
                                 reason=f"Triton cannot run on CPU tensors here: {_dispatch.triton_reasons(CPU)}")
 
 
-def _inputs(size, H, Hk, D, Dv, dtype, *, n_extra=0, rpb=False, kpm=None, packed=False, ks=None):
+def _inputs(size, H, Hk, D, Dv, dtype, *, B=1, n_extra=0, rpb=False, kpm=None, packed=False, ks=None):
     """Leaf tensors (rounded to ``dtype``) and a builder of the op's arguments from any copy of them."""
-    B = 1
     leaves = {}
     if packed:  # q, k, v are head slices of one [B, *size, H + 2 Hk, D] projection (non-contiguous views)
         assert D == Dv
@@ -72,10 +71,10 @@ def _fwd_bwd(fn, leaves, args, ks, kw, dout, w, finite):
     return out, lse, dict(zip(names, grads))
 
 
-def _run_case(size, ks, *, stride=1, dilation=1, causal=False, H=1, Hk=1, D=16, Dv=None, dtype=torch.float32,
+def _run_case(size, ks, *, stride=1, dilation=1, causal=False, B=1, H=1, Hk=1, D=16, Dv=None, dtype=torch.float32,
               n_extra=0, rpb=False, kpm=None, packed=False, scale=None, opts=None):
     Dv = D if Dv is None else Dv
-    leaves, args = _inputs(size, H, Hk, D, Dv, dtype, n_extra=n_extra, rpb=rpb, kpm=kpm, packed=packed,
+    leaves, args = _inputs(size, H, Hk, D, Dv, dtype, B=B, n_extra=n_extra, rpb=rpb, kpm=kpm, packed=packed,
                            ks=ks if not isinstance(ks, int) else (ks,) * len(size))
     kw = dict(stride=stride, dilation=dilation, is_causal=causal, scale=scale)
     lo = {n: t.clone().requires_grad_() for n, t in leaves.items()}
@@ -84,8 +83,8 @@ def _run_case(size, ks, *, stride=1, dilation=1, causal=False, H=1, Hk=1, D=16, 
     with torch.no_grad():
         (q, k, v), extra = args(hi)
         finite = torch.isfinite(neighborhood_attention_ref(q, k, v, ks, return_lse=True, **extra, **kw)[1])
-    dout = torch.randn(1, *size, H, Dv, dtype=torch.float64)
-    w = torch.randn(1, *size, H, dtype=torch.float64)
+    dout = torch.randn(B, *size, H, Dv, dtype=torch.float64)
+    w = torch.randn(B, *size, H, dtype=torch.float64)
 
     def triton(*a, **k):
         return neighborhood_attention(*a, backend="triton", backend_options=opts, **k)
@@ -100,7 +99,7 @@ def _run_case(size, ks, *, stride=1, dilation=1, causal=False, H=1, Hk=1, D=16, 
     r_out, r_lse, r_grads = _fwd_bwd(ref_hi, hi, args, ks, kw, dout, w, finite)
     l_out, l_lse, l_grads = _fwd_bwd(ref_lo, lo, args, ks, kw, dout, w, finite)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    assert out.shape == (1, *size, H, Dv) and lse.shape == (1, *size, H)
+    assert out.shape == (B, *size, H, Dv) and lse.shape == (B, *size, H)
     assert_close("out", out, r_out, dtype=dtype, low_ref=l_out)
     assert_close("lse", lse, r_lse, dtype=dtype, low_ref=l_lse.float())
     for n in grads:
@@ -110,9 +109,9 @@ def _run_case(size, ks, *, stride=1, dilation=1, causal=False, H=1, Hk=1, D=16, 
     return out, lse, grads
 
 
-def _kpm(size, *blocks, p=0.2):
-    """Random key mask (True = keep) with the given index boxes removed."""
-    m = torch.rand(1, *size, generator=torch.Generator().manual_seed(math.prod(size))) > p
+def _kpm(size, *blocks, p=0.2, B=1):
+    """Random key mask (True = keep) with the given index boxes removed from batch element 0."""
+    m = torch.rand(B, *size, generator=torch.Generator().manual_seed(math.prod(size))) > p
     for b in blocks:
         m[(0, *b)] = False
     return m
@@ -120,10 +119,10 @@ def _kpm(size, *blocks, p=0.2):
 
 # each case: (size, kernel, options) with features combined; ids name what it covers
 CASES = [
-    pytest.param((13,), 4, dict(stride=2, n_extra=5, D=24, Dv=40), id="1d-even_k-stride-extra-D24-Dv40"),
-    pytest.param((19,), 3, dict(dilation=4, causal=True, rpb=True, dtype=torch.float16, scale=0.3,
-                                kpm=_kpm((19,), (slice(0, 1),))),
-                 id="1d-dilation_19mod4-causal-rpb-kpm_empty_row-fp16"),
+    pytest.param((13,), 4, dict(stride=2, n_extra=5, D=24, Dv=40, B=2), id="1d-even_k-stride-extra-D24-Dv40-B2"),
+    pytest.param((19,), 3, dict(dilation=4, causal=True, rpb=True, dtype=torch.float16, scale=0.3, B=2,
+                                kpm=_kpm((19,), (slice(0, 1),), B=2)),
+                 id="1d-dilation_19mod4-causal-rpb-kpm_empty_row-fp16-B2"),
     pytest.param((7, 11), (3, 5), dict(dilation=(1, 2), rpb=True, H=2, Hk=1, n_extra=3),
                  id="2d-odd_k-dilation11mod2-rpb-gqa-extra"),
     pytest.param((8, 6), (4, 2), dict(stride=(2, 2), causal=(True, False), n_extra=3, D=40, Dv=24,
@@ -184,6 +183,21 @@ def test_repeated_backward_is_bitwise_identical():
     g2 = torch.autograd.grad(out, (q, k, v, ke, ve, rpb), dout)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zero_extra_tokens(dtype):
+    """``extra_kv`` with N_e = 0 equals no extras (forward and backward; empty dK_e/dV_e)."""
+    q, k, v = (torch.randn(2, 9, 1, 16).to(dtype).requires_grad_() for _ in range(3))
+    ke, ve = (torch.zeros(2, 0, 1, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    out = neighborhood_attention(q, k, v, 3, extra_kv=(ke, ve), backend="triton")
+    want = neighborhood_attention(q, k, v, 3, backend="triton")
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.autograd.grad(out.float().sum(), (q, k, v, ke, ve))
+    g_want = torch.autograd.grad(want.float().sum(), (q, k, v))
+    for a, b in zip(g[:3], g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert g[3].shape == ke.shape and g[4].shape == ve.shape
 
 
 def test_bf16_on_cpu_is_refused():
