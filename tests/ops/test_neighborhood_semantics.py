@@ -578,3 +578,14 @@ def test_flex_backend_on_cpu_matches_reference():
         out = neighborhood_attention(q, k, v, (3, 2), stride=(2, 1), is_causal=(False, True), rpb=rpb, backend="flex")
     ref = neighborhood_attention_ref(q, k, v, (3, 2), stride=(2, 1), is_causal=(False, True), rpb=rpb)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_natten_backend_matches_reference():
+    pytest.importorskip("natten")
+    q, k, v = make_qkv(1, (6, 7), 2, 2, 16)
+    ekv = (torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16))
+    kw = dict(stride=(2, 1), dilation=(1, 2), is_causal=(False, True), extra_kv=ekv, return_lse=True)
+    out, lse = neighborhood_attention(q, k, v, (3, 2), backend="natten", **kw)
+    ref, ref_lse = neighborhood_attention_ref(q, k, v, (3, 2), **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-6)
