@@ -154,7 +154,8 @@ def test_triton_matches_reference(size, ks, opts):
 
 
 def test_packed_qkv_is_read_in_place(monkeypatch):
-    """The Triton path must take slices of a packed projection without copying them (spec §3.1)."""
+    """The Triton path takes slices of a packed projection without copying them (spec §3.1), and any
+    strided view with a dense head dim."""
     from visattn.kernels import neighborhood as kern
 
     seen = {}
@@ -170,6 +171,13 @@ def test_packed_qkv_is_read_in_place(monkeypatch):
     out = neighborhood_attention(q, k, v, 3, backend="triton")
     assert seen["ptrs"] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
     torch.testing.assert_close(out, neighborhood_attention_ref(q, k, v, 3), rtol=0, atol=1e-4)
+    # spatially strided views (every other row, a column window) read through their strides
+    big = torch.randn(1, 8, 12, 2, 16)
+    qs, ks_, vs = big[:, ::2, 1:11, :1], big[:, 1::2, 1:11, 1:], big[:, ::2, :10, 1:]
+    assert qs.stride(-1) == 1 and not qs.is_contiguous()
+    out = neighborhood_attention(qs, ks_, vs, (3, 5), backend="triton")
+    want = neighborhood_attention_ref(qs.double(), ks_.double(), vs.double(), (3, 5))
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-4)
 
 
 def test_repeated_backward_is_bitwise_identical():
