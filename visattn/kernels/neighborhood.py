@@ -182,7 +182,7 @@ def _neighborhood_fwd_kernel(
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
         ve_base = VE + b * sve_b + hk * sve_h
-        for e0 in range(0, n_extra, BLOCK_N):
+        for e0 in tl.range(0, n_extra, BLOCK_N, num_stages=1):  # no second set of pipelined buffers
             e_ok = (e0 + oe) < n_extra
             e_idx = (e0 + oe).to(tl.int64)
             k = tl.load(ke_base + e_idx[:, None] * ske_n + od[None, :], mask=e_ok[:, None] & (od[None, :] < D), other=0.0)
@@ -316,7 +316,7 @@ def _neighborhood_bwd_dq_kernel(
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
         ve_base = VE + b * sve_b + hk * sve_h
-        for e0 in range(0, n_extra, BLOCK_N):
+        for e0 in tl.range(0, n_extra, BLOCK_N, num_stages=1):  # no second set of pipelined buffers
             e_ok = (e0 + oe) < n_extra
             e_idx = (e0 + oe).to(tl.int64)
             k = tl.load(ke_base + e_idx[:, None] * ske_n + od[None, :], mask=e_ok[:, None] & (od[None, :] < D), other=0.0)
@@ -547,7 +547,8 @@ def neighborhood_fwd(q, k, v, tables, kernel_size, dilation, scale, extra=None, 
     B, (L0, L1, L2), H = geometry(q)
     Hk = k.shape[-2]
     st, en = tables[0], tables[1]
-    cfg = cfg or _configs.neighborhood_config(q.device, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "fwd")
+    cfg = cfg or _configs.neighborhood_config(q.device, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "fwd",
+                                              extra is not None)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     ng = [-(-L // d) for L, d in zip((L0, L1, L2), dilation)]
@@ -597,7 +598,7 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
     ks_total = kernel_size[0] * kernel_size[1] * kernel_size[2]
     ds = torch.zeros((B, L0, L1, L2, H, ks_total), device=dev, dtype=torch.float32) if rpb_grad else None
-    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq")
+    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq", ke is not None)
     nt = [-(-n // t) for n, t in zip(ng, cfg.q_tile)]
     _neighborhood_bwd_dq_kernel[(nt[0] * nt[1] * nt[2], B * H, ngroups)](
         q, k, v, do, lse2, delta, dq, ds if ds is not None else delta,
@@ -612,7 +613,7 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     )
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
     dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
-    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv")
+    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv", ke is not None)
     nk = [-(-n // t) for n, t in zip(ng, cfg.kv_tile)]
     _neighborhood_bwd_dkdv_kernel[(nk[0] * nk[1] * nk[2], B * Hk, ngroups)](
         q, k, v, do, lse2, delta, dk, dv, rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,

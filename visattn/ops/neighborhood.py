@@ -206,7 +206,7 @@ def _cfg_from(opts, device, size, ks, D, dtype):
         return None
     from ..kernels import _configs
 
-    base = _configs.neighborhood_config(device, size, ks, D, dtype, "fwd")
+    base = _configs.neighborhood_config(device, size, ks, D, dtype, "fwd", False)
     q_tile = tuple(opts.get("q_tile") or base.q_tile)
     kv_tile = tuple(opts.get("kv_tile") or base.kv_tile)
     q_tile = (1,) * (3 - len(q_tile)) + q_tile
@@ -278,10 +278,11 @@ def _neighborhood_bwd_op(
 
 @_neighborhood_bwd_op.register_fake
 def _(do, q, k, v, out, lse, dlse, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, rpb_grad):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(ke) if ke is not None else q.new_empty(0),
-            torch.empty_like(ve) if ve is not None else q.new_empty(0),
-            torch.empty_like(rpb) if rpb_grad else q.new_empty(0))
+    # the launchers allocate contiguous gradients whatever the inputs' strides (e.g. packed qkv views)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            ke.new_empty(ke.shape) if ke is not None else q.new_empty(0),
+            ve.new_empty(ve.shape) if ve is not None else q.new_empty(0),
+            rpb.new_empty(rpb.shape) if rpb_grad else q.new_empty(0))
 
 
 def _as_u8(kpm):
