@@ -303,7 +303,7 @@ def _rpb_grad(ds, starts, ks, dil, rpb):
         off = starts[a].long()[:, None] + t[None, :] - i[:, None] + ks[a] - 1  # [L, k]
         onehots.append(torch.nn.functional.one_hot(off.clamp(0, 2 * ks[a] - 2), 2 * ks[a] - 1).to(ds.dtype))
     g = torch.einsum("bxyzhuvw,xuo,yvp,zwq->hopq", ds, *onehots)
-    return g.reshape(rpb.shape).to(rpb.dtype)
+    return g.reshape(rpb.shape).to(rpb.dtype).contiguous()  # einsum may return a permuted layout
 
 
 def _setup_context(ctx, inputs, output):
