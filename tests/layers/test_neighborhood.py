@@ -57,7 +57,10 @@ def test_layer_matches_torch_backend_layer(case, backend, device):
         fast.rpb.copy_(ref.rpb)
     x = torch.randn(2, *spatial, dim, device=device)
     y0, gx0, g0 = _run(ref, x)
-    y1, gx1, g1 = _run(fast, x)
+    try:
+        y1, gx1, g1 = _run(fast, x)
+    except NotImplementedError as e:  # a declared capability gap (e.g. Flex has no CPU backward)
+        pytest.skip(f"backend {backend!r} cannot run this case here: {str(e).splitlines()[-2].strip()}")
     torch.testing.assert_close(y1, y0, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(gx1, gx0, rtol=1e-3, atol=1e-4)
     assert set(g0) == set(g1) == {"qkv.weight", "qkv.bias", "rpb", "proj.weight", "proj.bias"}
