@@ -35,12 +35,15 @@ from ._contract import (
     family_of,
     first_mismatch,
     get_input_size,
+    is_non_std,
     jit_exclusion,
     large_models,
     upstream_renamer,
 )
 
 MODELS = contract_models()
+STD = [n for n in MODELS if not is_non_std(n)]
+NON_STD = [n for n in MODELS if is_non_std(n)]
 LARGE = large_models()
 ALL = all_models()
 
@@ -189,7 +192,7 @@ def test_model_optim_layer_decay(name):
 
 
 @pytest.mark.cfg
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", STD)
 def test_model_default_cfgs(name):
     model = _create(name).eval()
     cfg = model.pretrained_cfg
@@ -225,6 +228,34 @@ def test_model_default_cfgs(name):
         out = unpooled.forward_head(feats)
         assert out.ndim == 4 and tuple(out.shape[-2:]) == pool_size
 
+    for key in ("classifier", "first_conv"):
+        names = cfg[key]
+        for n in (names,) if isinstance(names, str) else names:
+            assert f"{n}.weight" in sd, f"cfg {key}={n!r} is not a parameter prefix"
+
+
+@pytest.mark.cfg
+@pytest.mark.parametrize("name", NON_STD)
+def test_model_default_cfgs_non_std(name):
+    """Isotropic families: timm's non-std rules, NLC ``forward_features`` allowed (feature dim -1)."""
+    model = _create(name).eval()
+    cfg = model.pretrained_cfg
+    sd = model.state_dict()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    size = get_input_size(model, target=TARGET_FWD_SIZE)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        if isinstance(feats, tuple):
+            feats = feats[0]
+        channels = feats.shape[-1] if feats.ndim == 3 else feats.shape[1]
+        assert channels == model.num_features, (feats.shape, model.num_features)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        out = model.forward_head(feats)
+        assert out.shape == pre.shape
     for key in ("classifier", "first_conv"):
         names = cfg[key]
         for n in (names,) if isinstance(names, str) else names:
@@ -280,6 +311,8 @@ def _as_list(out) -> list[torch.Tensor]:
 @pytest.mark.parametrize("feature_cls", ["list", "dict", "hook", "getter"])
 @pytest.mark.parametrize("name", MODELS)
 def test_model_forward_features(name, feature_cls):
+    if feature_cls != "getter" and is_non_std(name):
+        pytest.skip("isotropic families expose features through the getter wrapper (specs/timm.md §4)")
     model = _create(name, features_only=True, feature_cls=feature_cls).eval()
     channels = model.feature_info.channels()
     reductions = model.feature_info.reduction()
@@ -330,6 +363,10 @@ def test_model_forward_intermediates(name):
         final_ckpt, last2 = model.forward_intermediates(x, indices=2)
     assert len(last2) == 2
     torch.testing.assert_close(final_ckpt, final, rtol=1e-4, atol=1e-5)
+    if is_non_std(name):  # isotropic families also return tokens
+        with torch.no_grad():
+            nlc = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+        assert len(nlc) == len(info) and all(f.ndim == 3 for f in nlc)
 
 
 def test_feature_take_indices_import_path():
