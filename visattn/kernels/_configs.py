@@ -106,15 +106,15 @@ def _fit_box(box: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, int, int
 
 
 def neighborhood_config(device: torch.device, size: tuple[int, int, int], kernel_size: tuple[int, int, int],
-                        head_dim: int, dtype: torch.dtype, which: str) -> NATileConfig:
+                        head_dim: int, dtype: torch.dtype, which: str, has_extra: bool = False) -> NATileConfig:
     if which in OVERRIDES:
         return OVERRIDES[which]  # type: ignore[return-value]
-    rank = 3 - sum(1 for s in size[:2] if s == 1 and True)
-    return _neighborhood_config(device.type, size, kernel_size, head_dim, dtype, which, rank)
+    rank = 3 - sum(1 for s in size[:2] if s == 1)
+    return _neighborhood_config(device.type, size, kernel_size, head_dim, dtype, which, rank, has_extra)
 
 
 @functools.lru_cache(maxsize=None)
-def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which, rank) -> NATileConfig:
+def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which, rank, has_extra) -> NATileConfig:
     if INTERPRET or device_type != "cuda":
         q, kv = {1: ((1, 1, 16), (1, 1, 16)), 2: ((1, 4, 4), (1, 4, 4)), 3: ((2, 2, 4), (2, 4, 2))}[rank]
         return NATileConfig(_fit_box(q, size), _fit_box(kv, size), 4, 1)
@@ -129,4 +129,15 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
         3: {64: (2, 4, 8), 128: (2, 8, 8), 32: (2, 4, 4)},
     }[rank]
     warps = 8 if (bm == 128 and head_dim > 64) else 4
-    return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, 2 if which != "fwd" else 3)
+    stages = 2 if which != "fwd" else 3
+    # shared memory with a padded head dim (masked lanes): Q plus `stages` K and V buffers must stay
+    # well under the 228 KB of an H100 (a D=80 fp16 forward at 128x128x3 asked for 360 KB and failed
+    # to launch); power-of-two head dims at these tiles were measured to fit
+    dp = max(16, 1 << (head_dim - 1).bit_length())
+    esize = 4 if dtype == torch.float32 else 2
+    if dp != head_dim or has_extra:  # the extra-token loop holds its own K/V tiles in shared memory
+        while stages > 1 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
+            stages -= 1
+        while bn > 32 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
+            bn //= 2
+    return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, stages)

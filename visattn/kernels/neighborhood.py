@@ -182,7 +182,7 @@ def _neighborhood_fwd_kernel(
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
         ve_base = VE + b * sve_b + hk * sve_h
-        for e0 in range(0, n_extra, BLOCK_N):
+        for e0 in tl.range(0, n_extra, BLOCK_N, num_stages=1):  # no second set of pipelined buffers
             e_ok = (e0 + oe) < n_extra
             e_idx = (e0 + oe).to(tl.int64)
             k = tl.load(ke_base + e_idx[:, None] * ske_n + od[None, :], mask=e_ok[:, None] & (od[None, :] < D), other=0.0)
@@ -316,7 +316,7 @@ def _neighborhood_bwd_dq_kernel(
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
         ve_base = VE + b * sve_b + hk * sve_h
-        for e0 in range(0, n_extra, BLOCK_N):
+        for e0 in tl.range(0, n_extra, BLOCK_N, num_stages=1):  # no second set of pipelined buffers
             e_ok = (e0 + oe) < n_extra
             e_idx = (e0 + oe).to(tl.int64)
             k = tl.load(ke_base + e_idx[:, None] * ske_n + od[None, :], mask=e_ok[:, None] & (od[None, :] < D), other=0.0)
@@ -494,13 +494,27 @@ def _extra_bwd_dkdv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Host launchers. q/k/v/out arrive as 6-D views [B, L0, L1, L2, H, D] (1-D/2-D inputs with leading
-# size-1 axes) in any memory order with a dense head dim; tables are the per-axis int32 window tables.
+# Host launchers. q/k/v arrive as [B, *spatial, H, D] (1-3 spatial axes) in any memory order with a
+# dense head dim; 1-D/2-D inputs run as 3-D with leading axes of size 1 and stride 0, so no view (and
+# no autograd node) is created. Tables are the per-axis int32 window tables of the padded 3-D problem.
+
+
+def _pad_strides(t: torch.Tensor, n_lead: int) -> tuple[int, ...]:
+    # (lead, axis 0, axis 1, axis 2) strides of a [lead.., *spatial] tensor, missing axes stride 0
+    n = t.dim() - n_lead
+    return (*t.stride()[:n_lead], *([0] * (3 - n)), *t.stride()[n_lead:])
 
 
 def _s5(t: torch.Tensor) -> tuple[int, ...]:
-    # (batch, axis 0, axis 1, axis 2, head) strides of a 6-D view
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)
+    # (batch, axis 0, axis 1, axis 2, head) strides of a [B, *spatial, H, D] tensor
+    st = t.stride()
+    return (st[0], *([0] * (6 - len(st))), *st[1:-1])
+
+
+def geometry(q: torch.Tensor) -> tuple[int, tuple[int, int, int], int]:
+    """``(B, (L0, L1, L2), H)`` of a ``[B, *spatial, H, D]`` tensor, spatial padded with leading 1s."""
+    spatial = tuple(q.shape[1:-2])
+    return q.shape[0], (1,) * (3 - len(spatial)) + spatial, q.shape[-2]
 
 
 def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -513,11 +527,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _rpb_strides(rpb):
-    return (0, 0, 0, 0) if rpb is None else (rpb.stride(0), rpb.stride(1), rpb.stride(2), rpb.stride(3))
+    return (0, 0, 0, 0) if rpb is None else _pad_strides(rpb, 1)
 
 
 def _kpm_strides(kpm):
-    return (0, 0, 0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1), kpm.stride(2), kpm.stride(3))
+    return (0, 0, 0, 0) if kpm is None else _pad_strides(kpm, 1)
 
 
 def _dims(q, v):
@@ -526,16 +540,17 @@ def _dims(q, v):
 
 
 def neighborhood_fwd(q, k, v, tables, kernel_size, dilation, scale, extra=None, rpb=None, kpm=None, cfg=None):
-    """Forward launcher: returns ``out`` (q's dtype, [B, L0, L1, L2, H, D_v] contiguous) and ``lse``
-    (fp32 [B, L0, L1, L2, H], natural log)."""
+    """Forward launcher: returns ``out`` (q's dtype, [B, *spatial, H, D_v] contiguous) and ``lse``
+    (fp32 [B, *spatial, H], natural log)."""
     from . import _configs
 
-    B, L0, L1, L2, H, _ = q.shape
-    Hk = k.shape[4]
+    B, (L0, L1, L2), H = geometry(q)
+    Hk = k.shape[-2]
     st, en = tables[0], tables[1]
-    cfg = cfg or _configs.neighborhood_config(q.device, tuple(q.shape[1:4]), kernel_size, q.shape[-1], q.dtype, "fwd")
-    out = q.new_empty((B, L0, L1, L2, H, v.shape[-1]))
-    lse = torch.empty((B, L0, L1, L2, H), device=q.device, dtype=torch.float32)
+    cfg = cfg or _configs.neighborhood_config(q.device, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "fwd",
+                                              extra is not None)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     ng = [-(-L // d) for L, d in zip((L0, L1, L2), dilation)]
     nt = [-(-n // t) for n, t in zip(ng, cfg.q_tile)]
     grid = (nt[0] * nt[1] * nt[2], B * H, dilation[0] * dilation[1] * dilation[2])
@@ -561,13 +576,13 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     ``[B, L0, L1, L2, H, prod(kernel_size)]`` when ``rpb_grad`` (else None). ``out``/``do`` contiguous."""
     from . import _configs
 
-    B, L0, L1, L2, H, _ = q.shape
-    Hk = k.shape[4]
+    B, (L0, L1, L2), H = geometry(q)
+    Hk = k.shape[-2]
     dev = q.device
     st, en, il, ih = tables
     dims = _dims(q, v)
     n_rows = B * L0 * L1 * L2 * H
-    delta = torch.empty((B, L0, L1, L2, H), device=dev, dtype=torch.float32)
+    delta = torch.empty(q.shape[:-1], device=dev, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     pre = 64
     _bwd_preprocess_kernel[(triton.cdiv(n_rows, pre),)](
@@ -583,7 +598,7 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
     ks_total = kernel_size[0] * kernel_size[1] * kernel_size[2]
     ds = torch.zeros((B, L0, L1, L2, H, ks_total), device=dev, dtype=torch.float32) if rpb_grad else None
-    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq")
+    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq", ke is not None)
     nt = [-(-n // t) for n, t in zip(ng, cfg.q_tile)]
     _neighborhood_bwd_dq_kernel[(nt[0] * nt[1] * nt[2], B * H, ngroups)](
         q, k, v, do, lse2, delta, dq, ds if ds is not None else delta,
@@ -598,7 +613,7 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     )
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
     dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
-    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv")
+    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv", ke is not None)
     nk = [-(-n // t) for n, t in zip(ng, cfg.kv_tile)]
     _neighborhood_bwd_dkdv_kernel[(nk[0] * nk[1] * nk[2], B * Hk, ngroups)](
         q, k, v, do, lse2, delta, dk, dv, rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,

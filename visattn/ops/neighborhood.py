@@ -170,10 +170,11 @@ def _check(q, k, v, kernel_size, stride, dilation, is_causal, scale, extra_kv, r
                              f"{(kpm.dtype, tuple(kpm.shape)) if isinstance(kpm, torch.Tensor) else type(kpm).__name__}")
         if kpm.device != q.device:
             raise ValueError(f"expected key_padding_mask on q's device {q.device}, got {kpm.device}")
+    # one f-string, no concatenation: with symbolic shapes dynamo cannot add two formatted strings (fullgraph)
+    extra_shape = None if extra_kv is None else tuple(extra_kv[0].shape)
     info = (f"q: shape={tuple(q.shape)} dtype={q.dtype} device={q.device}; k: {tuple(k.shape)}; v: {tuple(v.shape)}; "
-            f"kernel_size={p.kernel_size}, stride={p.stride}, dilation={p.dilation}, is_causal={p.is_causal}"
-            + (f"; extra_kv: {tuple(extra_kv[0].shape)}" if extra_kv is not None else "")
-            + ("; rpb" if rpb is not None else "") + ("; key_padding_mask" if kpm is not None else ""))
+            f"kernel_size={p.kernel_size}, stride={p.stride}, dilation={p.dilation}, is_causal={p.is_causal}; "
+            f"extra_kv: {extra_shape}; rpb: {rpb is not None}; key_padding_mask: {kpm is not None}")
     return p, info
 
 
@@ -192,7 +193,7 @@ def _check_options(opts):
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: q/k/v arrive as 6-D views [B, L0, L1, L2, H, D]; per-axis lists have 3 entries
+# custom ops: q/k/v arrive as [B, *spatial, H, D]; per-axis lists have 3 entries (leading axes of size 1)
 
 
 def _tables(size, ks, st, dl, causal, device):
@@ -205,7 +206,7 @@ def _cfg_from(opts, device, size, ks, D, dtype):
         return None
     from ..kernels import _configs
 
-    base = _configs.neighborhood_config(device, size, ks, D, dtype, "fwd")
+    base = _configs.neighborhood_config(device, size, ks, D, dtype, "fwd", False)
     q_tile = tuple(opts.get("q_tile") or base.q_tile)
     kv_tile = tuple(opts.get("kv_tile") or base.kv_tile)
     q_tile = (1,) * (3 - len(q_tile)) + q_tile
@@ -214,11 +215,17 @@ def _cfg_from(opts, device, size, ks, D, dtype):
                                  opts.get("num_stages", base.num_stages))
 
 
+def _geometry(q):
+    from ..kernels.neighborhood import geometry
+
+    return geometry(q)
+
+
 def _fwd_impl(q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, tiles):
     from ..kernels import _configs
     from ..kernels.neighborhood import neighborhood_fwd
 
-    size = tuple(q.shape[1:4])
+    size = _geometry(q)[1]
     start, end, _, _ = _tables(size, tuple(kernel_size), tuple(stride), tuple(dilation), causal, q.device)
     cfg = _configs.NATileConfig(tuple(tiles[0:3]), tuple(tiles[3:6]), tiles[6], tiles[7]) if tiles else None
     return neighborhood_fwd(q, k, v, (start, end), tuple(kernel_size), tuple(dilation), scale,
@@ -228,7 +235,7 @@ def _fwd_impl(q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, 
 def _bwd_impl(do, q, k, v, out, lse, dlse, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, rpb_grad):
     from ..kernels.neighborhood import neighborhood_bwd
 
-    size = tuple(q.shape[1:4])
+    size = _geometry(q)[1]
     ks = tuple(kernel_size)
     tables = _tables(size, ks, tuple(stride), tuple(dilation), causal, q.device)
     dq, dk, dv, dke, dve, ds = neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, ks, tuple(dilation), scale,
@@ -253,7 +260,7 @@ def _neighborhood_fwd_op(
 
 @_neighborhood_fwd_op.register_fake
 def _(q, k, v, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, tiles):
-    return q.new_empty((*q.shape[:5], v.shape[-1])), q.new_empty(q.shape[:5], dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("visattn::neighborhood_bwd", mutates_args=())
@@ -271,10 +278,11 @@ def _neighborhood_bwd_op(
 
 @_neighborhood_bwd_op.register_fake
 def _(do, q, k, v, out, lse, dlse, ke, ve, rpb, kpm, kernel_size, stride, dilation, causal, scale, rpb_grad):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(ke) if ke is not None else q.new_empty(0),
-            torch.empty_like(ve) if ve is not None else q.new_empty(0),
-            torch.empty_like(rpb) if rpb_grad else q.new_empty(0))
+    # the launchers allocate contiguous gradients whatever the inputs' strides (e.g. packed qkv views)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            ke.new_empty(ke.shape) if ke is not None else q.new_empty(0),
+            ve.new_empty(ve.shape) if ve is not None else q.new_empty(0),
+            rpb.new_empty(rpb.shape) if rpb_grad else q.new_empty(0))
 
 
 def _as_u8(kpm):
@@ -285,6 +293,7 @@ def _rpb_grad(ds, starts, ks, dil, rpb):
     """Fixed-order reduction of per-slot score gradients ``[B, L0, L1, L2, H, prod(k)]`` into the table:
     per axis a one-hot ``[L_a, k_a, 2k_a - 1]`` maps (query, slot) to the offset ``j - i + k - 1``."""
     B, L0, L1, L2, H, _ = ds.shape
+    ks = tuple(ks)
     ds = ds.view(B, L0, L1, L2, H, *ks)
     onehots = []
     for a, L in enumerate((L0, L1, L2)):
@@ -294,7 +303,7 @@ def _rpb_grad(ds, starts, ks, dil, rpb):
         off = starts[a].long()[:, None] + t[None, :] - i[:, None] + ks[a] - 1  # [L, k]
         onehots.append(torch.nn.functional.one_hot(off.clamp(0, 2 * ks[a] - 2), 2 * ks[a] - 1).to(ds.dtype))
     g = torch.einsum("bxyzhuvw,xuo,yvp,zwq->hopq", ds, *onehots)
-    return g.to(rpb.dtype)
+    return g.reshape(rpb.shape).to(rpb.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -329,6 +338,7 @@ class _NeighborhoodFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, ke, ve, rpb, kpm)
         ctx.args = (kernel_size, stride, dilation, causal, scale)
         ctx.rpb_grad = rpb is not None and ctx.needs_input_grad[5]
+        ctx.set_materialize_grads(False)  # an unused LSE costs no zeros tensor in the backward
         return out, lse
 
     @staticmethod
@@ -346,14 +356,6 @@ def _neighborhood_fwd(*args):
     if torch.compiler.is_compiling():
         return _neighborhood_fwd_op(*args)
     return _NeighborhoodFunction.apply(*args)
-
-
-def _to6(t: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, *spatial, H, D] -> a [B, L0, L1, L2, H, D] view with leading size-1 axes."""
-    t = t if t.stride(-1) == 1 else t.contiguous()  # the kernels need a dense head dim
-    for _ in range(3 - n):
-        t = t.unsqueeze(1)
-    return t
 
 
 def _pad3(values, fill):
@@ -382,17 +384,13 @@ def _triton_can_run(q, k, v, p, extra_kv, rpb, kpm, opts) -> list[str]:
 @_dispatch.register_backend("neighborhood", "triton", can_run=_triton_can_run, doc="fused Triton fwd + bwd")
 def _run_triton(q, k, v, p: NAParams, scale, extra_kv, rpb, kpm, opts):
     n = len(p.size)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kernels need a dense head dim
     ke, ve = (None, None) if extra_kv is None else (
         t if t.stride(-1) == 1 else t.contiguous() for t in extra_kv)
-    rpb6 = None if rpb is None else rpb.reshape(rpb.shape[0], *([1] * (3 - n)), *rpb.shape[1:])
-    kpm6 = None if kpm is None else kpm.reshape(kpm.shape[0], *([1] * (3 - n)), *kpm.shape[1:])
     cfg = _cfg_from(opts, q.device, (1,) * (3 - n) + p.size, (1,) * (3 - n) + p.kernel_size, q.shape[-1], q.dtype)
     tiles = [] if cfg is None else [*cfg.q_tile, *cfg.kv_tile, cfg.num_warps, cfg.num_stages]
-    out, lse = _neighborhood_fwd(_to6(q, n), _to6(k, n), _to6(v, n), ke, ve, rpb6, kpm6,
-                                    _pad3(p.kernel_size, 1), _pad3(p.stride, 1), _pad3(p.dilation, 1),
-                                    _pad3([int(c) for c in p.is_causal], 0), scale, tiles)
-    B, H = q.shape[0], q.shape[-2]
-    return out.view(B, *p.size, H, v.shape[-1]), lse.view(B, *p.size, H)
+    return _neighborhood_fwd(q, k, v, ke, ve, rpb, kpm, _pad3(p.kernel_size, 1), _pad3(p.stride, 1),
+                             _pad3(p.dilation, 1), _pad3([int(c) for c in p.is_causal], 0), scale, tiles)
 
 
 @_dispatch.register_backend("neighborhood", "torch", can_run=lambda *a: [], auto_devices=("cpu",),
