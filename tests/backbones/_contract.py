@@ -8,7 +8,9 @@ Nothing here is specific to one family. A family plugs into the suite in two pla
   ``to_upstream_state_dict(state_dict, model) -> dict``, which renames a visattn state dict to the
   original repository's key names (the inverse of the family's ``checkpoint_filter_fn``). The
   offline weight-loading test (§7.2) needs it; a family without one fails that test, it never skips.
-  The module may also define ``EXCLUDE_JIT: dict[str, str]`` (model-name pattern -> reason).
+  The module may also define ``EXCLUDE_JIT: dict[str, str]`` (model-name pattern -> reason) and
+  ``NON_STD: list[str]`` (model-name patterns of isotropic models: NLC ``forward_features``, features
+  through the ``getter`` wrapper only; specs/timm.md §6).
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ LARGE_FILTERS = ("*large*", "*_384*")
 # Model-name pattern -> reason, for families that cannot be scripted. Families add entries through
 # their ``_upstream_<family>.py`` module (``EXCLUDE_JIT``); skipping is allowed only with a reason.
 EXCLUDE_JIT: dict[str, str] = {}
+
+
+# Model-name patterns of isotropic (ViT-like) models, checked with timm's non-std cfg rules. Families add
+# theirs through ``NON_STD`` in their ``_upstream_<family>.py``.
+NON_STD_FILTERS: list[str] = []
+
+
+def _family_table(name: str, attr: str):
+    try:
+        mod = importlib.import_module(f"tests.backbones._upstream_{family_of(name)}")
+    except ModuleNotFoundError:
+        return None
+    return getattr(mod, attr, None)
+
+
+def is_non_std(name: str) -> bool:
+    patterns = list(NON_STD_FILTERS) + list(_family_table(name, "NON_STD") or [])
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def full_contract() -> bool:
@@ -124,11 +144,7 @@ def upstream_renamer(family: str) -> Callable[[dict, torch.nn.Module], dict]:
 def jit_exclusion(name: str) -> str | None:
     """The reason ``name`` may not be scripted, or None."""
     table = dict(EXCLUDE_JIT)
-    try:
-        mod = importlib.import_module(f"tests.backbones._upstream_{family_of(name)}")
-        table.update(getattr(mod, "EXCLUDE_JIT", {}))
-    except ModuleNotFoundError:
-        pass
+    table.update(_family_table(name, "EXCLUDE_JIT") or {})
     for pattern, reason in table.items():
         if fnmatch.fnmatch(name, pattern):
             return reason

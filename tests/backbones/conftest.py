@@ -1,4 +1,11 @@
-"""Backbone tests run offline: no test may reach the Hugging Face Hub (specs/timm.md §7)."""
+"""Backbone tests run offline (no test may reach the Hugging Face Hub, specs/timm.md §7), on the torch
+backend, with one intra-op thread.
+
+One thread: the contract runs thousands of small ops (padded 7x7 maps, the reference's masks); with
+more threads than free cores each op's OpenMP region waits for descheduled threads. Measured on the
+shared 2-core CI box (load 11): a nat_base forward at 32 px took 20 s wall with 2 threads and 1.2 s
+with 1. ``VISATTN_TEST_THREADS`` overrides it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,5 +29,10 @@ def _offline_torch_backend(monkeypatch):
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True, raising=False)
     except ImportError:
         pass
-    with visattn.use_backend("torch"):
-        yield
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("VISATTN_TEST_THREADS", "1")))
+    try:
+        with visattn.use_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
