@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import backbones  # noqa: F401  (registers the timm families)
 from .ops import BlockSparsePlan, block_sparse_attention, block_sparse_attention_ref
+from .ops import AgentBias, agent_attention, agent_attention_ref
 from .ops._dispatch import list_backends, use_backend
 
 __version__ = "0.1.0.dev0"
@@ -16,6 +17,9 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_ref",
     "BlockSparsePlan",
+    "agent_attention",
+    "agent_attention_ref",
+    "AgentBias",
     "list_backends",
     "use_backend",
     "__version__",
