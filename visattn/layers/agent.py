@@ -179,9 +179,12 @@ class AgentAttention(nn.Module):
         B, N, C = q.shape
         H, D, P, r = self.num_heads, self.head_dim, self.num_prefix_tokens, self.kv_reduction
         Nk = k.shape[1]
+        # visattn extension: on a grid smaller than the agent grid (tiny inputs) the agent grid is
+        # clipped to it and the biases resampled along the agent grid; never the case at trained sizes
+        agent_shape = (min(self.agent_shape[0], grid[0]), min(self.agent_shape[1], grid[1]))
         out = agent_attention(
             q.reshape(B, N, H, D), k.reshape(B, Nk, H, D), v.reshape(B, Nk, H, D),
-            agent_shape=self.agent_shape, grid=grid, bias=self.agent_bias(),
+            agent_shape=agent_shape, grid=grid, bias=self.agent_bias(),
             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend,
         ).reshape(B, N, C)
         kg = (grid[0] // r, grid[1] // r)
