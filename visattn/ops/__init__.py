@@ -6,6 +6,30 @@ Layouts are part of each op's contract and stated in its docstring.
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
 from .agent import AgentBias, agent_attention, agent_attention_ref
+from .neighborhood import (
+    clamp_neighborhood,
+    merge_attentions,
+    neighborhood_attention,
+    neighborhood_attention_ref,
+    neighborhood_attention_weights,
+    neighborhood_mask,
+    neighborhood_windows,
+    suggest_block_sparse,
+)
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_ref", "BlockSparsePlan",
-           "agent_attention", "agent_attention_ref", "AgentBias"]
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_ref",
+    "BlockSparsePlan",
+    "neighborhood_attention",
+    "neighborhood_attention_ref",
+    "neighborhood_attention_weights",
+    "neighborhood_windows",
+    "neighborhood_mask",
+    "clamp_neighborhood",
+    "suggest_block_sparse",
+    "merge_attentions",
+    "agent_attention",
+    "agent_attention_ref",
+    "AgentBias",
+]
