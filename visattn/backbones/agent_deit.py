@@ -94,6 +94,10 @@ class AgentDeit(VisionTransformer):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         # x arrives as [B, H, W, C] (dynamic_img_size): tell the agent blocks the token grid
         grid = (x.shape[1], x.shape[2])

@@ -208,8 +208,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentPvt, use_ema: bool = Fals
             stage = model.stages[int(k.split(".")[1])]
             if v.shape != stage.pos_embed.shape:
                 g0 = int(round(v.shape[1] ** 0.5))
-                v = F.interpolate(v.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float(), size=tuple(stage.grid),
-                                  mode="bilinear", align_corners=False).flatten(2).transpose(1, 2).to(v.dtype)
+                v = F.interpolate(v.reshape(1, g0, g0, -1).permute(0, 3, 1, 2), size=tuple(stage.grid),
+                                  mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
         out[k] = v
     return resample_agent_biases(out, model)
 

@@ -25,6 +25,13 @@ from ._agent_common import agent_cfg, agent_shape_of, resample_agent_biases, sta
 __all__ = ["AgentSwinTransformer", "AgentSwinStage", "AgentSwinBlock"]
 
 
+class _PatchEmbed(PatchEmbed):
+    """timm's PatchEmbed (norm over channels) returning an NCHW view of its NHWC output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).permute(0, 3, 1, 2)
+
+
 class AgentSwinBlock(nn.Module):
     """Pre-norm block with global agent attention; input and output ``[B, H, W, C]``."""
 
@@ -118,7 +125,7 @@ class AgentSwinTransformer(nn.Module):
         self.num_classes, self.global_pool = num_classes, global_pool
         n = len(depths)
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer,
+        self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer,
                                       output_fmt="NHWC", strict_img_size=False, **dd)
         res = (img_size[0] // patch_size, img_size[1] // patch_size)
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
@@ -176,7 +183,7 @@ class AgentSwinTransformer(nn.Module):
             raise ValueError(f"expected output_fmt='NCHW', got {output_fmt=}")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        x = self.patch_embed(x).permute(0, 3, 1, 2)
+        x = self.patch_embed(x)
         last = len(self.layers) - 1
         stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
         i = 0
@@ -200,7 +207,7 @@ class AgentSwinTransformer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.patch_embed(x).permute(0, 3, 1, 2))
+        x = self.layers(self.patch_embed(x))
         return self._norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
