@@ -120,7 +120,7 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
         return NATileConfig(_fit_box(q, size), _fit_box(kv, size), 4, 1)
     big = head_dim > 64 or dtype == torch.float32
     bm = 64 if (dtype == torch.float32 or head_dim > 128) else 128
-    bn = 32 if (dtype == torch.float32 or head_dim > 128) else (64 if big else 64)
+    bn = 32 if (dtype == torch.float32 or head_dim > 128) else (128 if head_dim > 64 else 64)
     if which != "fwd":
         bm, bn = 64, 64
     shapes = {

@@ -61,11 +61,20 @@ def _span(ST, EN, first, last, g, d, E: tl.constexpr):
 
 
 @triton.jit
-def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2):
+def _axis_in(c, s, e, K: tl.constexpr):
+    """[rows, cols] (or [rows, 1] when the KV box is 1 wide on this axis: one key coordinate) test that
+    key coordinates ``c`` lie in each row's window ``[s, e]`` on one axis."""
+    if K == 1:
+        c0 = tl.min(c, 0)  # every column has the same coordinate on this axis
+        return ((c0 >= s) & (c0 <= e))[:, None]
+    else:
+        return (c[None, :] >= s[:, None]) & (c[None, :] <= e[:, None])
+
+
+@triton.jit
+def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
     """[rows, cols] mask: key group coordinates inside every row's per-axis window."""
-    return ((k0[None, :] >= s0[:, None]) & (k0[None, :] <= e0[:, None])
-            & (k1[None, :] >= s1[:, None]) & (k1[None, :] <= e1[:, None])
-            & (k2[None, :] >= s2[:, None]) & (k2[None, :] <= e2[:, None]))
+    return _axis_in(k0, s0, e0, K0) & _axis_in(k1, s1, e1, K1) & _axis_in(k2, s2, e2, K2)
 
 
 @triton.jit
@@ -157,7 +166,7 @@ def _neighborhood_fwd_kernel(
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
-            s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2), s, float("-inf"))
+            s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2), s, float("-inf"))
         if HAS_KPM:
             m_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2)
             keep = tl.load(KPM + b * sm_b + m_off, mask=col_ok, other=0)
@@ -289,7 +298,7 @@ def _neighborhood_bwd_dq_kernel(
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
-            s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2), s, float("-inf"))
+            s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2), s, float("-inf"))
         if HAS_KPM:
             keep = tl.load(KPM + b * sm_b + _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2),
                            mask=col_ok, other=0)
@@ -301,7 +310,7 @@ def _neighborhood_bwd_dq_kernel(
         if STORE_DS:
             KS = ks0 * ks1 * ks2
             slot = ((c0[None, :] - rs0[:, None]) * ks1 + (c1[None, :] - rs1[:, None])) * ks2 + (c2[None, :] - rs2[:, None])
-            ok = _win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2) & row_ok[:, None]
+            ok = _win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2) & row_ok[:, None]
             tl.store(DS + stat[:, None] * KS + slot, ds, mask=ok)
     if HAS_EXTRA:
         oe = tl.arange(0, BLOCK_N)
@@ -410,7 +419,7 @@ def _neighborhood_bwd_dkdv_kernel(
                 re1 = tl.load(EN1 + x1, mask=row_ok, other=-1)
                 rs2 = tl.load(ST2 + x2, mask=row_ok, other=0)
                 re2 = tl.load(EN2 + x2, mask=row_ok, other=-1)
-                s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2) & col_ok[None, :], s, float("-inf"))
+                s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2) & col_ok[None, :], s, float("-inf"))
             if HAS_KPM:
                 s = tl.where(keep[None, :], s, float("-inf"))
             p = tl.math.exp2(s - lse2[:, None])

@@ -73,6 +73,11 @@ def _flex_fn(device):
     if device.type != "cuda":
         return flex_attention
     if _COMPILED_FLEX is None:
+        import torch._dynamo
+
+        # one specialisation per neighborhood shape: benchmarks visit many, more than dynamo's default
+        # limit of 8, after which flex would silently run unfused and materialise N x N scores
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 
