@@ -169,3 +169,12 @@ def test_constructor_errors():
         AgentAttention(8, 2, grid=(5, 5), agent_shape=(2, 2), kv_reduction=2)
     with pytest.raises(TypeError, match="grid"):
         AgentAttention(8, 2, grid="(4, 4)")
+
+
+def test_compiles_without_graph_breaks():
+    m = AgentAttention(16, 2, grid=(6, 6), agent_shape=(2, 2), num_prefix_tokens=1, backend="sdpa")
+    x = torch.randn(2, 37, 16)
+    f = torch.compile(m, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(x), m(x))
+    f(x).sum().backward()
+    assert m.an_bias.grad is not None

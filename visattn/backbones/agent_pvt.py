@@ -133,8 +133,8 @@ class AgentPvt(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse=False):
-        return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+        return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
