@@ -188,11 +188,13 @@ class AgentAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend,
         ).reshape(B, N, C)
         kg = (grid[0] // r, grid[1] // r)
-        vg = v[:, P:].transpose(1, 2).reshape(B, C, kg[0], kg[1])
+        # DWC in channels_last: V's tokens are already [B, H, W, C] in memory, so the conv input needs at
+        # most one copy (V is a slice of the qkv output) and its output views back as tokens for free
+        vg = v[:, P:].reshape(B, kg[0], kg[1], C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         if r > 1:
             vg = F.interpolate(vg, size=grid, mode="bilinear", align_corners=False)
         conv = self.get_v if self.lepe else self.dwc
-        d = conv(vg).flatten(2).transpose(1, 2)  # [B, H*W, C]
+        d = conv(vg).permute(0, 2, 3, 1).reshape(B, grid[0] * grid[1], C)  # [B, H*W, C]
         if P:
             return torch.cat([out[:, :P], out[:, P:] + d], dim=1)
         return out + d

@@ -196,9 +196,10 @@ def pool_agents(q: torch.Tensor, grid: Sequence[int], agent_shape: Sequence[int]
     Returns ``[B, H, n, D]`` with agents in row-major order over ``agent_shape``.
     """
     B, H, N, D = q.shape
-    x = q[:, :, prefix:].reshape(B, H, *grid, D).movedim(-1, 2).reshape(B, H * D, *grid)
+    # pool the [B, N, H*D] token layout (a view for q sliced from a qkv projection), channels last
+    x = q[:, :, prefix:].transpose(1, 2).reshape(B, *grid, H * D).movedim(-1, 1)
     pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(grid) - 1]
-    a = pool(x, tuple(agent_shape))
+    a = pool(x, tuple(agent_shape))  # [B, H*D, *agent_shape]
     return a.reshape(B, H, D, -1).transpose(2, 3)
 
 
@@ -370,13 +371,12 @@ def _run_sdpa(p: _Problem, dropout_p: float) -> torch.Tensor:
         a = a.expand(B, -1, -1, -1)
     b1, b2 = _materialize(p, a.shape[2], q.dtype)
     fill, anyv = _mask_fill(p.mask, q.dtype)
+    # masks stay unexpanded ([1, H, ...]): SDPA broadcasts them (stride 0) and pads only what it is given
     m1 = _add(None if b1 is None else (b1 if b1.dim() == 4 else b1[None]), fill)
-    if m1 is not None and m1.shape[0] != B:
-        m1 = m1.expand(B, -1, -1, -1)
     va = F.scaled_dot_product_attention(a, k, v, attn_mask=m1, dropout_p=dropout_p, scale=p.s1)
     if anyv is not None:
         va = va * anyv.to(va.dtype)
-    m2 = None if b2 is None else (b2 if b2.dim() == 4 else b2[None]).expand(B, -1, -1, -1)
+    m2 = None if b2 is None else (b2 if b2.dim() == 4 else b2[None])
     return F.scaled_dot_product_attention(q, a, va, attn_mask=m2, dropout_p=dropout_p, scale=p.s2)
 
 

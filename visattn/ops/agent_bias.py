@@ -51,6 +51,21 @@ def _resample_agents(x: torch.Tensor, axis: int, src: tuple[int, int], dst: tupl
     return y.movedim(-1, axis)
 
 
+def _aligned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with every row starting at a multiple of 8 elements (a view of a padded buffer).
+
+    SDPA's memory-efficient kernel needs 8-aligned bias strides; unaligned masks are padded (copied)
+    on every call, so the padding is paid once here instead.
+    """
+    last = x.shape[-1]
+    padded = -(-last // 8) * 8
+    if padded == last:
+        return x.to(dtype).contiguous()
+    buf = x.new_zeros(*x.shape[:-1], padded, dtype=dtype)
+    buf[..., :last] = x
+    return buf[..., :last]
+
+
 def _pair(value: Sequence[int] | None, name: str) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -205,7 +220,7 @@ class AgentBias:
             if hit is not None:
                 return hit
         b1, b2 = self._compute(grid, key_grid, agent_shape, P)
-        out = (b1.to(dtype).contiguous(), b2.to(dtype).contiguous())
+        out = (_aligned(b1, dtype), _aligned(b2, dtype))
         if cacheable:
             if len(self.cache) >= _MAX_CACHE:
                 self.cache.clear()
