@@ -66,13 +66,13 @@ def _timed(fn, device, budget_s: float, min_iters: int = 3) -> float:
     return times[len(times) // 2]
 
 
-def _model(name, backend, device):
-    kw = {} if name.startswith(("swin_", "deit_")) else dict(backend=backend)
+def _model(name, backend, device, res):
+    kw = dict(img_size=res) if name.startswith(("swin_", "deit_")) else dict(backend=backend)
     return timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kw).to(device)
 
 
 def throughput(name, backend, mode, batch, res, device, amp, budget):
-    model = _model(name, backend, device)
+    model = _model(name, backend, device, res)
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if mode == "infer":
