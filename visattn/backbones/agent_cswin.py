@@ -213,7 +213,7 @@ class AgentCSwin(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"expected global_pool in ('avg', ''), got {global_pool=}")
             self.global_pool = global_pool
-        dev = self.norm.weight.device
+        dev = self.stem.conv.weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=dev) if num_classes > 0 else nn.Identity()
 
     def _norm(self, x):

@@ -126,11 +126,11 @@ def _create_agent_deit(variant, pretrained=False, **kwargs):
                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
 
 
-_C = dict(first_conv="patch_embed.proj", classifier="head", pool_size=None)
+_C = dict(first_conv="patch_embed.proj", classifier="head", pool_size=(14, 14))
 default_cfgs = generate_default_cfgs({
     "agent_deit_tiny": agent_cfg(**_C),
     "agent_deit_small": agent_cfg(**_C),
-    "agent_deit_small_448": agent_cfg(**_C, input_size=(3, 448, 448), crop_pct=1.0),
+    "agent_deit_small_448": agent_cfg(**{**_C, "pool_size": (28, 28)}, input_size=(3, 448, 448), crop_pct=1.0),
     "agent_deit_base": agent_cfg(**_C),
 })
 

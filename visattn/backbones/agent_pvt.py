@@ -151,7 +151,7 @@ class AgentPvt(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"expected global_pool in ('avg', ''), got {global_pool=}")
             self.global_pool = global_pool
-        dev = self.head.weight.device if isinstance(self.head, nn.Linear) else None
+        dev = self.stages[0].patch_embed.proj.weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=dev) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
