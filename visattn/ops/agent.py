@@ -200,7 +200,8 @@ def pool_agents(q: torch.Tensor, grid: Sequence[int], agent_shape: Sequence[int]
     x = q[:, :, prefix:].transpose(1, 2).reshape(B, *grid, H * D).movedim(-1, 1)
     pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(grid) - 1]
     a = pool(x, tuple(agent_shape))  # [B, H*D, *agent_shape]
-    return a.reshape(B, H, D, -1).transpose(2, 3)
+    # contiguous: SDPA's fused kernels need a unit-stride head dim (the copy is only B*H*n*D)
+    return a.reshape(B, H, D, -1).transpose(2, 3).contiguous()
 
 
 def _agents(p: _Problem, q: torch.Tensor) -> torch.Tensor:
