@@ -15,6 +15,7 @@ from .ops import (
     neighborhood_attention,
     neighborhood_attention_ref,
 )
+from .ops import AgentBias, agent_attention, agent_attention_ref
 from .ops._dispatch import list_backends, use_backend
 
 __version__ = "0.1.0.dev0"
@@ -26,6 +27,9 @@ __all__ = [
     "neighborhood_attention",
     "neighborhood_attention_ref",
     "merge_attentions",
+    "agent_attention",
+    "agent_attention_ref",
+    "AgentBias",
     "list_backends",
     "use_backend",
     "__version__",

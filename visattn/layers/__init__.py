@@ -1,8 +1,17 @@
 """nn.Module layers that own projections and call visattn.ops (one file per method)."""
 
+from .agent import AgentAttention
 from .neighborhood import (  # noqa: E402
     NeighborhoodAttention,
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
 )
+
+__all__ = [
+    "AgentAttention",
+    "NeighborhoodAttention",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+]

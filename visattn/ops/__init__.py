@@ -5,6 +5,7 @@ Layouts are part of each op's contract and stated in its docstring.
 
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
+from .agent import AgentBias, agent_attention, agent_attention_ref
 from .neighborhood import (
     clamp_neighborhood,
     merge_attentions,
@@ -28,4 +29,7 @@ __all__ = [
     "clamp_neighborhood",
     "suggest_block_sparse",
     "merge_attentions",
+    "agent_attention",
+    "agent_attention_ref",
+    "AgentBias",
 ]

@@ -36,6 +36,8 @@ class BackendName(str, enum.Enum):
     TORCH = "torch"
     FLEX = "flex"
     NATTEN = "natten"
+    SDPA = "sdpa"
+    UPSTREAM = "upstream"
 
 
 @dataclass
@@ -271,3 +273,4 @@ def _load_ops() -> None:
     """Import every op module so that their backends are registered."""
     from . import block_sparse  # noqa: F401
     from . import neighborhood  # noqa: F401
+    from . import agent  # noqa: F401
