@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import backbones  # noqa: F401  (registers the timm families)
 from .ops import BlockSparsePlan, block_sparse_attention, block_sparse_attention_ref
+from .ops import bilevel_routing_attention, bilevel_routing_attention_ref, region_routing, routed_attention
 from .ops._dispatch import list_backends, use_backend
 
 __version__ = "0.1.0.dev0"
@@ -19,4 +20,8 @@ __all__ = [
     "list_backends",
     "use_backend",
     "__version__",
+    "bilevel_routing_attention",
+    "bilevel_routing_attention_ref",
+    "region_routing",
+    "routed_attention",
 ]

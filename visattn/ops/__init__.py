@@ -5,5 +5,15 @@ Layouts are part of each op's contract and stated in its docstring.
 
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
+from .bilevel_routing import (
+    RegionRouting,
+    bilevel_routing_attention,
+    bilevel_routing_attention_ref,
+    region_routing,
+    routed_attention,
+    routed_attention_ref,
+)
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_ref", "BlockSparsePlan"]
+__all__ += ["region_routing", "routed_attention", "routed_attention_ref", "bilevel_routing_attention",
+            "bilevel_routing_attention_ref", "RegionRouting"]
