@@ -282,9 +282,9 @@ def _bra_bwd_dkdv_kernel(
 
 
 def default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): small tiles in the interpreter, 64 x 64 on GPUs (fp32: 64 x 32)."""
+    """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter, 64 x 64 on GPUs (fp32: 64 x 32)."""
     if INTERPRET or device.type != "cuda":
-        return 16, 16
+        return 32, 32
     return (64, 32) if dtype == torch.float32 else (64, 64)
 
 
