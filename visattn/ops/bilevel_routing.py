@@ -19,11 +19,12 @@ from typing import NamedTuple
 import torch
 
 from . import _dispatch
-from ._checks import check_scale, describe_tensors, normalize_tuple
+from ._checks import describe_tensors, normalize_tuple
 from .bilevel_routing_plan import _cdiv, build_plan, choose_group
 
 __all__ = [
     "RegionRouting",
+    "region_grid",
     "region_routing",
     "routed_attention",
     "routed_attention_ref",
@@ -129,6 +130,29 @@ def _geometry(size, rank, n_win, region_size, padding) -> tuple[tuple[int, int],
         else:
             region = tuple(_cdiv(L, n) for L, n in zip(size, nw))
     return region, _grid_of(size, region)  # type: ignore[return-value]
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """``head_dim ** -0.5`` when None; else a finite float >= 0 (0.0 is used as given: BiFormer
+    layers may set ``qk_scale=0.0``, which upstream's ``qk_scale or ...`` silently replaced)."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, (torch.Tensor, bool)) or not isinstance(scale, (int, float)):
+        raise ValueError(f"expected scale to be a Python float or None, got scale={scale!r}")
+    if not 0 <= scale < float("inf"):
+        raise ValueError(f"expected scale to be a finite float >= 0, got scale={scale!r}")
+    return float(scale)
+
+
+def region_grid(size, n_win=None, *, region_size=None, padding: str = "mask"):
+    """``(region_size, grid)`` per axis of a map of ``size`` (specs/routing.md §2.2 / §2.6); layers
+    use it to clamp ``topk`` to the region count ``P = prod(grid)``."""
+    size = tuple(int(s) for s in size)
+    if len(size) not in (1, 2):
+        raise ValueError(f"expected a 1-D or 2-D map size, got size={size}")
+    rank = len(size)
+    region, grid = _geometry((1,) + size if rank == 1 else size, rank, n_win, region_size, _check_padding(padding))
+    return (region[1:], grid[1:]) if rank == 1 else (region, grid)
 
 
 def _check_topk(topk, grid) -> int:
