@@ -13,7 +13,7 @@ import importlib
 import timm
 
 # Family modules, in registration order. A family adds its module name here and nowhere else.
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = ("biformer",)
 
 for _name in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_name}")

@@ -141,11 +141,13 @@ def _torch_can_run(q, k, v, idx, weight, region, grid, padding, opts) -> list[st
 
 
 @_dispatch.register_backend("bilevel_routing", "torch", can_run=_torch_can_run, auto_devices=("cpu",),
-                            doc="pure-PyTorch reference (mask up to 4096 tokens, else gather)")
+                            doc="pure-PyTorch reference (mask or gather, whichever is cheaper)")
 def _run_torch(q, k, v, idx, weight, region, grid, scale, padding, opts):
     _check_options(opts)
-    N = grid[0] * region[0] * grid[1] * region[1]
-    impl = opts.get("impl") or ("mask" if N <= 4096 else "gather")
+    # the dense mask costs N^2 per head, the gather N * topk * T: take the cheaper one
+    T = region[0] * region[1]
+    N = grid[0] * grid[1] * T
+    impl = opts.get("impl") or ("mask" if N <= 4096 and N <= 2 * idx.shape[-1] * T else "gather")
     fn = _ref_mask if impl == "mask" else _ref_gather
     # half-precision inputs are computed in fp32 (fp32 softmax statistics, as the kernels keep)
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
