@@ -7,7 +7,14 @@ never diffusers and never Triton; kernels compile on first use.
 from __future__ import annotations
 
 from . import backbones  # noqa: F401  (registers the timm families)
-from .ops import BlockSparsePlan, block_sparse_attention, block_sparse_attention_ref
+from .ops import (
+    BlockSparsePlan,
+    block_sparse_attention,
+    block_sparse_attention_ref,
+    merge_attentions,
+    neighborhood_attention,
+    neighborhood_attention_ref,
+)
 from .ops import bilevel_routing_attention, bilevel_routing_attention_ref, region_routing, routed_attention
 from .ops._dispatch import list_backends, use_backend
 
@@ -17,6 +24,9 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_ref",
     "BlockSparsePlan",
+    "neighborhood_attention",
+    "neighborhood_attention_ref",
+    "merge_attentions",
     "list_backends",
     "use_backend",
     "__version__",

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=25, help="warm-up ms per measurement on CUDA")
     p.add_argument("--rep", type=int, default=100, help="measured ms per measurement on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", default=None, metavar="SUBSTR",
+                   help="run only the default cases whose name contains one of these comma-separated strings")
 
 
 def _floats(s: str, name: str) -> list[float]:
@@ -73,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         suite = importlib.import_module(SUITES[method])
         cases = suite.default_cases(device)
+        if args.cases:
+            keys = [c for c in args.cases.split(",") if c]
+            cases = [c for c in cases if any(key in c.name for key in keys)]
+        if args.shape and method != "block_sparse":
+            raise SystemExit(f"visattn bench: --shape applies to block_sparse only; use --cases for {method}")
         if args.shape:
             cases = []
             for s in args.shape:
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 if len(vals) != 4:
                     raise SystemExit(f"visattn bench: expected --shape B,H,N,D, got --shape={s!r}")
                 cases.append(suite.Case(*vals))
-        if args.block:
+        if args.block and method == "block_sparse":
             cases = [suite.Case(c.batch, c.heads, c.seq, c.head_dim, args.block) for c in cases]
         densities = _floats(args.densities, "--densities") if args.densities else suite.default_densities(device)
         backends = args.backends.split(",") if args.backends else suite.default_backends(device)

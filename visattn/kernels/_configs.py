@@ -83,3 +83,50 @@ def _bwd_dq_config(device: torch.device, head_dim: int, block_q: int, block_k: i
     if dtype == torch.float32 or head_dim > 128:
         return _fit(TileConfig(64, 32, 4, 2), block_q, block_k)
     return _fit(TileConfig(128, 128, 8, 2), block_q, block_k)
+
+
+@dataclass(frozen=True)
+class NATileConfig:
+    """Neighborhood kernels: Q box and KV box extents per axis (3-D; 1-D/2-D use leading 1s)."""
+
+    q_tile: tuple[int, int, int]
+    kv_tile: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+
+
+def _fit_box(box: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, int, int]:
+    """Move box extent from axes shorter than the box onto the last axis (keeps the product)."""
+    box = list(box)
+    for a in range(2):
+        while box[a] > 1 and box[a] >= 2 * size[a]:
+            box[a] //= 2
+            box[2] *= 2
+    return tuple(box)  # type: ignore[return-value]
+
+
+def neighborhood_config(device: torch.device, size: tuple[int, int, int], kernel_size: tuple[int, int, int],
+                        head_dim: int, dtype: torch.dtype, which: str) -> NATileConfig:
+    if which in OVERRIDES:
+        return OVERRIDES[which]  # type: ignore[return-value]
+    rank = 3 - sum(1 for s in size[:2] if s == 1 and True)
+    return _neighborhood_config(device.type, size, kernel_size, head_dim, dtype, which, rank)
+
+
+@functools.lru_cache(maxsize=None)
+def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which, rank) -> NATileConfig:
+    if INTERPRET or device_type != "cuda":
+        q, kv = {1: ((1, 1, 16), (1, 1, 16)), 2: ((1, 4, 4), (1, 4, 4)), 3: ((2, 2, 4), (2, 4, 2))}[rank]
+        return NATileConfig(_fit_box(q, size), _fit_box(kv, size), 4, 1)
+    big = head_dim > 64 or dtype == torch.float32
+    bm = 64 if (dtype == torch.float32 or head_dim > 128) else 128
+    bn = 32 if (dtype == torch.float32 or head_dim > 128) else (128 if head_dim > 64 else 64)
+    if which != "fwd":
+        bm, bn = 64, 64
+    shapes = {
+        1: {64: (1, 1, 64), 128: (1, 1, 128), 32: (1, 1, 32)},
+        2: {64: (1, 8, 8), 128: (1, 8, 16), 32: (1, 4, 8)},
+        3: {64: (2, 4, 8), 128: (2, 8, 8), 32: (2, 4, 4)},
+    }[rank]
+    warps = 8 if (bm == 128 and head_dim > 64) else 4
+    return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, 2 if which != "fwd" else 3)

@@ -13,7 +13,29 @@ from .bilevel_routing import (
     routed_attention,
     routed_attention_ref,
 )
+from .neighborhood import (
+    clamp_neighborhood,
+    merge_attentions,
+    neighborhood_attention,
+    neighborhood_attention_ref,
+    neighborhood_attention_weights,
+    neighborhood_mask,
+    neighborhood_windows,
+    suggest_block_sparse,
+)
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_ref", "BlockSparsePlan"]
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_ref",
+    "BlockSparsePlan",
+    "neighborhood_attention",
+    "neighborhood_attention_ref",
+    "neighborhood_attention_weights",
+    "neighborhood_windows",
+    "neighborhood_mask",
+    "clamp_neighborhood",
+    "suggest_block_sparse",
+    "merge_attentions",
+]
 __all__ += ["region_routing", "routed_attention", "routed_attention_ref", "bilevel_routing_attention",
             "bilevel_routing_attention_ref", "RegionRouting"]

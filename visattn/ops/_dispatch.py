@@ -270,4 +270,5 @@ def environment_reasons() -> dict[str, list[str]]:
 def _load_ops() -> None:
     """Import every op module so that their backends are registered."""
     from . import block_sparse  # noqa: F401
+    from . import neighborhood  # noqa: F401
     from . import bilevel_routing  # noqa: F401
