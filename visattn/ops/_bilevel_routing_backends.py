@@ -149,9 +149,8 @@ def _run_torch(q, k, v, idx, weight, region, grid, scale, padding, opts):
     N = grid[0] * grid[1] * T
     impl = opts.get("impl") or ("mask" if N <= 4096 and N <= 2 * idx.shape[-1] * T else "gather")
     fn = _ref_mask if impl == "mask" else _ref_gather
-    # half-precision inputs are computed in fp32 (fp32 softmax statistics, as the kernels keep)
-    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out, lse = fn(q, k, v, idx, weight, region, grid, scale, padding == "zeros", dtype)
+    # matmuls in the input dtype, softmax statistics in fp32 for fp16/bf16 (as BiFormer under autocast)
+    out, lse = fn(q, k, v, idx, weight, region, grid, scale, padding == "zeros", q.dtype)
     return out.to(q.dtype), (lse if q.dtype == torch.float64 else lse.float())
 
 

@@ -263,6 +263,11 @@ def _boxed(x: torch.Tensor, region, grid) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, grid[1] * region[1] - W, 0, grid[0] * region[0] - H))
 
 
+def _softmax_dtype(s: torch.Tensor) -> torch.Tensor:
+    # half-precision logits get fp32 softmax statistics (as under autocast); fp32/fp64 stay
+    return s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+
+
 def _ref_mask(q, k, v, idx, weight, region, grid, scale, zeros, dtype, chunk=1024):
     B, H, W, nh, _ = q.shape
     Hp, Wp = grid[0] * region[0], grid[1] * region[1]
@@ -288,12 +293,12 @@ def _ref_mask(q, k, v, idx, weight, region, grid, scale, zeros, dtype, chunk=102
         if wmat is not None:
             wt = wmat[:, :, rid[r0:r1]][..., rid]
             s = s * wt
-        s = s.masked_fill(~m, float("-inf"))
+        s = _softmax_dtype(s.masked_fill(~m, float("-inf")))
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse[..., None])
         if wmat is not None:
             p = p * wt
-        outs.append(p @ vb)
+        outs.append(p.to(dtype) @ vb)
         lses.append(lse)
     out = torch.cat(outs, 2).transpose(1, 2).reshape(B, Hp, Wp, nh, -1)[:, :H, :W]
     lse = torch.cat(lses, 2).transpose(1, 2).reshape(B, Hp, Wp, nh)[:, :H, :W]
@@ -324,8 +329,9 @@ def _ref_gather(q, k, v, idx, weight, region, grid, scale, zeros, dtype):
     s = torch.einsum("bhptd,bhpkld->bhptkl", qr, kg).flatten(-2) * scale  # [B, h, P, T, topk*T]
     if not zeros:
         s = s.masked_fill(~inside[ix].flatten(-2)[:, :, :, None, :], float("-inf"))
+    s = _softmax_dtype(s)
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse[..., None]) @ vg.flatten(3, 4)  # [B, h, P, T, d_v]
+    out = torch.exp(s - lse[..., None]).to(dtype) @ vg.flatten(3, 4)  # [B, h, P, T, d_v]
 
     def unregion(x):  # [B, h, P, T, c] -> [B, H, W, h, c]
         x = x.view(B, nh, grid[0], grid[1], region[0], region[1], -1).permute(0, 2, 4, 3, 5, 1, 6)
