@@ -224,7 +224,9 @@ def region_routing(q, k, n_win=None, *, region_size=None, topk: int, scale: floa
     if routing not in _ROUTINGS:
         raise ValueError(f"expected routing in {_ROUTINGS}, got routing={routing!r}")
     q2, k2 = _as_2d(q), _as_2d(k)
-    region, grid = _geometry(q2.shape[1:3], rank, n_win, region_size, padding)
+    # int(): under torch.compile the region geometry specialises on the map size (a new resolution
+    # re-traces; the kernels themselves take sizes as runtime arguments)
+    region, grid = _geometry(tuple(int(s) for s in q2.shape[1:3]), rank, n_win, region_size, padding)
     topk = _check_topk(topk, grid)
     scale = check_scale(scale, q.shape[-1])
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -425,13 +427,14 @@ def routed_attention(q, k, v, region_index, region_size, *, scale: float | None 
         raise ValueError(f"expected region_size >= 1 on every axis, got region_size={rs}")
     region = (1,) + rs if rank == 1 else rs
     q2, k2, v2 = _as_2d(q), _as_2d(k), _as_2d(v)
-    grid = _grid_of(q2.shape[1:3], region)
+    grid = _grid_of(tuple(int(s) for s in q2.shape[1:3]), region)
     idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid)
     scale = check_scale(scale, q.shape[-1])
     opts = dict(backend_options or {})
+    summary = "" if torch.compiler.is_compiling() else (
+        describe_tensors(q=q, k=k, v=v) + f"; region_size={region}, grid={grid}, topk={idx.shape[-1]}")
     chosen = _dispatch.select(
-        "bilevel_routing", backend, q.device,
-        describe_tensors(q=q, k=k, v=v) + f"; region_size={region}, grid={grid}, topk={idx.shape[-1]}",
+        "bilevel_routing", backend, q.device, summary,
         q2, k2, v2, idx, region_weight, region, grid, padding, opts,
     )
     out, lse = chosen.fn(q2, k2, v2, idx, region_weight, region, grid, scale, padding, opts)
