@@ -7,11 +7,12 @@ and calls :func:`visattn.ops.bilevel_routing_attention`; :class:`AttentionLePE` 
 of stage 4 with its quirks (specs/routing.md §2.5-2.8, §3.4). Both take and return NHWC maps.
 
 The module does not use ``from __future__ import annotations``: TorchScript must read the ``Final``
-class annotations as objects. The op call sits in a ``@torch.jit.ignore`` method, so a scripted model
-keeps the projections in TorchScript and runs the routed attention through Python.
+class annotations as objects. ``BilevelRoutingAttention.forward`` is ``@torch.jit.ignore``: a scripted
+BiFormer runs its BRA layers through Python (the routing and the op are Python-level); everything
+else, ``AttentionLePE`` included, is TorchScript.
 """
 
-from typing import Final
+from typing import Final, List
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,8 @@ class BilevelRoutingAttention(nn.Module):
     dim: Final[int]
     padding: Final[str]
     clamp_topk: Final[bool]
+    n_win_hw: List[int]
+    region_hw: List[int]
 
     def __init__(self, dim: int, num_heads: int, n_win=7, topk: int = 4, *, qk_dim=None, qk_scale=None,
                  qkv_bias: bool = True, lepe_kernel: int = 5, param_attention: str = "qkvo", region_size=None,
@@ -117,12 +120,18 @@ class BilevelRoutingAttention(nn.Module):
         self.dim, self.num_heads, self.qk_dim = dim, num_heads, qk_dim
         self.n_win = n_win
         self.region_size = region_size
+        # TorchScript-friendly copies: [] when unused
+        self.n_win_hw: List[int] = [] if n_win is None else list(n_win) if isinstance(n_win, (tuple, list)) \
+            else [n_win, n_win]
+        self.region_hw: List[int] = [] if region_size is None else list(region_size) \
+            if isinstance(region_size, (tuple, list)) else [region_size, region_size]
         self.topk = topk
         self.scale = float(qk_scale) if qk_scale is not None else qk_dim ** -0.5
         self.padding = padding
         self.clamp_topk = bool(clamp_topk)
         self.routing = routing
         self.backend = backend
+        self.backend_name = "" if backend is None else str(backend)  # "" = the use_backend default
         resolved = backend if backend is not None else current_backend()
         self.use_kernel = not (is_scriptable() or is_exportable()) and resolved != "torch"
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias, **dd)
@@ -134,14 +143,18 @@ class BilevelRoutingAttention(nn.Module):
                 f"region_size={self.region_size}, topk={self.topk}, scale={self.scale:.4g}, padding={self.padding!r}, "
                 f"routing={self.routing!r}, backend={self.backend!r}")
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
-        """``x: [B, H, W, C]`` -> ``[B, H, W, C]`` (and the :class:`~visattn.ops.RegionRouting`)."""
+    def forward(self, x: torch.Tensor, return_routing: bool = False) -> torch.Tensor:
+        """``x: [B, H, W, C]`` -> ``[B, H, W, C]`` (and the :class:`~visattn.ops.RegionRouting` when
+        ``return_routing``; not in TorchScript, where the routed attention runs as an ignored call)."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError("expected x of shape [B, H, W, {}], got x.shape={}".format(self.dim, list(x.shape)))
         B, H, W = x.shape[0], x.shape[1], x.shape[2]
-        pad_h, pad_w = self._legacy_pads(H, W)
-        if pad_h > 0 or pad_w > 0:
-            x = F.pad(x, [0, 0, 0, pad_w, 0, pad_h])  # BiFormer auto_pad: zeros before the projection
+        pad_h, pad_w = 0, 0
+        if self.padding == "legacy":  # BiFormer auto_pad: zeros appended to x before the projection
+            pad_h = (self.n_win_hw[0] - H % self.n_win_hw[0]) % self.n_win_hw[0]
+            pad_w = (self.n_win_hw[1] - W % self.n_win_hw[1]) % self.n_win_hw[1]
+            if pad_h > 0 or pad_w > 0:
+                x = F.pad(x, [0, 0, 0, pad_w, 0, pad_h])
         Hp, Wp = H + pad_h, W + pad_w
         qkv = self.qkv(x)
         d_qk = self.qk_dim // self.num_heads
@@ -150,33 +163,44 @@ class BilevelRoutingAttention(nn.Module):
         k = qkv[..., self.qk_dim:2 * self.qk_dim].unflatten(-1, [self.num_heads, d_qk])
         v_map = qkv[..., 2 * self.qk_dim:]
         v = v_map.unflatten(-1, [self.num_heads, self.dim // self.num_heads])
-        backend = self.backend if (self.use_kernel and not torch.jit.is_scripting()) else "torch"
-        out, routing = self._attend(q, k, v, backend)
+        backend = self.backend_name if self.use_kernel else "torch"
+        if torch.jit.is_scripting():
+            out = _bra_attend_scripted(q, k, v, self.n_win_hw, self.region_hw, self.topk, self.clamp_topk,
+                                       self.scale, self.padding, self.routing, backend)
+        else:
+            out, routing = _bra_attend(q, k, v, self.n_win_hw, self.region_hw, self.topk, self.clamp_topk,
+                                       self.scale, self.padding, self.routing, backend)
         out = out.reshape(B, Hp, Wp, self.dim)
         if self.lepe is not None:
             out = out + self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if pad_h > 0 or pad_w > 0:
             out = out[:, :H, :W]
         y = self.proj(out)
-        if return_routing:
-            return y, routing
+        if not torch.jit.is_scripting():
+            if return_routing:
+                return y, routing  # type: ignore[return-value]
         return y
 
-    def _legacy_pads(self, H: int, W: int):
-        if self.padding != "legacy":
-            return 0, 0
-        n = self.n_win
-        n_h, n_w = (n, n) if isinstance(n, int) else (n[0], n[1])
-        return (-H) % n_h, (-W) % n_w
 
-    @torch.jit.ignore
-    def _attend(self, q, k, v, backend):
-        op_padding = "zeros" if self.padding == "legacy_nchw" else "mask"
-        _, grid = region_grid(q.shape[1:3], self.n_win, region_size=self.region_size, padding=op_padding)
-        topk = min(self.topk, grid[0] * grid[1]) if self.clamp_topk else self.topk
-        return bilevel_routing_attention(q, k, v, self.n_win, topk=topk, region_size=self.region_size,
-                                         scale=self.scale, padding=op_padding, routing=self.routing,
-                                         return_routing=True, backend=backend)
+def _bra_attend(q, k, v, n_win: List[int], region: List[int], topk: int, clamp_topk: bool, scale: float,
+                padding: str, routing: str, backend: str):
+    """The layer's op call: ``n_win`` / ``region`` are ``[]`` when unused; returns ``(out, routing)``."""
+    op_padding = "zeros" if padding == "legacy_nchw" else "mask"
+    n_win_ = tuple(n_win) if n_win else None
+    region_ = tuple(region) if region else None
+    _, grid = region_grid(q.shape[1:3], n_win_, region_size=region_, padding=op_padding)
+    topk = min(topk, grid[0] * grid[1]) if clamp_topk else topk
+    return bilevel_routing_attention(q, k, v, n_win_, topk=topk, region_size=region_, scale=scale,
+                                     padding=op_padding, routing=routing, return_routing=True,
+                                     backend=None if backend == "" else backend)
+
+
+@torch.jit.ignore
+def _bra_attend_scripted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: List[int], region: List[int],
+                         topk: int, clamp_topk: bool, scale: float, padding: str, routing: str,
+                         backend: str) -> torch.Tensor:
+    # TorchScript calls this through Python (the op and its routing are Python-level)
+    return _bra_attend(q, k, v, n_win, region, topk, clamp_topk, scale, padding, routing, backend)[0]
 
 
 class AttentionLePE(nn.Module):
@@ -217,8 +241,11 @@ class AttentionLePE(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}, lepe_on_v={self.lepe_on_v}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, H, W, C]`` -> ``[B, H, W, C]``."""
+    def forward(self, x: torch.Tensor, return_routing: bool = False) -> torch.Tensor:
+        """``x: [B, H, W, C]`` -> ``[B, H, W, C]``. ``return_routing`` must be False (full attention
+        has no routing); it exists so that blocks call every BiFormer attention the same way."""
+        if return_routing:
+            raise ValueError("AttentionLePE is full attention: it has no routing to return")
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, d]
