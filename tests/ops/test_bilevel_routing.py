@@ -335,3 +335,13 @@ def test_bad_tensors():
     with pytest.raises(ValueError, match="region_weight"):
         routed_attention(q, k, v, torch.zeros(1, 9, 2, dtype=torch.int32), 2, region_weight=torch.ones(1, 9, 3))
 
+
+
+def test_debug_mode_checks_index_values(monkeypatch):
+    q, k, v = maps(1, 6, 6, 1, 8)
+    monkeypatch.setenv("VISATTN_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"values in \[0, P=4\)"):
+        routed_attention(q, k, v, torch.tensor([[[0], [1], [2], [4]]], dtype=torch.int32), 3, backend="torch")
+    with pytest.raises(ValueError, match="duplicate-free"):
+        routed_attention(q, k, v, torch.tensor([[[0, 0], [1, 2], [2, 3], [0, 1]]], dtype=torch.int32), 3,
+                         backend="torch")

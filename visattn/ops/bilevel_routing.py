@@ -14,6 +14,7 @@ the ``torch.library`` custom ops of the Triton path, and the backends ``"triton"
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -256,6 +257,15 @@ def _check_index(region_index, region_weight, B, heads, P, grid) -> torch.Tensor
         raise ValueError(f"expected region_weight of region_index's shape {tuple(region_index.shape)}, got "
                          f"{getattr(region_weight, 'shape', region_weight)}")
     idx = region_index if region_index.dim() == 4 else region_index.unsqueeze(1)
+    if os.environ.get("VISATTN_DEBUG", "0") == "1" and not torch.compiler.is_compiling():
+        # values are checked only on request: it synchronises with the device
+        bad = (idx < 0) | (idx >= P)
+        if bool(bad.any()):
+            raise ValueError(f"expected region_index values in [0, P={P}) (grid {grid[0]}x{grid[1]}), got "
+                             f"min={int(idx.min())}, max={int(idx.max())}")
+        srt = idx.sort(-1).values
+        if bool((srt[..., 1:] == srt[..., :-1]).any()):
+            raise ValueError("expected duplicate-free region_index rows (VISATTN_DEBUG=1 check)")
     return idx
 
 
