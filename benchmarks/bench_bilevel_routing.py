@@ -84,7 +84,9 @@ def bench_stages(dev, batch, rep) -> list[dict]:
             except Exception as e:  # one backend failing must not hide the others
                 row["errors"][backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         t = row["fwdbwd_ms"].get("triton")
-        row["useful_tflops_fwd_triton"] = flops_fwd / row["fwd_ms"]["triton"] / 1e9 if "triton" in row["fwd_ms"] else None
+        row["useful_tflops_fwd_triton"] = (
+            flops_fwd / row["fwd_ms"]["triton"] / 1e9 if "triton" in row["fwd_ms"] else None
+        )
         row["speedup_fwdbwd"] = {b: ms / t for b, ms in row["fwdbwd_ms"].items() if t and b != "triton"}
         tf = row["fwd_ms"].get("triton")
         row["speedup_fwd"] = {b: ms / tf for b, ms in row["fwd_ms"].items() if tf and b != "triton"}
@@ -108,7 +110,11 @@ def _peak_fwdbwd(fn, q, k, v) -> float:
 
 
 def bench_memory(dev) -> dict:
-    res = {"case": "1x600x500 C64 h2 n_win 8 topk 4, fwd+bwd peak MiB beyond inputs", "triton": {}, "gather": {}}
+    res = {
+        "case": "1x600x500 C64 h2 n_win 8 topk 4, fwd+bwd peak MiB beyond inputs",
+        "triton": {},
+        "gather": {},
+    }
     for H, W in [(600, 500), (480, 400), (300, 250), (150, 125)]:
         q, k, v = _maps(1, H, W, 2, 32, dev)
         r = region_routing(q, k, 8, topk=4)
@@ -181,11 +187,22 @@ def _infer_throughput(name, backend, batch, dev, steps) -> float:
 def bench_models(dev, batch, steps) -> dict:
     res = {"batch": batch, "train_img_s": {}, "infer_img_s": {}, "errors": {}}
     for key, fn in [
-        ("train biformer_small triton", lambda: _train_throughput("biformer_small", "triton", batch, dev, steps)),
-        ("train biformer_small gather", lambda: _train_throughput("biformer_small", "torch", batch, dev, steps)),
-        ("infer biformer_small triton", lambda: _infer_throughput("biformer_small", "triton", batch, dev, steps)),
-        ("infer swin_tiny_patch4_window7_224", lambda: _infer_throughput("swin_tiny_patch4_window7_224", "torch",
-                                                                          batch, dev, steps)),
+        (
+            "train biformer_small triton",
+            lambda: _train_throughput("biformer_small", "triton", batch, dev, steps),
+        ),
+        (
+            "train biformer_small gather",
+            lambda: _train_throughput("biformer_small", "torch", batch, dev, steps),
+        ),
+        (
+            "infer biformer_small triton",
+            lambda: _infer_throughput("biformer_small", "triton", batch, dev, steps),
+        ),
+        (
+            "infer swin_tiny_patch4_window7_224",
+            lambda: _infer_throughput("swin_tiny_patch4_window7_224", "torch", batch, dev, steps),
+        ),
     ]:
         try:
             (res["train_img_s"] if key.startswith("train") else res["infer_img_s"])[key[6:]] = fn()
@@ -201,25 +218,45 @@ def bench_models(dev, batch, steps) -> dict:
 
 
 def markdown(env, stages, mem, models) -> str:
-    lines = [f"# Bi-level routing attention benchmarks ({env.get('device_name')})", "",
-             f"torch {env.get('torch')}, triton {env.get('triton')}; bf16; times are do_bench medians (ms).", "",
-             "## BiFormer-S stages at 224 (routed attention only; routing precomputed)", "",
-             "| case | mode | triton | gather | flex | cuDNN dense | vs gather | vs flex | vs dense | ideal vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Bi-level routing attention benchmarks ({env.get('device_name')})",
+        "",
+        f"torch {env.get('torch')}, triton {env.get('triton')}; bf16; times are do_bench medians (ms).",
+        "",
+        "## BiFormer-S stages at 224 (routed attention only; routing precomputed)",
+        "",
+        "| case | mode | triton | gather | flex | cuDNN dense | vs gather | vs flex | vs dense | ideal vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in stages:
         for mode, key, sp in (("fwd", "fwd_ms", "speedup_fwd"), ("fwd+bwd", "fwdbwd_ms", "speedup_fwdbwd")):
             ms = r[key]
             cell = lambda b: f"{ms[b]:.3f}" if b in ms else "-"  # noqa: E731
             ratio = lambda b: f"{r[sp][b]:.2f}x" if b in r[sp] else "-"  # noqa: E731
-            lines.append(f"| {r['case']} | {mode} | {cell('triton')} | {cell('gather')} | {cell('flex')} | "
-                         f"{cell('cudnn_dense')} | {ratio('gather')} | {ratio('flex')} | {ratio('cudnn_dense')} | "
-                         f"{r['ideal_vs_dense']:.2f}x |")
+            lines.append(
+                f"| {r['case']} | {mode} | {cell('triton')} | {cell('gather')} | {cell('flex')} | "
+                f"{cell('cudnn_dense')} | {ratio('gather')} | {ratio('flex')} | {ratio('cudnn_dense')} | "
+                f"{r['ideal_vs_dense']:.2f}x |"
+            )
         if r["errors"]:
             lines.append(f"| {r['case']} | errors | {r['errors']} |||||||")
-    lines += ["", "## Large map memory (fwd+bwd peak MiB beyond inputs)", "", "```", json.dumps(mem, indent=1), "```"]
+    lines += [
+        "",
+        "## Large map memory (fwd+bwd peak MiB beyond inputs)",
+        "",
+        "```",
+        json.dumps(mem, indent=1),
+        "```",
+    ]
     if models:
-        lines += ["", "## End to end (batch %d, 224, bf16 autocast)" % models["batch"], "", "```",
-                  json.dumps(models, indent=1), "```"]
+        lines += [
+            "",
+            "## End to end (batch %d, 224, bf16 autocast)" % models["batch"],
+            "",
+            "```",
+            json.dumps(models, indent=1),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -236,12 +273,15 @@ def main() -> None:
     t0 = time.time()
     stages = bench_stages(dev, 16 if args.quick else 64, 50 if args.quick else 100)
     mem = bench_memory(dev)
-    models = None if args.skip_models else bench_models(dev, 32 if args.quick else 128, 3 if args.quick else 10)
+    models = (
+        None if args.skip_models else bench_models(dev, 32 if args.quick else 128, 3 if args.quick else 10)
+    )
     env["wall_s"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bilevel_routing.json").write_text(json.dumps(dict(env=env, stages=stages, memory=mem, models=models),
-                                                         indent=1))
+    (out / "bilevel_routing.json").write_text(
+        json.dumps(dict(env=env, stages=stages, memory=mem, models=models), indent=1)
+    )
     (out / "bilevel_routing.md").write_text(markdown(env, stages, mem, models))
     print(markdown(env, stages, mem, models))
 

@@ -16,10 +16,16 @@ from visattn.backbones.biformer import BiFormer, checkpoint_filter_fn, to_upstre
 TINY = dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 96, 128), head_dim=32, n_win=2, topks=(1, 2, 3, -1))
 
 
-@pytest.mark.parametrize("name, millions", [
-    ("biformer_tiny", 13.1), ("biformer_small", 25.5), ("biformer_base", 56.8), ("biformer_stl", 28.4),
-    ("biformer_stl_nchw", 28.4),
-])
+@pytest.mark.parametrize(
+    "name, millions",
+    [
+        ("biformer_tiny", 13.1),
+        ("biformer_small", 25.5),
+        ("biformer_base", 56.8),
+        ("biformer_stl", 28.4),
+        ("biformer_stl_nchw", 28.4),
+    ],
+)
 def test_parameter_counts(name, millions):
     model = timm.create_model(name, device="meta")
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
@@ -34,8 +40,20 @@ def test_registered_names_and_cfgs():
 
 def _tiny(arch: str, lepe_source: str = "x", **kw) -> BiFormer:
     torch.manual_seed(0)
-    model = BiFormer(**dict(TINY, arch=arch, lepe_source=lepe_source, mlp_ratio=3.0 if arch == "biformer" else 4.0,
-                            num_classes=10, **kw)).double().eval()
+    model = (
+        BiFormer(
+            **dict(
+                TINY,
+                arch=arch,
+                lepe_source=lepe_source,
+                mlp_ratio=3.0 if arch == "biformer" else 4.0,
+                num_classes=10,
+                **kw,
+            )
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():  # random BN statistics too, so a misplaced tensor cannot hide
         for name, b in model.named_buffers():
             if name.endswith("running_var"):
@@ -93,7 +111,11 @@ def _nchw_names(sd: dict) -> dict:
 def test_legacy_checkpoint_loads_exactly(arch, container):
     src = _tiny(arch)
     up = _legacy_names(src.state_dict(), arch)
-    assert "stages.0.blocks.0.attn.qkv.qkv.weight" in up if arch == "stl" else "stages.0.0.attn.qkv.qkv.weight" in up
+    assert (
+        "stages.0.blocks.0.attn.qkv.qkv.weight" in up
+        if arch == "stl"
+        else "stages.0.0.attn.qkv.qkv.weight" in up
+    )
     assert not any(".fc1." in k or ".proj." in k and ".attn.wo" not in k and "stages.3" not in k for k in up)
     dst = _tiny(arch)
     with torch.no_grad():
@@ -117,11 +139,16 @@ def test_nchw_checkpoint_is_numerically_the_1x1_conv_model():
     # the upstream nchw MLP: conv1x1 -> GELU -> conv1x1 on an NCHW map
     x = torch.randn(2, 64, 5, 6, dtype=torch.float64)
     pre = "stages.1.blocks.0.mlp"
-    ref = F.conv2d(F.gelu(F.conv2d(x, up[f"{pre}.0.weight"], up[f"{pre}.0.bias"])), up[f"{pre}.2.weight"],
-                   up[f"{pre}.2.bias"])
+    ref = F.conv2d(
+        F.gelu(F.conv2d(x, up[f"{pre}.0.weight"], up[f"{pre}.0.bias"])),
+        up[f"{pre}.2.weight"],
+        up[f"{pre}.2.bias"],
+    )
     torch.testing.assert_close(blk.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), ref)
     # the upstream qkv_linear: q, k, v = conv1x1(x).chunk(3, dim=1)
-    qkv = F.conv2d(x, up["stages.1.blocks.0.attn.qkv_linear.weight"], up["stages.1.blocks.0.attn.qkv_linear.bias"])
+    qkv = F.conv2d(
+        x, up["stages.1.blocks.0.attn.qkv_linear.weight"], up["stages.1.blocks.0.attn.qkv_linear.bias"]
+    )
     torch.testing.assert_close(blk.attn.qkv(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), qkv)
 
 
@@ -150,13 +177,16 @@ def test_detection_prefix_is_stripped():
     dst.load_state_dict(checkpoint_filter_fn(up, dst), strict=True)
 
 
-@pytest.mark.parametrize("kw, size", [
-    ({}, (97, 131)),
-    ({"bra_padding": "legacy"}, (97, 131)),
-    ({"region_sizes": (4, 2, 1)}, (80, 112)),
-    ({"n_win": (3, 2, 2, 1)}, (64, 96)),
-    ({}, (16, 16)),  # stage 3 is 1x1: topk 3 is clamped to its one region
-])
+@pytest.mark.parametrize(
+    "kw, size",
+    [
+        ({}, (97, 131)),
+        ({"bra_padding": "legacy"}, (97, 131)),
+        ({"region_sizes": (4, 2, 1)}, (80, 112)),
+        ({"n_win": (3, 2, 2, 1)}, (64, 96)),
+        ({}, (16, 16)),  # stage 3 is 1x1: topk 3 is clamped to its one region
+    ],
+)
 def test_any_input_size(kw, size):
     model = _tiny("biformer", **kw).float()
     x = torch.randn(1, 3, *size)
@@ -169,13 +199,23 @@ def test_any_input_size(kw, size):
 
 def test_topk_clamp_can_be_disabled():
     model = _tiny("biformer", clamp_topk=False).float()
-    with visattn.use_backend("torch"), pytest.raises(ValueError, match="topk=3 must be <= the number of regions P=1"):
+    with (
+        visattn.use_backend("torch"),
+        pytest.raises(ValueError, match="topk=3 must be <= the number of regions P=1"),
+    ):
         model(torch.randn(1, 3, 16, 16))
 
 
 def test_create_model_kwargs():
-    m = timm.create_model("biformer_tiny", bra_padding="legacy", n_win=8, drop_path_rate=0.1, num_classes=3,
-                          in_chans=1, device="meta")
+    m = timm.create_model(
+        "biformer_tiny",
+        bra_padding="legacy",
+        n_win=8,
+        drop_path_rate=0.1,
+        num_classes=3,
+        in_chans=1,
+        device="meta",
+    )
     assert m.stages[0].blocks[0].attn.padding == "legacy" and m.stages[0].blocks[0].attn.n_win == 8
     with pytest.raises(TypeError):
         timm.create_model("biformer_tiny", not_a_kwarg=1, device="meta")

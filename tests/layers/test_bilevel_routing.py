@@ -14,8 +14,9 @@ from visattn.ops import _dispatch
 
 from ..ops._routing_utils import assert_close, oracle_attention
 
-needs_interpreter = pytest.mark.skipif(bool(_dispatch.triton_reasons(torch.device("cpu"))),
-                                       reason="Triton cannot run on CPU tensors here")
+needs_interpreter = pytest.mark.skipif(
+    bool(_dispatch.triton_reasons(torch.device("cpu"))), reason="Triton cannot run on CPU tensors here"
+)
 
 
 def upstream_bra(layer: BilevelRoutingAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -32,13 +33,17 @@ def upstream_bra(layer: BilevelRoutingAttention, x: torch.Tensor, mode: str) -> 
     RH, RW = math.ceil(H / rH), math.ceil(W / rW)
 
     def means(t):
-        return F.avg_pool2d(t.permute(0, 3, 1, 2), (rH, rW), ceil_mode=True, count_include_pad=False).flatten(2)
+        return F.avg_pool2d(t.permute(0, 3, 1, 2), (rH, rW), ceil_mode=True, count_include_pad=False).flatten(
+            2
+        )
 
     qm, km = means(q.detach()).transpose(1, 2), means(k.detach()).transpose(1, 2)  # [B, P, qk]
     logits = (qm * layer.scale) @ km.transpose(1, 2)
     topk = min(layer.topk, RH * RW)
-    index = [[sorted(sorted(range(RH * RW), key=lambda j: (-float(row[j]), j))[:topk]) for row in lb]
-             for lb in logits]
+    index = [
+        [sorted(sorted(range(RH * RW), key=lambda j: (-float(row[j]), j))[:topk]) for row in lb]
+        for lb in logits
+    ]
     heads = lambda t: t.unflatten(-1, (m, -1))  # noqa: E731
     if mode == "legacy_nchw":  # zero-padded q, k, v after the projection; padded keys are zero vectors
         pad = (0, 0, 0, RW * rW - W, 0, RH * rH - H)
@@ -109,15 +114,18 @@ def test_qkv_param_attention_and_no_lepe():
     assert layer(torch.randn(1, 4, 4, 16, dtype=torch.float64)).shape == (1, 4, 4, 16)
 
 
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(lepe_kernel=4), ValueError, "odd lepe_kernel"),
-    (dict(padding="reflect"), ValueError, "padding"),
-    (dict(diff_routing=True), ValueError, "diff_routing"),
-    (dict(kv_downsample_mode="ada_avgpool"), ValueError, "kv_downsample_mode"),
-    (dict(qk_dim=15), ValueError, "divisible by num_heads"),
-    (dict(n_win=None), ValueError, "exactly one of n_win and region_size"),
-    (dict(topk="4"), TypeError, "topk"),
-])
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(lepe_kernel=4), ValueError, "odd lepe_kernel"),
+        (dict(padding="reflect"), ValueError, "padding"),
+        (dict(diff_routing=True), ValueError, "diff_routing"),
+        (dict(kv_downsample_mode="ada_avgpool"), ValueError, "kv_downsample_mode"),
+        (dict(qk_dim=15), ValueError, "divisible by num_heads"),
+        (dict(n_win=None), ValueError, "exactly one of n_win and region_size"),
+        (dict(topk="4"), TypeError, "topk"),
+    ],
+)
 def test_layer_bad_arguments(kw, err, match):
     with pytest.raises(err, match=match):
         BilevelRoutingAttention(16, 2, **kw)

@@ -12,19 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from visattn.ops import (
+    _dispatch,
     bilevel_routing_attention,
     bilevel_routing_attention_ref,
     region_routing,
     routed_attention,
     routed_attention_ref,
 )
-from visattn.ops import _dispatch
 
 from ._routing_utils import assert_close, oracle_attention, oracle_routing
 
 CPU = torch.device("cpu")
-needs_interpreter = pytest.mark.skipif(bool(_dispatch.triton_reasons(CPU)),
-                                       reason="Triton cannot run on CPU tensors here")
+needs_interpreter = pytest.mark.skipif(
+    bool(_dispatch.triton_reasons(CPU)), reason="Triton cannot run on CPU tensors here"
+)
 
 
 def maps(B, H, W, heads, d, dv=None, dtype=torch.float64, grad=False):
@@ -39,9 +40,16 @@ def maps(B, H, W, heads, d, dv=None, dtype=torch.float64, grad=False):
 # routing
 
 
-@pytest.mark.parametrize("H, W, n, topk, padding", [
-    (8, 8, 4, 3, "mask"), (15, 13, 7, 4, "mask"), (5, 9, 7, 2, "mask"), (15, 13, 7, 5, "zeros"), (6, 6, 3, 1, "mask"),
-])
+@pytest.mark.parametrize(
+    "H, W, n, topk, padding",
+    [
+        (8, 8, 4, 3, "mask"),
+        (15, 13, 7, 4, "mask"),
+        (5, 9, 7, 2, "mask"),
+        (15, 13, 7, 5, "zeros"),
+        (6, 6, 3, 1, "mask"),
+    ],
+)
 def test_routing_matches_oracle(H, W, n, topk, padding):
     q, k, _ = maps(2, H, W, 2, 8)
     r = region_routing(q, k, n, topk=topk, padding=padding)
@@ -108,26 +116,38 @@ def test_descriptors_stay_fp32_under_fp16():
 # references
 
 
-@pytest.mark.parametrize("H, W, n, topk, padding, heads", [
-    (6, 6, 3, 2, "mask", 2), (7, 5, 3, 3, "mask", 1), (7, 5, 3, 4, "zeros", 2), (5, 9, 7, 3, "mask", 1),
-])
+@pytest.mark.parametrize(
+    "H, W, n, topk, padding, heads",
+    [
+        (6, 6, 3, 2, "mask", 2),
+        (7, 5, 3, 3, "mask", 1),
+        (7, 5, 3, 4, "zeros", 2),
+        (5, 9, 7, 3, "mask", 1),
+    ],
+)
 def test_references_match_oracle(H, W, n, topk, padding, heads):
     q, k, v = maps(1, H, W, heads, 8, 6)
     r = region_routing(q, k, n, topk=topk, padding=padding)
     exp_o, exp_l = oracle_attention(q, k, v, r.index.tolist(), r.region_size, r.grid, 8**-0.5, padding)
     for impl in ("mask", "gather"):
-        o, lse = routed_attention_ref(q, k, v, r.index, r.region_size, padding=padding, return_lse=True, impl=impl)
+        o, lse = routed_attention_ref(
+            q, k, v, r.index, r.region_size, padding=padding, return_lse=True, impl=impl
+        )
         torch.testing.assert_close(o, exp_o, rtol=0, atol=1e-12)
         torch.testing.assert_close(lse, exp_l, rtol=0, atol=1e-12)
 
 
 def test_reference_per_head_index_matches_oracle():
     q, k, v = maps(1, 6, 6, 2, 8)
-    idx = torch.stack([torch.tensor([[0, 1], [1, 2], [0, 3], [2, 3]]), torch.tensor([[3, 2], [2, 0], [1, 3], [0, 1]])])
+    idx = torch.stack(
+        [torch.tensor([[0, 1], [1, 2], [0, 3], [2, 3]]), torch.tensor([[3, 2], [2, 0], [1, 3], [0, 1]])]
+    )
     idx = idx.sort(-1).values[None].int()  # [1, heads, P, 2]
     exp_o, _ = oracle_attention(q, k, v, idx.tolist(), (3, 3), (2, 2), 8**-0.5, "mask")
     for impl in ("mask", "gather"):
-        torch.testing.assert_close(routed_attention_ref(q, k, v, idx, 3, impl=impl), exp_o, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            routed_attention_ref(q, k, v, idx, 3, impl=impl), exp_o, rtol=0, atol=1e-12
+        )
 
 
 def test_soft_routing_gather_and_mask_agree():
@@ -155,12 +175,16 @@ def test_topk_P_and_n_win_1_equal_dense_attention(H, W, n):
 
 def _check_triton(q, k, v, idx, region, *, padding="mask", opts=None, dtype=torch.float32, lse_grad=True):
     q, k, v = (t.to(dtype).detach().requires_grad_() for t in (q, k, v))
-    out, lse = routed_attention(q, k, v, idx, region, padding=padding, return_lse=True, backend="triton",
-                                backend_options=opts)
+    out, lse = routed_attention(
+        q, k, v, idx, region, padding=padding, return_lse=True, backend="triton", backend_options=opts
+    )
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ro, rl = routed_attention_ref(qd, kd, vd, idx, region, padding=padding, return_lse=True)
-    lo = routed_attention_ref(q.detach(), k.detach(), v.detach(), idx, region, padding=padding, upcast=False) \
-        if dtype != torch.float32 else None
+    lo = (
+        routed_attention_ref(q.detach(), k.detach(), v.detach(), idx, region, padding=padding, upcast=False)
+        if dtype != torch.float32
+        else None
+    )
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out, ro, dtype, lo, "out")
     assert_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, None, "lse")
@@ -184,7 +208,13 @@ KERNEL_CASES = [
     ("r2x2-dv", (2, 8, 8, 2, 16, 8), dict(region_size=2, topk=3), "mask", None),
     ("r3x5", (1, 9, 10, 2, 16, 16), dict(region_size=(3, 5), topk=2), "mask", None),
     ("r4x4-G1", (1, 12, 12, 1, 32, 32), dict(n_win=3, topk=4), "mask", {"group": (1, 1)}),
-    ("r8x4-chunks-b16", (1, 8, 8, 1, 16, 16), dict(region_size=(8, 4), topk=2), "mask", {"block_m": 16, "block_n": 16}),
+    (
+        "r8x4-chunks-b16",
+        (1, 8, 8, 1, 16, 16),
+        dict(region_size=(8, 4), topk=2),
+        "mask",
+        {"block_m": 16, "block_n": 16},
+    ),
     ("r6x7-subboxes", (1, 8, 9, 1, 16, 16), dict(region_size=(6, 7), topk=2), "mask", None),
     ("15x13-n7", (1, 15, 13, 1, 16, 16), dict(n_win=7, topk=4), "mask", None),
     ("15x13-n7-zeros", (1, 15, 13, 1, 16, 16), dict(n_win=7, topk=4), "zeros", None),
@@ -228,7 +258,9 @@ def test_triton_per_head_index_and_strided_views():
     B, H, W, heads, d = 1, 6, 6, 2, 16
     qkv = torch.randn(B, H, W, 3 * heads * d)
     q, k, v = (t.view(B, H, W, heads, d) for t in qkv.split(heads * d, -1))  # strided views, no copies
-    idx = torch.stack([torch.tensor([[0, 1], [1, 2], [0, 3], [2, 3]]), torch.tensor([[2, 3], [0, 2], [1, 3], [0, 1]])])
+    idx = torch.stack(
+        [torch.tensor([[0, 1], [1, 2], [0, 3], [2, 3]]), torch.tensor([[2, 3], [0, 2], [1, 3], [0, 1]])]
+    )
     _check_triton(q, k, v, idx[None].int(), 3)
 
 
@@ -248,17 +280,24 @@ def test_triton_1d_strip():
 def test_triton_backward_is_bitwise_repeatable():
     q, k, v = maps(1, 9, 9, 1, 16, dtype=torch.float32, grad=True)
     idx, region = _routed(q, k, region_size=3, topk=4)
-    g1 = torch.autograd.grad(routed_attention(q, k, v, idx, region, backend="triton").square().sum(), (q, k, v))
-    g2 = torch.autograd.grad(routed_attention(q, k, v, idx, region, backend="triton").square().sum(), (q, k, v))
+    g1 = torch.autograd.grad(
+        routed_attention(q, k, v, idx, region, backend="triton").square().sum(), (q, k, v)
+    )
+    g2 = torch.autograd.grad(
+        routed_attention(q, k, v, idx, region, backend="triton").square().sum(), (q, k, v)
+    )
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 @needs_interpreter
 def test_bilevel_op_triton_matches_reference_end_to_end():
     q, k, v = maps(2, 7, 7, 2, 16, dtype=torch.float32)
-    out, lse, r = bilevel_routing_attention(q, k, v, 3, topk=3, scale=0.3, return_lse=True, return_routing=True,
-                                            backend="triton")
-    ro, rl, rr = bilevel_routing_attention_ref(q, k, v, 3, topk=3, scale=0.3, return_lse=True, return_routing=True)
+    out, lse, r = bilevel_routing_attention(
+        q, k, v, 3, topk=3, scale=0.3, return_lse=True, return_routing=True, backend="triton"
+    )
+    ro, rl, rr = bilevel_routing_attention_ref(
+        q, k, v, 3, topk=3, scale=0.3, return_lse=True, return_routing=True
+    )
     assert torch.equal(r.index, rr.index)
     assert_close(out, ro, torch.float32, None, "out")
 
@@ -298,18 +337,21 @@ def test_soft_routing_is_refused_by_triton_with_a_reason():
 # errors
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_win=3, topk=16), r"topk=16 must be <= the number of regions P=9 \(grid 3x3\)"),
-    (dict(n_win=3, topk=0), "topk=0 must be >= 1"),
-    (dict(topk=2), "exactly one of n_win and region_size"),
-    (dict(n_win=3, region_size=2, topk=2), "exactly one of n_win and region_size"),
-    (dict(n_win=(3, 0), topk=2), r"n_win >= 1 on every axis.*axis W"),
-    (dict(n_win=3, topk=2, padding="reflect"), "padding"),
-    (dict(n_win=3, topk=2, routing="fuzzy"), "routing"),
-    (dict(n_win=9, topk=2, padding="zeros"), "n_win on every axis, got size 6 < n_win 9 on axis H"),
-    (dict(n_win=3, topk=2, backend="nope"), "backend"),
-    (dict(n_win=3, topk=2, backend="torch", backend_options={"impl": "x"}), "impl"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_win=3, topk=16), r"topk=16 must be <= the number of regions P=9 \(grid 3x3\)"),
+        (dict(n_win=3, topk=0), "topk=0 must be >= 1"),
+        (dict(topk=2), "exactly one of n_win and region_size"),
+        (dict(n_win=3, region_size=2, topk=2), "exactly one of n_win and region_size"),
+        (dict(n_win=(3, 0), topk=2), r"n_win >= 1 on every axis.*axis W"),
+        (dict(n_win=3, topk=2, padding="reflect"), "padding"),
+        (dict(n_win=3, topk=2, routing="fuzzy"), "routing"),
+        (dict(n_win=9, topk=2, padding="zeros"), "n_win on every axis, got size 6 < n_win 9 on axis H"),
+        (dict(n_win=3, topk=2, backend="nope"), "backend"),
+        (dict(n_win=3, topk=2, backend="torch", backend_options={"impl": "x"}), "impl"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     q, k, v = maps(1, 6, 6, 2, 8)
     with pytest.raises((ValueError, NotImplementedError), match=match):
@@ -333,8 +375,9 @@ def test_bad_tensors():
     with pytest.raises(ValueError, match="int32/int64"):
         routed_attention(q, k, v, torch.zeros(1, 9, 2), 2)
     with pytest.raises(ValueError, match="region_weight"):
-        routed_attention(q, k, v, torch.zeros(1, 9, 2, dtype=torch.int32), 2, region_weight=torch.ones(1, 9, 3))
-
+        routed_attention(
+            q, k, v, torch.zeros(1, 9, 2, dtype=torch.int32), 2, region_weight=torch.ones(1, 9, 3)
+        )
 
 
 def test_debug_mode_checks_index_values(monkeypatch):
@@ -343,5 +386,6 @@ def test_debug_mode_checks_index_values(monkeypatch):
     with pytest.raises(ValueError, match=r"values in \[0, P=4\)"):
         routed_attention(q, k, v, torch.tensor([[[0], [1], [2], [4]]], dtype=torch.int32), 3, backend="torch")
     with pytest.raises(ValueError, match="duplicate-free"):
-        routed_attention(q, k, v, torch.tensor([[[0, 0], [1, 2], [2, 3], [0, 1]]], dtype=torch.int32), 3,
-                         backend="torch")
+        routed_attention(
+            q, k, v, torch.tensor([[[0, 0], [1, 2], [2, 3], [0, 1]]], dtype=torch.int32), 3, backend="torch"
+        )

@@ -22,8 +22,10 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 def _maps(B, H, W, heads, d, dv, dtype):
     g = torch.Generator(device=DEV).manual_seed(0)
-    return [torch.randn(B, H, W, heads, c, device=DEV, dtype=torch.float32, generator=g).to(dtype)
-            for c in (d, d, dv)]
+    return [
+        torch.randn(B, H, W, heads, c, device=DEV, dtype=torch.float32, generator=g).to(dtype)
+        for c in (d, d, dv)
+    ]
 
 
 def _check(q, k, v, idx, region, padding="mask", impl="mask"):
@@ -39,8 +41,11 @@ def _check(q, k, v, idx, region, padding="mask", impl="mask"):
     rgrads = torch.autograd.grad((ro * go.double()).sum() + rl.sum(), (qd, kd, vd))
     lgrads = torch.autograd.grad((lo * go).sum(), (ql, kl, vl))
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    for name, a, r, low, factor in [("out", out, ro, lo, 1.0), ("lse", lse, rl, None, 1.0),
-                                    *[(f"d{n}", g, rg, lg, 4.0) for n, g, rg, lg in zip("qkv", grads, rgrads, lgrads)]]:
+    for name, a, r, low, factor in [
+        ("out", out, ro, lo, 1.0),
+        ("lse", lse, rl, None, 1.0),
+        *[(f"d{n}", g, rg, lg, 4.0) for n, g, rg, lg in zip("qkv", grads, rgrads, lgrads)],
+    ]:
         tol = FLOORS[dtype] * factor
         if low is not None and name in ("out",):
             tol = max(tol, 2 * (low.double() - r).abs().max().item())
@@ -51,7 +56,9 @@ def _check(q, k, v, idx, region, padding="mask", impl="mask"):
 
 
 STAGES = [  # BiFormer-S at 224 (batch 4): map, C, heads, topk, n_win 7
-    ("s1", 56, 64, 2, 1), ("s2", 28, 128, 4, 4), ("s3", 14, 256, 8, 16),
+    ("s1", 56, 64, 2, 1),
+    ("s2", 28, 128, 4, 4),
+    ("s3", 14, 256, 8, 16),
 ]
 
 
@@ -65,14 +72,18 @@ def test_biformer_stage_shapes(stage, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [
-    dict(H=15, W=13, n=7, topk=4, padding="mask", d=32, dv=32),
-    dict(H=15, W=13, n=7, topk=4, padding="zeros", d=64, dv=32),
-    dict(H=5, W=9, n=7, topk=3, padding="mask", d=16, dv=16),
-    dict(H=60, W=50, n=7, topk=3, padding="mask", d=96, dv=128),
-    dict(H=172, W=144, n=2, topk=2, padding="mask", d=32, dv=32),  # 86x72 regions: KV sub-boxes
-    dict(H=1, W=999, n=(1, 37), topk=5, padding="mask", d=128, dv=64),
-], ids=lambda c: f"{c['H']}x{c['W']}-{c['padding']}-d{c['d']}")
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(H=15, W=13, n=7, topk=4, padding="mask", d=32, dv=32),
+        dict(H=15, W=13, n=7, topk=4, padding="zeros", d=64, dv=32),
+        dict(H=5, W=9, n=7, topk=3, padding="mask", d=16, dv=16),
+        dict(H=60, W=50, n=7, topk=3, padding="mask", d=96, dv=128),
+        dict(H=172, W=144, n=2, topk=2, padding="mask", d=32, dv=32),  # 86x72 regions: KV sub-boxes
+        dict(H=1, W=999, n=(1, 37), topk=5, padding="mask", d=128, dv=64),
+    ],
+    ids=lambda c: f"{c['H']}x{c['W']}-{c['padding']}-d{c['d']}",
+)
 def test_odd_maps_and_head_dims(case, dtype):
     q, k, v = _maps(2, case["H"], case["W"], 2, case["d"], case["dv"], dtype)
     r = region_routing(q, k, case["n"], topk=case["topk"], padding=case["padding"])
@@ -83,22 +94,32 @@ def test_odd_maps_and_head_dims(case, dtype):
 def test_grouping_never_changes_results(group):
     q, k, v = _maps(2, 28, 28, 4, 32, 32, torch.float16)
     r = region_routing(q, k, 7, topk=4)
-    base = routed_attention(q, k, v, r.index, r.region_size, backend="triton", backend_options={"group": (1, 1)})
-    out = routed_attention(q, k, v, r.index, r.region_size, backend="triton", backend_options={"group": group})
+    base = routed_attention(
+        q, k, v, r.index, r.region_size, backend="triton", backend_options={"group": (1, 1)}
+    )
+    out = routed_attention(
+        q, k, v, r.index, r.region_size, backend="triton", backend_options={"group": group}
+    )
     assert (out.float() - base.float()).abs().max().item() < 2e-3
 
 
 def test_per_head_index():
     q, k, v = _maps(2, 28, 28, 4, 32, 32, torch.bfloat16)
-    idx = torch.stack([region_routing(q[..., h:h + 1, :], k[..., h:h + 1, :], 7, topk=4).index for h in range(4)], 1)
+    idx = torch.stack(
+        [region_routing(q[..., h : h + 1, :], k[..., h : h + 1, :], 7, topk=4).index for h in range(4)], 1
+    )
     _check(q, k, v, idx, 4, impl="gather")
 
 
 def test_backward_is_bitwise_repeatable():
     q, k, v = (t.requires_grad_() for t in _maps(4, 14, 14, 8, 32, 32, torch.bfloat16))
     r = region_routing(q, k, 7, topk=16)
-    runs = [torch.autograd.grad(routed_attention(q, k, v, r.index, 2, backend="triton").float().square().sum(),
-                                (q, k, v)) for _ in range(3)]
+    runs = [
+        torch.autograd.grad(
+            routed_attention(q, k, v, r.index, 2, backend="triton").float().square().sum(), (q, k, v)
+        )
+        for _ in range(3)
+    ]
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
 
 
@@ -120,7 +141,9 @@ def test_large_map_memory():
 def test_torch_compile_fullgraph_across_resolutions():
     from visattn.ops import bilevel_routing_attention
 
-    fn = torch.compile(lambda q, k, v: bilevel_routing_attention(q, k, v, 7, topk=4, backend="triton"), fullgraph=True)
+    fn = torch.compile(
+        lambda q, k, v: bilevel_routing_attention(q, k, v, 7, topk=4, backend="triton"), fullgraph=True
+    )
     for L in (28, 35, 21):
         q, k, v = (t.requires_grad_() for t in _maps(2, L, L, 4, 32, 32, torch.float16))
         out = fn(q, k, v)

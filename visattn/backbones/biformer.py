@@ -36,17 +36,40 @@ register_notrace_module(BilevelRoutingAttention)
 class BiFormerBlock(nn.Module):
     """``x + pos_embed(x)`` (NCHW, optional), then channels-last ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, n_win, topk: int, *, mlp_ratio: float, pos_embed: bool,
-                 lepe_kernel: int, lepe_source: str, region_size, bra_padding: str, clamp_topk: bool,
-                 drop_path: float, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_win,
+        topk: int,
+        *,
+        mlp_ratio: float,
+        pos_embed: bool,
+        lepe_kernel: int,
+        lepe_source: str,
+        region_size,
+        bra_padding: str,
+        clamp_topk: bool,
+        drop_path: float,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd) if pos_embed else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
         if topk > 0:
             self.attn = BilevelRoutingAttention(
-                dim, num_heads, None if region_size is not None else n_win, topk, region_size=region_size,
-                lepe_kernel=lepe_kernel, padding=bra_padding, clamp_topk=clamp_topk, **dd)
+                dim,
+                num_heads,
+                None if region_size is not None else n_win,
+                topk,
+                region_size=region_size,
+                lepe_kernel=lepe_kernel,
+                padding=bra_padding,
+                clamp_topk=clamp_topk,
+                **dd,
+            )
         else:  # stage 4: full attention, 8 heads whatever the width (BiFormer's AttentionLePE default)
             self.attn = AttentionLePE(dim, 8, lepe_kernel=lepe_kernel, lepe_source=lepe_source, **dd)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
@@ -58,7 +81,9 @@ class BiFormerBlock(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(self.norm1(x), False))  # positional: TorchScript calls an ignored forward
+        x = x + self.drop_path(
+            self.attn(self.norm1(x), False)
+        )  # positional: TorchScript calls an ignored forward
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x.permute(0, 3, 1, 2)
 
@@ -66,8 +91,17 @@ class BiFormerBlock(nn.Module):
 class BiFormerStage(nn.Module):
     """Optional downsample (T/S/B: conv3x3/2 + BN; STL: BN + conv2x2/2), then blocks; NCHW in and out."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: str, block_kwargs: dict,
-                 drop_path: list[float], device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        downsample: str,
+        block_kwargs: dict,
+        drop_path: list[float],
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.grad_checkpointing = False
@@ -77,8 +111,9 @@ class BiFormerStage(nn.Module):
             self.downsample = nn.Sequential(nn.BatchNorm2d(in_dim, **dd), nn.Conv2d(in_dim, dim, 2, 2, **dd))
         else:
             self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[BiFormerBlock(dim, drop_path=drop_path[j], **block_kwargs, **dd)
-                                      for j in range(depth)])
+        self.blocks = nn.Sequential(
+            *[BiFormerBlock(dim, drop_path=drop_path[j], **block_kwargs, **dd) for j in range(depth)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -117,18 +152,38 @@ class BiFormer(nn.Module):
         device, dtype: factory kwargs.
     """
 
-    def __init__(self, in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
-                 depths: tuple[int, ...] = (4, 4, 18, 4), embed_dims: tuple[int, ...] = (64, 128, 256, 512),
-                 head_dim: int = 32, mlp_ratio: float = 3.0, n_win=7, topks: tuple[int, ...] = (1, 4, 16, -1),
-                 lepe_kernel: int = 5, arch: str = "biformer", lepe_source: str = "x", bra_padding: str = "mask",
-                 region_sizes=None, clamp_topk: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: tuple[int, ...] = (4, 4, 18, 4),
+        embed_dims: tuple[int, ...] = (64, 128, 256, 512),
+        head_dim: int = 32,
+        mlp_ratio: float = 3.0,
+        n_win=7,
+        topks: tuple[int, ...] = (1, 4, 16, -1),
+        lepe_kernel: int = 5,
+        arch: str = "biformer",
+        lepe_source: str = "x",
+        bra_padding: str = "mask",
+        region_sizes=None,
+        clamp_topk: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         for name, v in (("in_chans", in_chans), ("num_classes", num_classes), ("head_dim", head_dim)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"expected {name} to be an int, got {name}={v!r}")
-        for name, v in (("mlp_ratio", mlp_ratio), ("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        for name, v in (
+            ("mlp_ratio", mlp_ratio),
+            ("drop_rate", drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"expected {name} to be a float, got {name}={v!r}")
         if not isinstance(clamp_topk, bool):
@@ -139,12 +194,20 @@ class BiFormer(nn.Module):
         n = len(depths)
         embed_dims = _per_stage(embed_dims, n, "embed_dims")
         topks = _per_stage(topks, n, "topks")
-        n_wins = _per_stage(n_win, n, "n_win", (int, tuple, list)) if not (
-            isinstance(n_win, (tuple, list)) and len(n_win) == 2 and n != 2 and isinstance(n_win[0], int)) \
+        n_wins = (
+            _per_stage(n_win, n, "n_win", (int, tuple, list))
+            if not (
+                isinstance(n_win, (tuple, list)) and len(n_win) == 2 and n != 2 and isinstance(n_win[0], int)
+            )
             else (tuple(n_win),) * n
+        )
         if isinstance(region_sizes, (tuple, list)) and len(region_sizes) == n - 1:
-            region_sizes = tuple(region_sizes) + (None,)  # one per BRA stage; the last stage is full attention
-        rsz = (None,) * n if region_sizes is None else _per_stage(region_sizes, n, "region_sizes", (int, tuple))
+            region_sizes = tuple(region_sizes) + (
+                None,
+            )  # one per BRA stage; the last stage is full attention
+        rsz = (
+            (None,) * n if region_sizes is None else _per_stage(region_sizes, n, "region_sizes", (int, tuple))
+        )
         self.arch, self.lepe_source = arch, lepe_source
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -152,23 +215,41 @@ class BiFormer(nn.Module):
         c0 = embed_dims[0]
         if arch == "biformer":
             self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, c0 // 2, 3, 2, 1, **dd), nn.BatchNorm2d(c0 // 2, **dd), nn.GELU(),
-                nn.Conv2d(c0 // 2, c0, 3, 2, 1, **dd), nn.BatchNorm2d(c0, **dd))
+                nn.Conv2d(in_chans, c0 // 2, 3, 2, 1, **dd),
+                nn.BatchNorm2d(c0 // 2, **dd),
+                nn.GELU(),
+                nn.Conv2d(c0 // 2, c0, 3, 2, 1, **dd),
+                nn.BatchNorm2d(c0, **dd),
+            )
         else:
             self.stem = nn.Sequential(nn.Conv2d(in_chans, c0, 4, 4, **dd), nn.BatchNorm2d(c0, **dd))
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
         stages = []
         for i in range(n):
-            kw = dict(num_heads=embed_dims[i] // head_dim, n_win=n_wins[i], topk=topks[i], mlp_ratio=mlp_ratio,
-                      pos_embed=arch == "biformer", lepe_kernel=lepe_kernel, lepe_source=lepe_source,
-                      region_size=rsz[i], bra_padding=bra_padding, clamp_topk=clamp_topk)
+            kw = dict(
+                num_heads=embed_dims[i] // head_dim,
+                n_win=n_wins[i],
+                topk=topks[i],
+                mlp_ratio=mlp_ratio,
+                pos_embed=arch == "biformer",
+                lepe_kernel=lepe_kernel,
+                lepe_source=lepe_source,
+                region_size=rsz[i],
+                bra_padding=bra_padding,
+                clamp_topk=clamp_topk,
+            )
             down = "none" if i == 0 else ("conv" if arch == "biformer" else "patch")
-            stages.append(BiFormerStage(embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], down, kw, dpr[i], **dd))
+            stages.append(
+                BiFormerStage(embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], down, kw, dpr[i], **dd)
+            )
         self.stages = nn.Sequential(*stages)
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(n)]
+        self.feature_info = [
+            dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(n)
+        ]
         self.norm = nn.BatchNorm2d(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt="NCHW", **dd)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NCHW", **dd
+        )
         self.apply(_init_weights)
 
     @torch.jit.ignore
@@ -177,11 +258,16 @@ class BiFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^norm", (99999,)),
-        ])
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -196,9 +282,15 @@ class BiFormer(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """Stage outputs (NCHW) at ``indices``, and ``forward_features(x)`` unless ``intermediates_only``."""
         if output_fmt != "NCHW":
             raise ValueError(f"expected output_fmt='NCHW' (BiFormer stages are NCHW), got {output_fmt=}")
@@ -206,7 +298,7 @@ class BiFormer(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         feat_idx = 0
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
@@ -218,10 +310,11 @@ class BiFormer(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -319,8 +412,11 @@ def to_upstream_state_dict(model_or_state_dict, layout: str = "legacy", arch: st
         m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$", k2)
         if m:
             rest = m[3]
-            is_bra = rest.startswith("attn.") and f"stages.{m[1]}.blocks.{m[2]}.attn.lepe.weight" in sd and \
-                f"stages.{m[1]}.blocks.{m[2]}.attn.qkv.bias" in sd
+            is_bra = (
+                rest.startswith("attn.")
+                and f"stages.{m[1]}.blocks.{m[2]}.attn.lepe.weight" in sd
+                and f"stages.{m[1]}.blocks.{m[2]}.attn.qkv.bias" in sd
+            )
             if layout == "legacy":
                 rest = re.sub(r"^attn\.qkv\.", "attn.qkv.qkv.", rest) if is_bra else rest
                 rest = re.sub(r"^attn\.proj\.", "attn.wo.", rest) if is_bra else rest
@@ -338,7 +434,9 @@ def to_upstream_state_dict(model_or_state_dict, layout: str = "legacy", arch: st
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
     return build_model_with_cfg(
-        BiFormer, variant, pretrained,
+        BiFormer,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs,
@@ -347,20 +445,31 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiForm
 
 def _cfg(**kwargs) -> dict:
     return dict(
-        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.0", classifier="head.fc",
-        license="mit", paper_ids="arXiv:2303.08810", origin_url="https://github.com/rayleizhu/BiFormer",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.0",
+        classifier="head.fc",
+        license="mit",
+        paper_ids="arXiv:2303.08810",
+        origin_url="https://github.com/rayleizhu/BiFormer",
         **kwargs,
     )
 
 
-default_cfgs = generate_default_cfgs({
-    "biformer_tiny.in1k": _cfg(),
-    "biformer_small.in1k": _cfg(),
-    "biformer_base.in1k": _cfg(),
-    "biformer_stl.in1k": _cfg(),
-    "biformer_stl_nchw.in1k": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "biformer_tiny.in1k": _cfg(),
+        "biformer_small.in1k": _cfg(),
+        "biformer_base.in1k": _cfg(),
+        "biformer_stl.in1k": _cfg(),
+        "biformer_stl_nchw.in1k": _cfg(),
+    }
+)
 
 _TSB = dict(topks=(1, 4, 16, -1), mlp_ratio=3.0, head_dim=32, n_win=7, lepe_kernel=5)
 _STL = dict(_TSB, depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratio=4.0, arch="stl")

@@ -41,7 +41,9 @@ def _lepe(dim: int, kernel: int, dd: dict) -> nn.Module | None:
     if kernel == 0:
         return None
     if kernel % 2 == 0:
-        raise ValueError(f"expected an odd lepe_kernel (zero padding kernel // 2 keeps the size), got {kernel=}")
+        raise ValueError(
+            f"expected an odd lepe_kernel (zero padding kernel // 2 keeps the size), got {kernel=}"
+        )
     return nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim, **dd)
 
 
@@ -86,28 +88,51 @@ class BilevelRoutingAttention(nn.Module):
     n_win_hw: List[int]
     region_hw: List[int]
 
-    def __init__(self, dim: int, num_heads: int, n_win=7, topk: int = 4, *, qk_dim=None, qk_scale=None,
-                 qkv_bias: bool = True, lepe_kernel: int = 5, param_attention: str = "qkvo", region_size=None,
-                 padding: str = "mask", clamp_topk: bool = True, routing: str = "hard",
-                 diff_routing: bool = False, kv_downsample_mode: str = "identity", backend=None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_win=7,
+        topk: int = 4,
+        *,
+        qk_dim=None,
+        qk_scale=None,
+        qkv_bias: bool = True,
+        lepe_kernel: int = 5,
+        param_attention: str = "qkvo",
+        region_size=None,
+        padding: str = "mask",
+        clamp_topk: bool = True,
+        routing: str = "hard",
+        diff_routing: bool = False,
+        kv_downsample_mode: str = "identity",
+        backend=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         qk_dim = dim if qk_dim is None else qk_dim
         for name, val in (("dim", dim), ("num_heads", num_heads), ("qk_dim", qk_dim), ("topk", topk)):
             _check_int(name, val)
         if dim % num_heads or qk_dim % num_heads:
-            raise ValueError(f"expected dim and qk_dim divisible by num_heads, got {dim=}, {qk_dim=}, {num_heads=}")
+            raise ValueError(
+                f"expected dim and qk_dim divisible by num_heads, got {dim=}, {qk_dim=}, {num_heads=}"
+            )
         if padding not in _PADDINGS:
             raise ValueError(f"expected padding in {_PADDINGS}, got padding={padding!r}")
         if routing not in ("hard", "soft"):
             raise ValueError(f"expected routing in ('hard', 'soft'), got routing={routing!r}")
         if diff_routing:
-            raise ValueError("diff_routing=True is not supported: the routing index carries no gradient "
-                             f"(BiFormer raises for hard routing too), got {diff_routing=}, {routing=}")
+            raise ValueError(
+                "diff_routing=True is not supported: the routing index carries no gradient "
+                f"(BiFormer raises for hard routing too), got {diff_routing=}, {routing=}"
+            )
         if kv_downsample_mode != "identity":
-            raise ValueError(f"expected kv_downsample_mode='identity' (the only mode released models use), "
-                             f"got kv_downsample_mode={kv_downsample_mode!r}")
+            raise ValueError(
+                f"expected kv_downsample_mode='identity' (the only mode released models use), "
+                f"got kv_downsample_mode={kv_downsample_mode!r}"
+            )
         if param_attention not in ("qkvo", "qkv"):
             raise ValueError(f"expected param_attention in ('qkvo', 'qkv'), got {param_attention=}")
         if (n_win is None) == (region_size is None):
@@ -121,12 +146,18 @@ class BilevelRoutingAttention(nn.Module):
         self.n_win = n_win
         self.region_size = region_size
         # TorchScript-friendly copies: [] when unused
-        self.n_win_hw: List[int] = [] if n_win is None else list(n_win) if isinstance(n_win, (tuple, list)) \
-            else [n_win, n_win]
-        self.region_hw: List[int] = [] if region_size is None else list(region_size) \
-            if isinstance(region_size, (tuple, list)) else [region_size, region_size]
+        self.n_win_hw: List[int] = (
+            [] if n_win is None else list(n_win) if isinstance(n_win, (tuple, list)) else [n_win, n_win]
+        )
+        self.region_hw: List[int] = (
+            []
+            if region_size is None
+            else list(region_size)
+            if isinstance(region_size, (tuple, list))
+            else [region_size, region_size]
+        )
         self.topk = topk
-        self.scale = float(qk_scale) if qk_scale is not None else qk_dim ** -0.5
+        self.scale = float(qk_scale) if qk_scale is not None else qk_dim**-0.5
         self.padding = padding
         self.clamp_topk = bool(clamp_topk)
         self.routing = routing
@@ -139,15 +170,17 @@ class BilevelRoutingAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd) if param_attention == "qkvo" else nn.Identity()
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, n_win={self.n_win}, "
-                f"region_size={self.region_size}, topk={self.topk}, scale={self.scale:.4g}, padding={self.padding!r}, "
-                f"routing={self.routing!r}, backend={self.backend!r}")
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, n_win={self.n_win}, "
+            f"region_size={self.region_size}, topk={self.topk}, scale={self.scale:.4g}, padding={self.padding!r}, "
+            f"routing={self.routing!r}, backend={self.backend!r}"
+        )
 
     def forward(self, x: torch.Tensor, return_routing: bool = False) -> torch.Tensor:
         """``x: [B, H, W, C]`` -> ``[B, H, W, C]`` (and the :class:`~visattn.ops.RegionRouting` when
         ``return_routing``; not in TorchScript, where the routed attention runs as an ignored call)."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError("expected x of shape [B, H, W, {}], got x.shape={}".format(self.dim, list(x.shape)))
+            raise ValueError(f"expected x of shape [B, H, W, {self.dim}], got x.shape={list(x.shape)}")
         B, H, W = x.shape[0], x.shape[1], x.shape[2]
         pad_h, pad_w = 0, 0
         if self.padding == "legacy":  # BiFormer auto_pad: zeros appended to x before the projection
@@ -159,17 +192,39 @@ class BilevelRoutingAttention(nn.Module):
         qkv = self.qkv(x)
         d_qk = self.qk_dim // self.num_heads
         # strided views of the packed projection, [B, H, W, heads, d]
-        q = qkv[..., :self.qk_dim].unflatten(-1, [self.num_heads, d_qk])
-        k = qkv[..., self.qk_dim:2 * self.qk_dim].unflatten(-1, [self.num_heads, d_qk])
-        v_map = qkv[..., 2 * self.qk_dim:]
+        q = qkv[..., : self.qk_dim].unflatten(-1, [self.num_heads, d_qk])
+        k = qkv[..., self.qk_dim : 2 * self.qk_dim].unflatten(-1, [self.num_heads, d_qk])
+        v_map = qkv[..., 2 * self.qk_dim :]
         v = v_map.unflatten(-1, [self.num_heads, self.dim // self.num_heads])
         backend = self.backend_name if self.use_kernel else "torch"
         if torch.jit.is_scripting():
-            out = _bra_attend_scripted(q, k, v, self.n_win_hw, self.region_hw, self.topk, self.clamp_topk,
-                                       self.scale, self.padding, self.routing, backend)
+            out = _bra_attend_scripted(
+                q,
+                k,
+                v,
+                self.n_win_hw,
+                self.region_hw,
+                self.topk,
+                self.clamp_topk,
+                self.scale,
+                self.padding,
+                self.routing,
+                backend,
+            )
         else:
-            out, routing = _bra_attend(q, k, v, self.n_win_hw, self.region_hw, self.topk, self.clamp_topk,
-                                       self.scale, self.padding, self.routing, backend)
+            out, routing = _bra_attend(
+                q,
+                k,
+                v,
+                self.n_win_hw,
+                self.region_hw,
+                self.topk,
+                self.clamp_topk,
+                self.scale,
+                self.padding,
+                self.routing,
+                backend,
+            )
         out = out.reshape(B, Hp, Wp, self.dim)
         if self.lepe is not None:
             out = out + self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -182,23 +237,54 @@ class BilevelRoutingAttention(nn.Module):
         return y
 
 
-def _bra_attend(q, k, v, n_win: List[int], region: List[int], topk: int, clamp_topk: bool, scale: float,
-                padding: str, routing: str, backend: str):
+def _bra_attend(
+    q,
+    k,
+    v,
+    n_win: List[int],
+    region: List[int],
+    topk: int,
+    clamp_topk: bool,
+    scale: float,
+    padding: str,
+    routing: str,
+    backend: str,
+):
     """The layer's op call: ``n_win`` / ``region`` are ``[]`` when unused; returns ``(out, routing)``."""
     op_padding = "zeros" if padding == "legacy_nchw" else "mask"
     n_win_ = tuple(n_win) if n_win else None
     region_ = tuple(region) if region else None
     _, grid = region_grid(q.shape[1:3], n_win_, region_size=region_, padding=op_padding)
     topk = min(topk, grid[0] * grid[1]) if clamp_topk else topk
-    return bilevel_routing_attention(q, k, v, n_win_, topk=topk, region_size=region_, scale=scale,
-                                     padding=op_padding, routing=routing, return_routing=True,
-                                     backend=None if backend == "" else backend)
+    return bilevel_routing_attention(
+        q,
+        k,
+        v,
+        n_win_,
+        topk=topk,
+        region_size=region_,
+        scale=scale,
+        padding=op_padding,
+        routing=routing,
+        return_routing=True,
+        backend=None if backend == "" else backend,
+    )
 
 
 @torch.jit.ignore
-def _bra_attend_scripted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: List[int], region: List[int],
-                         topk: int, clamp_topk: bool, scale: float, padding: str, routing: str,
-                         backend: str) -> torch.Tensor:
+def _bra_attend_scripted(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_win: List[int],
+    region: List[int],
+    topk: int,
+    clamp_topk: bool,
+    scale: float,
+    padding: str,
+    routing: str,
+    backend: str,
+) -> torch.Tensor:
     # TorchScript calls this through Python (the op and its routing are Python-level)
     return _bra_attend(q, k, v, n_win, region, topk, clamp_topk, scale, padding, routing, backend)[0]
 
@@ -220,8 +306,19 @@ class AttentionLePE(nn.Module):
     num_heads: Final[int]
     lepe_on_v: Final[bool]
 
-    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, qk_scale=None, lepe_kernel: int = 5,
-                 lepe_source: str = "x", backend=None, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = False,
+        qk_scale=None,
+        lepe_kernel: int = 5,
+        lepe_source: str = "x",
+        backend=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         _check_int("dim", dim)
@@ -239,7 +336,9 @@ class AttentionLePE(nn.Module):
         self.lepe = _lepe(dim, lepe_kernel, dd)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}, lepe_on_v={self.lepe_on_v}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}, lepe_on_v={self.lepe_on_v}"
+        )
 
     def forward(self, x: torch.Tensor, return_routing: bool = False) -> torch.Tensor:
         """``x: [B, H, W, C]`` -> ``[B, H, W, C]``. ``return_routing`` must be False (full attention

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch
-from .bilevel_routing import _boxed, _ref_gather, _ref_mask
+from ._bilevel_routing_ref import _boxed, _ref_gather, _ref_mask
 from .bilevel_routing_plan import build_plan, choose_group
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,7 +28,9 @@ def _check_options(opts: dict) -> None:
             raise ValueError(f"expected backend_options[{key!r}] to be a power of two >= 16, got {val!r}")
     g = opts.get("group")
     if g is not None and (not isinstance(g, (tuple, list)) or len(g) != 2 or min(g) < 1 or g[0] * g[1] > 32):
-        raise ValueError(f"expected backend_options['group'] = (g_H, g_W) with 1 <= g_H * g_W <= 32, got {g!r}")
+        raise ValueError(
+            f"expected backend_options['group'] = (g_H, g_W) with 1 <= g_H * g_W <= 32, got {g!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,9 +38,20 @@ def _check_options(opts: dict) -> None:
 
 
 @torch.library.custom_op("visattn::bilevel_routing_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lst: torch.Tensor, sel: torch.Tensor,
-            cnt: torch.Tensor, ilst: torch.Tensor, isel: torch.Tensor, icnt: torch.Tensor, geo: list[int],
-            scale: float, zeros: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lst: torch.Tensor,
+    sel: torch.Tensor,
+    cnt: torch.Tensor,
+    ilst: torch.Tensor,
+    isel: torch.Tensor,
+    icnt: torch.Tensor,
+    geo: list[int],
+    scale: float,
+    zeros: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.bilevel_routing import bra_fwd
 
     return bra_fwd(q, k, v, lst, sel, cnt, tuple(geo), scale, zeros)
@@ -51,10 +64,24 @@ def _(q, k, v, lst, sel, cnt, ilst, isel, icnt, geo, scale, zeros):
 
 
 @torch.library.custom_op("visattn::bilevel_routing_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, dlse: torch.Tensor | None, lst: torch.Tensor, sel: torch.Tensor, cnt: torch.Tensor,
-            ilst: torch.Tensor, isel: torch.Tensor, icnt: torch.Tensor, geo: list[int], scale: float,
-            zeros: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    lst: torch.Tensor,
+    sel: torch.Tensor,
+    cnt: torch.Tensor,
+    ilst: torch.Tensor,
+    isel: torch.Tensor,
+    icnt: torch.Tensor,
+    geo: list[int],
+    scale: float,
+    zeros: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.bilevel_routing import bra_bwd
 
     return bra_bwd(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, tuple(geo), scale, zeros)
@@ -80,8 +107,9 @@ def _backward(ctx, dout, dlse):
         dout = dout.contiguous()  # the kernels need a dense head dim
     if dlse is not None:
         dlse = dlse.contiguous()
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, ctx.geo, ctx.scale,
-                         ctx.zeros)
+    dq, dk, dv = _bwd_op(
+        dout, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, ctx.geo, ctx.scale, ctx.zeros
+    )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -98,7 +126,9 @@ def _triton_can_run(q, k, v, idx, weight, region, grid, padding, opts) -> list[s
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU")
+        reasons.append(
+            "Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU"
+        )
     if max(q.shape[-1], v.shape[-1]) > _TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dims d_qk={q.shape[-1]}, d_v={v.shape[-1]} exceed {_TRITON_MAX_HEAD_DIM}")
     if weight is not None:
@@ -118,15 +148,28 @@ def triton_geometry(device, dtype, region, grid, opts) -> tuple[int, ...]:
     return (region[0], region[1], grid[0], grid[1], group[0], group[1], bm, bn)
 
 
-@_dispatch.register_backend("bilevel_routing", "triton", can_run=_triton_can_run,
-                            doc="fused Triton fwd + bwd, K/V read in place")
+@_dispatch.register_backend(
+    "bilevel_routing", "triton", can_run=_triton_can_run, doc="fused Triton fwd + bwd, K/V read in place"
+)
 def _run_triton(q, k, v, idx, weight, region, grid, scale, padding, opts):
     _check_options(opts)
     geo = triton_geometry(q.device, q.dtype, region, grid, opts)
     with torch.no_grad():
         plan = build_plan(idx, grid, (geo[4], geo[5]))
-    return _fwd_op(_dense_last(q), _dense_last(k), _dense_last(v), plan.lst, plan.sel, plan.cnt, plan.ilst,
-                   plan.isel, plan.icnt, list(geo), scale, padding == "zeros")
+    return _fwd_op(
+        _dense_last(q),
+        _dense_last(k),
+        _dense_last(v),
+        plan.lst,
+        plan.sel,
+        plan.cnt,
+        plan.ilst,
+        plan.isel,
+        plan.icnt,
+        list(geo),
+        scale,
+        padding == "zeros",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +183,13 @@ def _torch_can_run(q, k, v, idx, weight, region, grid, padding, opts) -> list[st
     return []
 
 
-@_dispatch.register_backend("bilevel_routing", "torch", can_run=_torch_can_run, auto_devices=("cpu",),
-                            doc="pure-PyTorch reference (mask or gather, whichever is cheaper)")
+@_dispatch.register_backend(
+    "bilevel_routing",
+    "torch",
+    can_run=_torch_can_run,
+    auto_devices=("cpu",),
+    doc="pure-PyTorch reference (mask or gather, whichever is cheaper)",
+)
 def _run_torch(q, k, v, idx, weight, region, grid, scale, padding, opts):
     _check_options(opts)
     # the dense mask costs N^2 per head, the gather N * topk * T: take the cheaper one
@@ -180,7 +228,15 @@ def flex_block_mask(idx: torch.Tensor, region, grid, valid: torch.Tensor, heads:
     """A FlexAttention ``BlockMask`` of the routing on the region-permuted token order (cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (idx.data_ptr(), idx._version, tuple(idx.shape), tuple(region), tuple(grid), valid.data_ptr(), heads)
+    key = (
+        idx.data_ptr(),
+        idx._version,
+        tuple(idx.shape),
+        tuple(region),
+        tuple(grid),
+        valid.data_ptr(),
+        heads,
+    )
     if _FLEX_CACHE.get("key") == key:
         return _FLEX_CACHE["mask"]
     B, Hh, P, _ = idx.shape
@@ -193,8 +249,9 @@ def flex_block_mask(idx: torch.Tensor, region, grid, valid: torch.Tensor, heads:
         return routed[b, hh, q_idx // T, kv_idx // T] & valid[kv_idx]
 
     n = P * T
-    bm = create_block_mask(mask_mod, B, heads if per_head else None, n, n, device=idx.device,
-                           _compile=idx.device.type == "cuda")
+    bm = create_block_mask(
+        mask_mod, B, heads if per_head else None, n, n, device=idx.device, _compile=idx.device.type == "cuda"
+    )
     _FLEX_CACHE.update(key=key, mask=bm)
     return bm
 
@@ -206,8 +263,13 @@ def _regions(x, region, grid):
     return x.permute(0, 5, 1, 3, 2, 4, 6).reshape(B, nh, grid[0] * grid[1] * region[0] * region[1], -1)
 
 
-@_dispatch.register_backend("bilevel_routing", "flex", can_run=_flex_can_run, auto=False,
-                            doc="FlexAttention with a BlockMask of the routing (comparison)")
+@_dispatch.register_backend(
+    "bilevel_routing",
+    "flex",
+    can_run=_flex_can_run,
+    auto=False,
+    doc="FlexAttention with a BlockMask of the routing (comparison)",
+)
 def _run_flex(q, k, v, idx, weight, region, grid, scale, padding, opts):
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention

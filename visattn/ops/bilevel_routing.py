@@ -20,8 +20,9 @@ from typing import NamedTuple
 import torch
 
 from . import _dispatch
+from ._bilevel_routing_ref import _ref_gather, _ref_mask
 from ._checks import describe_tensors, normalize_tuple
-from .bilevel_routing_plan import _cdiv, build_plan, choose_group
+from .bilevel_routing_plan import _cdiv
 
 __all__ = [
     "RegionRouting",
@@ -68,23 +69,35 @@ def _check_maps(q, k, v=None) -> int:
                 f"got {name}.shape={tuple(t.shape)}"
             )
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"expected {name}.dtype in (float16, bfloat16, float32, float64), got {name}.dtype={t.dtype}")
+            raise ValueError(
+                f"expected {name}.dtype in (float16, bfloat16, float32, float64), got {name}.dtype={t.dtype}"
+            )
     for name, t in names[1:]:
         if t.dim() != q.dim():
-            raise ValueError(f"expected {name} of the same rank as q, got q.shape={tuple(q.shape)}, "
-                             f"{name}.shape={tuple(t.shape)}")
+            raise ValueError(
+                f"expected {name} of the same rank as q, got q.shape={tuple(q.shape)}, "
+                f"{name}.shape={tuple(t.shape)}"
+            )
         if t.dtype != q.dtype:
-            raise ValueError(f"expected q, k and v to share one dtype, got q.dtype={q.dtype}, {name}.dtype={t.dtype}")
+            raise ValueError(
+                f"expected q, k and v to share one dtype, got q.dtype={q.dtype}, {name}.dtype={t.dtype}"
+            )
         if t.device != q.device:
-            raise ValueError(f"expected q, k and v on one device, got q.device={q.device}, {name}.device={t.device}")
+            raise ValueError(
+                f"expected q, k and v on one device, got q.device={q.device}, {name}.device={t.device}"
+            )
         axes = ["B"] + [f"spatial {i}" for i in range(q.dim() - 3)] + ["heads"]
         for ax, label in enumerate(axes):
             if t.shape[ax] != q.shape[ax]:
-                raise ValueError(f"expected q and {name} to match on axis {ax} ({label}), got "
-                                 f"q.shape[{ax}]={q.shape[ax]}, {name}.shape[{ax}]={t.shape[ax]}")
+                raise ValueError(
+                    f"expected q and {name} to match on axis {ax} ({label}), got "
+                    f"q.shape[{ax}]={q.shape[ax]}, {name}.shape[{ax}]={t.shape[ax]}"
+                )
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"expected q and k to share d_qk (last axis), got q.shape[-1]={q.shape[-1]}, "
-                         f"k.shape[-1]={k.shape[-1]}")
+        raise ValueError(
+            f"expected q and k to share d_qk (last axis), got q.shape[-1]={q.shape[-1]}, "
+            f"k.shape[-1]={k.shape[-1]}"
+        )
     if q.numel() == 0 or k.numel() == 0 or (v is not None and v.numel() == 0):
         raise ValueError(f"expected non-empty inputs, got q.shape={tuple(q.shape)}")
     return q.dim() - 3
@@ -125,8 +138,10 @@ def _geometry(size, rank, n_win, region_size, padding) -> tuple[tuple[int, int],
         if padding == "zeros":
             for ax, L, n in zip(("H", "W"), size, nw):
                 if L < n:
-                    raise ValueError(f"padding='zeros' (legacy_nchw) needs the map to be at least n_win "
-                                     f"on every axis, got size {L} < n_win {n} on axis {ax}")
+                    raise ValueError(
+                        f"padding='zeros' (legacy_nchw) needs the map to be at least n_win "
+                        f"on every axis, got size {L} < n_win {n} on axis {ax}"
+                    )
             region = tuple(L // n for L, n in zip(size, nw))
         else:
             region = tuple(_cdiv(L, n) for L, n in zip(size, nw))
@@ -152,7 +167,9 @@ def region_grid(size, n_win=None, *, region_size=None, padding: str = "mask"):
     if len(size) not in (1, 2):
         raise ValueError(f"expected a 1-D or 2-D map size, got size={size}")
     rank = len(size)
-    region, grid = _geometry((1,) + size if rank == 1 else size, rank, n_win, region_size, _check_padding(padding))
+    region, grid = _geometry(
+        (1,) + size if rank == 1 else size, rank, n_win, region_size, _check_padding(padding)
+    )
     return (region[1:], grid[1:]) if rank == 1 else (region, grid)
 
 
@@ -200,8 +217,17 @@ def _route(q2, k2, region, grid, topk, scale, routing, dtype) -> tuple[torch.Ten
     return index.to(torch.int32), weight
 
 
-def region_routing(q, k, n_win=None, *, region_size=None, topk: int, scale: float | None = None,
-                   padding: str = "mask", routing: str = "hard") -> RegionRouting:
+def region_routing(
+    q,
+    k,
+    n_win=None,
+    *,
+    region_size=None,
+    topk: int,
+    scale: float | None = None,
+    padding: str = "mask",
+    routing: str = "hard",
+) -> RegionRouting:
     """Top-k region routing (specs/routing.md §2.3) from the detached ``q``, ``k``.
 
     Args:
@@ -243,117 +269,55 @@ def region_routing(q, k, n_win=None, *, region_size=None, topk: int, scale: floa
 
 def _check_index(region_index, region_weight, B, heads, P, grid) -> torch.Tensor:
     if not isinstance(region_index, torch.Tensor) or region_index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"expected region_index to be an int32/int64 tensor, got "
-                         f"{getattr(region_index, 'dtype', type(region_index).__name__)}")
+        raise ValueError(
+            f"expected region_index to be an int32/int64 tensor, got "
+            f"{getattr(region_index, 'dtype', type(region_index).__name__)}"
+        )
     ok = region_index.dim() in (3, 4) and region_index.shape[0] == B and region_index.shape[-2] == P
     if ok and region_index.dim() == 4:
         ok = region_index.shape[1] == heads
     if not ok:
-        raise ValueError(f"expected region_index of shape [B={B}, P={P}, topk] or [B={B}, heads={heads}, P={P}, "
-                         f"topk] (grid {grid[0]}x{grid[1]}), got region_index.shape={tuple(region_index.shape)}")
+        raise ValueError(
+            f"expected region_index of shape [B={B}, P={P}, topk] or [B={B}, heads={heads}, P={P}, "
+            f"topk] (grid {grid[0]}x{grid[1]}), got region_index.shape={tuple(region_index.shape)}"
+        )
     _check_topk(region_index.shape[-1], grid)
-    if region_weight is not None and (not isinstance(region_weight, torch.Tensor)
-                                      or region_weight.shape != region_index.shape):
-        raise ValueError(f"expected region_weight of region_index's shape {tuple(region_index.shape)}, got "
-                         f"{getattr(region_weight, 'shape', region_weight)}")
+    if region_weight is not None and (
+        not isinstance(region_weight, torch.Tensor) or region_weight.shape != region_index.shape
+    ):
+        raise ValueError(
+            f"expected region_weight of region_index's shape {tuple(region_index.shape)}, got "
+            f"{getattr(region_weight, 'shape', region_weight)}"
+        )
     idx = region_index if region_index.dim() == 4 else region_index.unsqueeze(1)
     if os.environ.get("VISATTN_DEBUG", "0") == "1" and not torch.compiler.is_compiling():
         # values are checked only on request: it synchronises with the device
         bad = (idx < 0) | (idx >= P)
         if bool(bad.any()):
-            raise ValueError(f"expected region_index values in [0, P={P}) (grid {grid[0]}x{grid[1]}), got "
-                             f"min={int(idx.min())}, max={int(idx.max())}")
+            raise ValueError(
+                f"expected region_index values in [0, P={P}) (grid {grid[0]}x{grid[1]}), got "
+                f"min={int(idx.min())}, max={int(idx.max())}"
+            )
         srt = idx.sort(-1).values
         if bool((srt[..., 1:] == srt[..., :-1]).any()):
             raise ValueError("expected duplicate-free region_index rows (VISATTN_DEBUG=1 check)")
     return idx
 
 
-def _boxed(x: torch.Tensor, region, grid) -> torch.Tensor:
-    """Zero-pad a ``[B, H, W, h, d]`` map to whole region boxes."""
-    H, W = x.shape[1:3]
-    return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, grid[1] * region[1] - W, 0, grid[0] * region[0] - H))
-
-
-def _softmax_dtype(s: torch.Tensor) -> torch.Tensor:
-    # half-precision logits get fp32 softmax statistics (as under autocast); fp32/fp64 stay
-    return s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
-
-
-def _ref_mask(q, k, v, idx, weight, region, grid, scale, zeros, dtype, chunk=1024):
-    B, H, W, nh, _ = q.shape
-    Hp, Wp = grid[0] * region[0], grid[1] * region[1]
-    P = grid[0] * grid[1]
-    yy = torch.arange(Hp, device=q.device)[:, None]
-    xx = torch.arange(Wp, device=q.device)[None, :]
-    rid = ((yy // region[0]) * grid[1] + xx // region[1]).reshape(-1)
-    inside = ((yy < H) & (xx < W)).reshape(-1)
-    key_ok = torch.ones_like(inside) if zeros else inside
-    qb, kb, vb = (_boxed(t.to(dtype), region, grid).flatten(1, 2).transpose(1, 2) for t in (q, k, v))  # [B,h,N,d]
-    Hi = idx.shape[1]
-    routed = torch.zeros((B, Hi, P, P), dtype=torch.bool, device=q.device).scatter_(-1, idx.long(), True)
-    wmat = None
-    if weight is not None:
-        w = weight if weight.dim() == 4 else weight.unsqueeze(1)
-        wmat = torch.zeros((B, Hi, P, P), dtype=dtype, device=q.device).scatter(-1, idx.long(), w.to(dtype))
-    outs, lses = [], []
-    N = Hp * Wp
-    for r0 in range(0, N, chunk):
-        r1 = min(r0 + chunk, N)
-        m = routed[:, :, rid[r0:r1]][..., rid] & key_ok  # [B, Hi, rows, N]
-        s = qb[:, :, r0:r1] @ kb.transpose(-1, -2) * scale
-        if wmat is not None:
-            wt = wmat[:, :, rid[r0:r1]][..., rid]
-            s = s * wt
-        s = _softmax_dtype(s.masked_fill(~m, float("-inf")))
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None])
-        if wmat is not None:
-            p = p * wt
-        outs.append(p.to(dtype) @ vb)
-        lses.append(lse)
-    out = torch.cat(outs, 2).transpose(1, 2).reshape(B, Hp, Wp, nh, -1)[:, :H, :W]
-    lse = torch.cat(lses, 2).transpose(1, 2).reshape(B, Hp, Wp, nh)[:, :H, :W]
-    return out, lse
-
-
-def _ref_gather(q, k, v, idx, weight, region, grid, scale, zeros, dtype):
-    """BiFormer's formulation: copy the K/V of the routed regions for every query region."""
-    B, H, W, nh, _ = q.shape
-    P, T = grid[0] * grid[1], region[0] * region[1]
-
-    def regions(x):  # [B, H, W, h, d] -> [B, h, P, T, d]
-        x = _boxed(x.to(dtype), region, grid)
-        x = x.view(B, grid[0], region[0], grid[1], region[1], nh, -1)
-        return x.permute(0, 5, 1, 3, 2, 4, 6).reshape(B, nh, P, T, -1)
-
-    qr, kr, vr = regions(q), regions(k), regions(v)
-    yy = torch.arange(grid[0] * region[0], device=q.device)[:, None]
-    xx = torch.arange(grid[1] * region[1], device=q.device)[None, :]
-    inside = ((yy < H) & (xx < W)).view(grid[0], region[0], grid[1], region[1]).permute(0, 2, 1, 3).reshape(P, T)
-    ix = idx.long().expand(B, nh, P, idx.shape[-1])
-    bi = torch.arange(B, device=q.device)[:, None, None, None]
-    hi = torch.arange(nh, device=q.device)[None, :, None, None]
-    kg, vg = kr[bi, hi, ix], vr[bi, hi, ix]  # [B, h, P, topk, T, d]: the topk-fold copy
-    if weight is not None:
-        w = (weight if weight.dim() == 4 else weight.unsqueeze(1)).to(dtype).expand(B, nh, P, -1)
-        kg, vg = kg * w[..., None, None], vg * w[..., None, None]
-    s = torch.einsum("bhptd,bhpkld->bhptkl", qr, kg).flatten(-2) * scale  # [B, h, P, T, topk*T]
-    if not zeros:
-        s = s.masked_fill(~inside[ix].flatten(-2)[:, :, :, None, :], float("-inf"))
-    s = _softmax_dtype(s)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse[..., None]).to(dtype) @ vg.flatten(3, 4)  # [B, h, P, T, d_v]
-
-    def unregion(x):  # [B, h, P, T, c] -> [B, H, W, h, c]
-        x = x.view(B, nh, grid[0], grid[1], region[0], region[1], -1).permute(0, 2, 4, 3, 5, 1, 6)
-        return x.reshape(B, grid[0] * region[0], grid[1] * region[1], nh, -1)[:, :H, :W]
-
-    return unregion(out), unregion(lse[..., None])[..., 0]
-
-
-def routed_attention_ref(q, k, v, region_index, region_size, *, scale=None, padding="mask", region_weight=None,
-                         return_lse=False, impl="mask", upcast=True):
+def routed_attention_ref(
+    q,
+    k,
+    v,
+    region_index,
+    region_size,
+    *,
+    scale=None,
+    padding="mask",
+    region_weight=None,
+    return_lse=False,
+    impl="mask",
+    upcast=True,
+):
     """Pure-PyTorch reference of :func:`routed_attention` (differentiable through autograd).
 
     ``impl="mask"``: a dense ``[N, N]`` boolean mask per (batch, head), chunked over query rows;
@@ -380,16 +344,48 @@ def routed_attention_ref(q, k, v, region_index, region_size, *, scale=None, padd
     return (out, lse) if return_lse else out
 
 
-def bilevel_routing_attention_ref(q, k, v, n_win=None, *, topk, region_size=None, scale=None, padding="mask",
-                                  routing="hard", return_routing=False, return_lse=False, impl="mask",
-                                  upcast=True):
+def bilevel_routing_attention_ref(
+    q,
+    k,
+    v,
+    n_win=None,
+    *,
+    topk,
+    region_size=None,
+    scale=None,
+    padding="mask",
+    routing="hard",
+    return_routing=False,
+    return_lse=False,
+    impl="mask",
+    upcast=True,
+):
     """Reference of :func:`bilevel_routing_attention`: routing in float64 (with ``upcast``) + reference attention."""
     _check_maps(q, k, v)
     dt = torch.float64 if upcast else q.dtype
-    r = region_routing(q.detach().to(dt), k.detach().to(dt), n_win, region_size=region_size, topk=topk,
-                       scale=scale if scale is not None else q.shape[-1] ** -0.5, padding=padding, routing=routing)
-    res = routed_attention_ref(q, k, v, r.index, r.region_size, scale=scale, padding=padding,
-                               region_weight=r.weight, return_lse=True, impl=impl, upcast=upcast)
+    r = region_routing(
+        q.detach().to(dt),
+        k.detach().to(dt),
+        n_win,
+        region_size=region_size,
+        topk=topk,
+        scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        padding=padding,
+        routing=routing,
+    )
+    res = routed_attention_ref(
+        q,
+        k,
+        v,
+        r.index,
+        r.region_size,
+        scale=scale,
+        padding=padding,
+        region_weight=r.weight,
+        return_lse=True,
+        impl=impl,
+        upcast=upcast,
+    )
     return _pack(res[0], res[1], r, return_lse, return_routing)
 
 
@@ -398,9 +394,20 @@ def _pack(out, lse, routing, return_lse, return_routing):
     return res[0] if len(res) == 1 else res
 
 
-def routed_attention(q, k, v, region_index, region_size, *, scale: float | None = None, padding: str = "mask",
-                     region_weight: torch.Tensor | None = None, return_lse: bool = False,
-                     backend: str | None = "auto", backend_options: dict | None = None):
+def routed_attention(
+    q,
+    k,
+    v,
+    region_index,
+    region_size,
+    *,
+    scale: float | None = None,
+    padding: str = "mask",
+    region_weight: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = "auto",
+    backend_options: dict | None = None,
+):
     """Token attention over routed regions: query token t attends every token of the regions
     ``region_index[b, (h,) region(t), :]`` lists (specs/routing.md §2.4).
 
@@ -441,11 +448,25 @@ def routed_attention(q, k, v, region_index, region_size, *, scale: float | None 
     idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid)
     scale = check_scale(scale, q.shape[-1])
     opts = dict(backend_options or {})
-    summary = "" if torch.compiler.is_compiling() else (
-        describe_tensors(q=q, k=k, v=v) + f"; region_size={region}, grid={grid}, topk={idx.shape[-1]}")
+    summary = (
+        ""
+        if torch.compiler.is_compiling()
+        else (describe_tensors(q=q, k=k, v=v) + f"; region_size={region}, grid={grid}, topk={idx.shape[-1]}")
+    )
     chosen = _dispatch.select(
-        "bilevel_routing", backend, q.device, summary,
-        q2, k2, v2, idx, region_weight, region, grid, padding, opts,
+        "bilevel_routing",
+        backend,
+        q.device,
+        summary,
+        q2,
+        k2,
+        v2,
+        idx,
+        region_weight,
+        region,
+        grid,
+        padding,
+        opts,
     )
     out, lse = chosen.fn(q2, k2, v2, idx, region_weight, region, grid, scale, padding, opts)
     if rank == 1:
@@ -453,10 +474,22 @@ def routed_attention(q, k, v, region_index, region_size, *, scale: float | None 
     return (out, lse) if return_lse else out
 
 
-def bilevel_routing_attention(q, k, v, n_win=None, *, topk: int, region_size=None, scale: float | None = None,
-                              padding: str = "mask", routing: str = "hard", return_routing: bool = False,
-                              return_lse: bool = False, backend: str | None = "auto",
-                              backend_options: dict | None = None):
+def bilevel_routing_attention(
+    q,
+    k,
+    v,
+    n_win=None,
+    *,
+    topk: int,
+    region_size=None,
+    scale: float | None = None,
+    padding: str = "mask",
+    routing: str = "hard",
+    return_routing: bool = False,
+    return_lse: bool = False,
+    backend: str | None = "auto",
+    backend_options: dict | None = None,
+):
     """Bi-level routing attention: :func:`region_routing` then :func:`routed_attention`.
 
     Equivalent PyTorch: :func:`bilevel_routing_attention_ref`.
@@ -487,11 +520,29 @@ def bilevel_routing_attention(q, k, v, n_win=None, *, topk: int, region_size=Non
         NotImplementedError: the requested backend cannot run these inputs (with its reasons).
     """
     _check_maps(q, k, v)
-    r = region_routing(q, k, n_win, region_size=region_size, topk=topk,
-                       scale=scale if scale is not None else q.shape[-1] ** -0.5, padding=padding, routing=routing)
-    out, lse = routed_attention(q, k, v, r.index, r.region_size, scale=scale, padding=padding,
-                                region_weight=r.weight, return_lse=True, backend=backend,
-                                backend_options=backend_options)
+    r = region_routing(
+        q,
+        k,
+        n_win,
+        region_size=region_size,
+        topk=topk,
+        scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        padding=padding,
+        routing=routing,
+    )
+    out, lse = routed_attention(
+        q,
+        k,
+        v,
+        r.index,
+        r.region_size,
+        scale=scale,
+        padding=padding,
+        region_weight=r.weight,
+        return_lse=True,
+        backend=backend,
+        backend_options=backend_options,
+    )
     return _pack(out, lse, r, return_lse, return_routing)
 
 

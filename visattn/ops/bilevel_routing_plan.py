@@ -11,7 +11,6 @@ sorts), so CUDA graphs and ``torch.compile`` see fixed shapes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,9 @@ class RoutingPlan:
     group: tuple[int, int]
 
 
-def _slots(grid: tuple[int, int], group: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _slots(
+    grid: tuple[int, int], group: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group id and slot of every region (row-major region ids)."""
     R_H, R_W = grid
     g_H, g_W = group
