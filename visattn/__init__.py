@@ -16,6 +16,7 @@ from .ops import (
     neighborhood_attention_ref,
 )
 from .ops import AgentBias, agent_attention, agent_attention_ref
+from .ops import bilevel_routing_attention, bilevel_routing_attention_ref, region_routing, routed_attention
 from .ops._dispatch import list_backends, use_backend
 
 __version__ = "0.1.0.dev0"
@@ -33,4 +34,8 @@ __all__ = [
     "list_backends",
     "use_backend",
     "__version__",
+    "bilevel_routing_attention",
+    "bilevel_routing_attention_ref",
+    "region_routing",
+    "routed_attention",
 ]

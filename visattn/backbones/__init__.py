@@ -13,7 +13,9 @@ import importlib
 import timm
 
 # Family modules, in registration order. A family adds its module name here and nowhere else.
-FAMILY_MODULES: tuple[str, ...] = ("nat", "dinat_s", "agent_deit", "agent_pvt", "agent_swin", "agent_cswin")
+FAMILY_MODULES: tuple[str, ...] = (
+    "nat", "dinat_s", "biformer", "agent_deit", "agent_pvt", "agent_swin", "agent_cswin",
+)
 
 for _name in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_name}")

@@ -1,6 +1,7 @@
 """nn.Module layers that own projections and call visattn.ops (one file per method)."""
 
 from .agent import AgentAttention
+from .bilevel_routing import AttentionLePE, BilevelRoutingAttention
 from .neighborhood import (  # noqa: E402
     NeighborhoodAttention,
     NeighborhoodAttention1D,
@@ -10,6 +11,8 @@ from .neighborhood import (  # noqa: E402
 
 __all__ = [
     "AgentAttention",
+    "AttentionLePE",
+    "BilevelRoutingAttention",
     "NeighborhoodAttention",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",

@@ -6,6 +6,14 @@ Layouts are part of each op's contract and stated in its docstring.
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
 from .agent import AgentBias, agent_attention, agent_attention_ref
+from .bilevel_routing import (
+    RegionRouting,
+    bilevel_routing_attention,
+    bilevel_routing_attention_ref,
+    region_routing,
+    routed_attention,
+    routed_attention_ref,
+)
 from .neighborhood import (
     clamp_neighborhood,
     merge_attentions,
@@ -33,3 +41,5 @@ __all__ = [
     "agent_attention_ref",
     "AgentBias",
 ]
+__all__ += ["region_routing", "routed_attention", "routed_attention_ref", "bilevel_routing_attention",
+            "bilevel_routing_attention_ref", "RegionRouting"]

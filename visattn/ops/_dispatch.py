@@ -274,3 +274,4 @@ def _load_ops() -> None:
     from . import block_sparse  # noqa: F401
     from . import neighborhood  # noqa: F401
     from . import agent  # noqa: F401
+    from . import bilevel_routing  # noqa: F401

@@ -1,0 +1,365 @@
+"""Routed (bi-level routing) attention: Triton forward and backward without a K/V gather copy.
+
+BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023,
+https://arxiv.org/abs/2303.08810). A 2-D map ``[B, H, W, heads, d]`` is cut into an ``R_H x R_W`` grid
+of ``r_H x r_W`` regions; every query of region ``rho`` attends the tokens of the regions its routing
+row lists. The kernels address those regions *in place* through the map's strides: a key tile is a
+set of consecutive list entries (small regions, ``BLOCK_N // (r_H * r_W)`` per tile) or a chunk of one
+region (large regions), so neither a ``k``-fold gathered K/V nor a score matrix is ever allocated.
+
+Several small query regions (a ``g_H x g_W`` group) share one query tile. Their routing rows are
+merged into one ascending list per tile; each entry carries a bit mask saying which regions of the
+group routed to it, and the kernel masks the rows of the other regions (row-select bits).
+
+Backward: ``dQ`` walks the forward lists; ``dK``/``dV`` walk the inverse routing graph (for a group of
+key regions, the query regions that route to any of them, with symmetric select bits). There are no
+atomics, so gradients are bitwise repeatable.
+
+Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter on CPU; its ``tl.dot`` is wrong
+for bfloat16, so the op refuses bf16 CPU tensors). fp16, bf16, fp32 (fp32 dots in IEEE precision);
+head dims up to 256 (non-powers of two are padded with masked lanes), ``d_qk`` and ``d_v`` may
+differ. At most 32 regions per query group (the select bits are one int32). Region ids outside
+``[0, P)`` are clamped (results are then undefined, never out-of-bounds reads).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, LOG2E, head_dim_pad
+
+
+@triton.jit
+def _rows_of_group(tile, sub, n_gW, g_H, g_W, r_H, r_W, R_H, R_W, T, H, W, BLOCK: tl.constexpr):
+    """Map coordinates of the rows of (group ``tile``, sub-tile ``sub``): returns (slot, y, x, ok).
+
+    Row ``m`` is token ``m % T`` (row-major inside its region) of slot ``m // T`` of the group; the
+    group's regions are the ``g_H x g_W`` block at group coordinates ``(tile // n_gW, tile % n_gW)``.
+    """
+    m = sub * BLOCK + tl.arange(0, BLOCK)
+    slot = m // T
+    off = m % T
+    u = (tile // n_gW) * g_H + slot // g_W
+    w = (tile % n_gW) * g_W + slot % g_W
+    y = u * r_H + off // r_W
+    x = w * r_W + off % r_W
+    ok = (slot < g_H * g_W) & (u < R_H) & (w < R_W) & (y < H) & (x < W)
+    return tl.minimum(slot, 31), y, x, ok
+
+
+@triton.jit
+def _cols_of_entries(LIST, SEL, list_base, count, t, C, E, T, r_H, r_W, R_W, P, H, W,
+                     BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+    """Columns of iteration ``t`` of a list walk: entries ``(t // C) * E ...``, chunk ``t % C``.
+
+    Small regions (``T <= BLOCK``): ``E = BLOCK // T`` whole entries per tile, ``C = 1``.
+    Large regions: ``E = 1``, ``C = ceil(T / BLOCK)`` chunks per entry. Returns the map position of
+    every column, whether its list entry is real, whether it lies inside the map, and the entry's
+    select bits (0 when not ``GROUPED``).
+    """
+    local = (t % C) * BLOCK + tl.arange(0, BLOCK)
+    e_rel = local // T
+    off = local % T
+    e = (t // C) * E + e_rel
+    ent_ok = (e_rel < E) & (e < count)
+    reg = tl.load(LIST + list_base + e, mask=ent_ok, other=0)
+    reg = tl.minimum(tl.maximum(reg, 0), P - 1)  # bad ids read a real region, never out of bounds
+    y = (reg // R_W) * r_H + off // r_W
+    x = (reg % R_W) * r_W + off % r_W
+    in_map = (y < H) & (x < W)
+    if GROUPED:
+        sel = tl.load(SEL + list_base + e, mask=ent_ok, other=0)
+    else:
+        sel = tl.zeros([BLOCK], dtype=tl.int32)
+    return y, x, ent_ok, in_map, sel
+
+
+@triton.jit
+def _load_map(base, y, x, sy, sx, offs_d, ok, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows at map positions (y, x) of one (batch, head) slice; masked rows and pad lanes read 0."""
+    ptrs = base + y[:, None] * sy + x[:, None] * sx + offs_d[None, :]
+    if D == D_PAD:
+        mask = ok[:, None]
+    else:
+        mask = ok[:, None] & (offs_d[None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["H", "W", "r_H", "r_W", "R_H", "R_W", "n_gW", "T", "n_sub", "P", "max_list"])
+def _bra_fwd_kernel(
+    Q, K, V, O, LSE, LIST, SEL, COUNT,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sob, soy, sox, soh,
+    slb, slh, slt, scb, sch,
+    H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, P, max_list, n_heads, sm_scale_log2,
+    ZEROS: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    tile = pid // n_sub
+    sub = pid % n_sub
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    slot, y, x, row_ok = _rows_of_group(tile, sub, n_gW, g_H, g_W, r_H, r_W, R_H, R_W, T, H, W, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_map(Q + b * sqb + h * sqh, y, x, sqy, sqx, offs_d, row_ok, D, D_PAD)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    list_base = b * slb + h * slh + tile.to(tl.int64) * slt  # slh == 0: shared routing
+    count = tl.load(COUNT + b * scb + h * sch + tile)
+    count = tl.minimum(tl.maximum(count, 0), max_list)
+    E = tl.maximum(BLOCK_N // T, 1)
+    C = (T + BLOCK_N - 1) // BLOCK_N
+    n_iter = ((count + E - 1) // E) * C
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    for t in range(0, n_iter):
+        ky, kx, ent_ok, in_map, sel = _cols_of_entries(LIST, SEL, list_base, count, t, C, E, T, r_H, r_W, R_W,
+                                                       P, H, W, BLOCK_N, GROUPED)
+        load_ok = ent_ok & in_map
+        # "zeros": box positions outside the map are keys with zero k and v (logit 0, value 0)
+        key_ok = ent_ok if ZEROS else load_ok
+        k = _load_map(k_base, ky, kx, sky, skx, offs_d, load_ok, D, D_PAD)
+        v = _load_map(v_base, ky, kx, svy, svx, offs_dv, load_ok, DV, DV_PAD)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        allowed = key_ok[None, :]
+        if GROUPED:
+            allowed = allowed & (((sel[None, :] >> slot[:, None]) & 1) != 0)
+        qk = tl.where(allowed, qk * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = O + b * sob + h * soh + y[:, None] * soy + x[:, None] * sox + offs_dv[None, :]
+    o_mask = row_ok[:, None] if DV == DV_PAD else row_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+    # LSE is a contiguous [B, H, W, heads] fp32 tensor
+    tl.store(LSE + ((b * H + y) * W + x) * n_heads + h, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["H", "W", "r_H", "r_W", "R_H", "R_W", "n_gW", "T", "n_sub", "P", "max_list"])
+def _bra_bwd_dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ, LIST, SEL, COUNT,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh,
+    slb, slh, slt, scb, sch,
+    H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, P, max_list, n_heads, sm_scale, sm_scale_log2,
+    ZEROS: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query tile, walking the forward list and recomputing P from the stored LSE."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    tile = pid // n_sub
+    sub = pid % n_sub
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    slot, y, x, row_ok = _rows_of_group(tile, sub, n_gW, g_H, g_W, r_H, r_W, R_H, R_W, T, H, W, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_map(Q + b * sqb + h * sqh, y, x, sqy, sqx, offs_d, row_ok, D, D_PAD)
+    do = _load_map(DO + b * sdob + h * sdoh, y, x, sdoy, sdox, offs_dv, row_ok, DV, DV_PAD)
+    stat = ((b * H + y) * W + x) * n_heads + h
+    lse2 = tl.load(LSE2 + stat, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    list_base = b * slb + h * slh + tile.to(tl.int64) * slt  # slh == 0: shared routing
+    count = tl.load(COUNT + b * scb + h * sch + tile)
+    count = tl.minimum(tl.maximum(count, 0), max_list)
+    E = tl.maximum(BLOCK_N // T, 1)
+    C = (T + BLOCK_N - 1) // BLOCK_N
+    n_iter = ((count + E - 1) // E) * C
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for t in range(0, n_iter):
+        ky, kx, ent_ok, in_map, sel = _cols_of_entries(LIST, SEL, list_base, count, t, C, E, T, r_H, r_W, R_W,
+                                                       P, H, W, BLOCK_N, GROUPED)
+        load_ok = ent_ok & in_map
+        key_ok = ent_ok if ZEROS else load_ok
+        k = _load_map(k_base, ky, kx, sky, skx, offs_d, load_ok, D, D_PAD)
+        v = _load_map(v_base, ky, kx, svy, svx, offs_dv, load_ok, DV, DV_PAD)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        allowed = key_ok[None, :]
+        if GROUPED:
+            allowed = allowed & (((sel[None, :] >> slot[:, None]) & 1) != 0)
+        p = tl.where(allowed, tl.math.exp2(qk * sm_scale_log2 - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq *= sm_scale
+    # dq is a contiguous [B, H, W, heads, d_qk] tensor
+    dq_ptrs = DQ + (((b * H + y) * W + x) * n_heads + h)[:, None] * D + offs_d[None, :]
+    dq_mask = row_ok[:, None] if D == D_PAD else row_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
+
+
+@triton.jit(do_not_specialize=["H", "W", "r_H", "r_W", "R_H", "R_W", "n_gW", "T", "n_sub", "P", "max_list"])
+def _bra_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DK, DVT, LIST, SEL, COUNT,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh,
+    slb, slh, slt, scb, sch,
+    H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, P, max_list, n_heads, sm_scale, sm_scale_log2,
+    ZEROS: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one group of key regions, walking the inverse list (query regions routed to them).
+
+    ``DK``/``DVT`` are contiguous ``[B, H, W, heads, d]`` outputs (DK shares q's strides layout).
+    """
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    tile = pid // n_sub
+    sub = pid % n_sub
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    slot, y, x, key_in = _rows_of_group(tile, sub, n_gW, g_H, g_W, r_H, r_W, R_H, R_W, T, H, W, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    # out-of-map keys ("zeros" mode) are zero rows: they still shape P like in the forward, and
+    # their gradients are never stored
+    k = _load_map(K + b * skb + h * skh, y, x, sky, skx, offs_d, key_in, D, D_PAD)
+    v = _load_map(V + b * svb + h * svh, y, x, svy, svx, offs_dv, key_in, DV, DV_PAD)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+
+    list_base = b * slb + h * slh + tile.to(tl.int64) * slt  # slh == 0: shared routing
+    count = tl.load(COUNT + b * scb + h * sch + tile)
+    count = tl.minimum(tl.maximum(count, 0), max_list)
+    E = tl.maximum(BLOCK_N // T, 1)
+    C = (T + BLOCK_N - 1) // BLOCK_N
+    n_iter = ((count + E - 1) // E) * C
+    dk = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    for t in range(0, n_iter):
+        qy, qx, ent_ok, in_map, sel = _cols_of_entries(LIST, SEL, list_base, count, t, C, E, T, r_H, r_W, R_W,
+                                                       P, H, W, BLOCK_N, GROUPED)
+        q_ok = ent_ok & in_map  # queries exist only inside the map
+        q = _load_map(q_base, qy, qx, sqy, sqx, offs_d, q_ok, D, D_PAD)
+        do = _load_map(do_base, qy, qx, sdoy, sdox, offs_dv, q_ok, DV, DV_PAD)
+        stat = ((b * H + qy) * W + qx) * n_heads + h
+        lse2 = tl.load(LSE2 + stat, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
+        # key rows are independent: rows that are not keys (outside the map) are simply not stored
+        allowed = q_ok[None, :]
+        if GROUPED:
+            allowed = allowed & (((sel[None, :] >> slot[:, None]) & 1) != 0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        pT = tl.where(allowed, tl.math.exp2(qkT * sm_scale_log2 - lse2[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dk *= sm_scale
+    # dk / dv are contiguous [B, H, W, heads, d]
+    dk_ptrs = DK + (((b * H + y) * W + x) * n_heads + h)[:, None] * D + offs_d[None, :]
+    dv_ptrs = DVT + (((b * H + y) * W + x) * n_heads + h)[:, None] * DV + offs_dv[None, :]
+    dk_mask = key_in[:, None] if D == D_PAD else key_in[:, None] & (offs_d[None, :] < D)
+    dv_mask = key_in[:, None] if DV == DV_PAD else key_in[:, None] & (offs_dv[None, :] < DV)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dv.to(DVT.dtype.element_ty), mask=dv_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers. q/k/v are [B, H, W, heads, d] views with a dense last dim; plans come from
+# visattn.ops.bilevel_routing_plan. ``geo`` = (r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n).
+
+
+def default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter, 64 x 64 on GPUs (fp32: 64 x 32)."""
+    if INTERPRET or device.type != "cuda":
+        return 32, 32
+    return (64, 32) if dtype == torch.float32 else (64, 64)
+
+
+def _map_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _list_strides(lst: torch.Tensor, cnt: torch.Tensor) -> tuple[int, int, int, int, int]:
+    # lists [B, Hh, n_tiles, cap] contiguous; Hh == 1 broadcasts over heads (stride 0)
+    return (lst.stride(0), 0 if lst.shape[1] == 1 else lst.stride(1), lst.stride(2),
+            cnt.stride(0), 0 if cnt.shape[1] == 1 else cnt.stride(1))
+
+
+def _launch_args(q, geo, n_tiles):
+    B, H, W, heads, D = q.shape
+    r_H, r_W, R_H, R_W, g_H, g_W, block_m, _ = geo
+    T = r_H * r_W
+    n_sub = triton.cdiv(g_H * g_W * T, block_m)
+    n_gW = triton.cdiv(R_W, g_W)
+    grid = (n_tiles * n_sub, B * heads)
+    return grid, (H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, R_H * R_W)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_warps(device: torch.device) -> int:
+    return 4
+
+
+def bra_fwd(q, k, v, lst, sel, cnt, geo, scale: float, zeros: bool):
+    """Forward: returns ``out`` ``[B, H, W, heads, d_v]`` (q's dtype) and ``lse`` fp32 ``[B, H, W, heads]``."""
+    B, H, W, heads, D = q.shape
+    Dv = v.shape[-1]
+    out = q.new_empty((B, H, W, heads, Dv))
+    lse = torch.empty((B, H, W, heads), device=q.device, dtype=torch.float32)
+    grid, dims = _launch_args(q, geo, lst.shape[2])
+    _bra_fwd_kernel[grid](
+        q, k, v, out, lse, lst, sel, cnt,
+        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *_list_strides(lst, cnt),
+        *dims, lst.shape[-1], heads, scale * LOG2E,
+        ZEROS=zeros, GROUPED=geo[4] * geo[5] > 1, BLOCK_M=geo[6], BLOCK_N=geo[7],
+        D=D, D_PAD=head_dim_pad(D), DV=Dv, DV_PAD=head_dim_pad(Dv), DOT_PRECISION=_precision(q.dtype),
+        num_warps=_num_warps(q.device), num_stages=1 if INTERPRET else 2,
+    )
+    return out, lse
+
+
+def bra_bwd(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, geo, scale: float, zeros: bool):
+    """Backward: returns ``(dq, dk, dv)`` (contiguous, the inputs' dtypes)."""
+    B, H, W, heads, D = q.shape
+    Dv = v.shape[-1]
+    # Delta = rowsum(dO * O) - dLSE; LSE in log2 units (elementwise, no kernel needed)
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse * LOG2E).contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    common = dict(ZEROS=zeros, BLOCK_M=geo[6], BLOCK_N=geo[7], D=D, D_PAD=head_dim_pad(D), DV=Dv,
+                  DV_PAD=head_dim_pad(Dv), DOT_PRECISION=_precision(q.dtype),
+                  num_warps=_num_warps(q.device), num_stages=1 if INTERPRET else 2)
+    grid, dims = _launch_args(q, geo, lst.shape[2])
+    _bra_bwd_dq_kernel[grid](
+        q, k, v, do, lse2, delta, dq, lst, sel, cnt,
+        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(lst, cnt),
+        *dims, lst.shape[-1], heads, scale, scale * LOG2E, GROUPED=geo[4] * geo[5] > 1, **common,
+    )
+    grid, dims = _launch_args(q, geo, ilst.shape[2])
+    _bra_bwd_dkdv_kernel[grid](
+        q, k, v, do, lse2, delta, dk, dv, ilst, isel, icnt,
+        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(ilst, icnt),
+        *dims, ilst.shape[-1], heads, scale, scale * LOG2E, GROUPED=geo[4] * geo[5] > 1, **common,
+    )
+    return dq, dk, dv
