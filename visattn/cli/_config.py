@@ -191,8 +191,6 @@ def validate_values(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"expected {key} >= 1, got {key}={cfg[key]}")
     if cfg["dataset"] not in ("", "folder", "digits"):
         raise ConfigError(f"expected dataset to be '', 'folder' or 'digits', got dataset={cfg['dataset']!r}")
-    if cfg["dataset"] != "digits" and not cfg["data_dir"]:
-        raise ConfigError("no data given: set data_dir (an ImageFolder root) or dataset: digits")
     if cfg["amp_dtype"] not in ("float16", "bfloat16"):
         raise ConfigError(f"expected amp_dtype float16 or bfloat16, got amp_dtype={cfg['amp_dtype']!r}")
     if cfg["eval_metric"] not in ("top1", "top5", "loss"):
@@ -210,23 +208,27 @@ def validate_values(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"model_kwargs must not set keys the trainer passes itself: {keys}")
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML would read it (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``{a: 1}``)."""
-    import yaml
+def parse_kwarg_value(text: str) -> Any:
+    """A ``--model-kwargs`` value read as timm's ``ParseKwargs`` reads it: a Python literal, else the string.
+
+    So ``use_kernel=False`` is a bool and ``use_kernel=false`` the string ``'false'``, which the model
+    kwargs check then rejects (specs/timm.md §8.1) instead of passing a truthy string on.
+    """
+    import ast
 
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
         return text
 
 
-def parse_overrides(items: list[str], flag: str = "override") -> dict[str, Any]:
+def parse_overrides(items: list[str], flag: str = "--model-kwargs") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"expected {flag} as key=value, got {item!r}")
-        out[key.strip().replace("-", "_") if flag == "override" else key.strip()] = parse_value(value)
+        out[key.strip()] = parse_kwarg_value(value)
     return out
 
 

@@ -8,6 +8,7 @@ an ImageFolder tree, for ``visattn validate --data`` and timm's own scripts.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ class DataError(ValueError):
     """Missing or unusable data; the message names the path."""
 
 
+@functools.lru_cache(maxsize=4)
 def _digits_arrays(val_fraction: float = 0.2):
     try:
         from sklearn.datasets import load_digits
@@ -32,6 +34,12 @@ def _digits_arrays(val_fraction: float = 0.2):
     x_tr, x_va, y_tr, y_va = train_test_split(d.images, d.target, test_size=val_fraction, random_state=0,
                                               stratify=d.target)
     return {"train": (x_tr, y_tr), "validation": (x_va, y_va)}
+
+
+@functools.lru_cache(maxsize=8)
+def _digit_images(split: str, size: int, mode: str, val_fraction: float):
+    x, y = _digits_arrays(val_fraction)[split]
+    return tuple(_digit_image(im, size, mode) for im in x), tuple(int(t) for t in y)
 
 
 def _digit_image(img8, size: int, mode: str):
@@ -50,9 +58,7 @@ class DigitsDataset(Dataset):
                  transform=None):
         if split not in ("train", "validation"):
             raise DataError(f"expected digits split train or validation, got {split=}")
-        x, y = _digits_arrays(val_fraction)[split]
-        self.images = [_digit_image(im, size, mode) for im in x]
-        self.targets = [int(t) for t in y]
+        self.images, self.targets = _digit_images(split, size, mode, val_fraction)  # cached, read-only
         self.classes = list(DIGITS_CLASSES)
         self.transform = transform
 
@@ -97,7 +103,7 @@ def image_folder(data_dir: str | None, split: str | None, mode: str = "RGB"):
     from timm.data import create_dataset
 
     if not data_dir:
-        raise DataError("no data folder given")
+        raise DataError("no data folder given: set data_dir (an ImageFolder root) or dataset: digits")
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data folder not found: {str(root)!r}")

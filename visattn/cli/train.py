@@ -118,10 +118,11 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     from ._checkpoint import FORMAT, atomic_save, check_same_model, load_trainer_checkpoint, load_weights, set_rng_state
     from ._config import global_batch, resolve_lr
     from ._engine import evaluate, init_distributed, train_one_epoch
-    from ._models import create_model
+    from ._models import check_model_name, create_model
     from ._report import plot_curves, write_metrics, write_summary
 
     t_start = time.perf_counter()
+    check_model_name(cfg["model"])
     d, device = init_distributed(cfg["device"])
     out = Path(cfg["output"]) / (cfg["experiment"] or cfg["model"].replace("/", "_").replace(":", "_"))
     _seed_all(cfg["seed"] + d.rank)
