@@ -138,6 +138,11 @@ def _check_type(key: str, value: Any, where: str) -> Any:
     elif kind is int:
         bad = isinstance(value, bool) or not isinstance(value, int)
     elif kind is float:
+        if isinstance(value, str):  # PyYAML reads 1e-8 (no dot) as a string: accept a plain number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         bad = isinstance(value, bool) or not isinstance(value, (int, float))
         value = value if bad else float(value)
     elif kind is str:
@@ -202,6 +207,8 @@ def validate_values(cfg: dict[str, Any]) -> None:
     for key, n in (("scale", 2), ("ratio", 2), ("cutmix_minmax", 2), ("opt_betas", 2)):
         if cfg[key] is not None and len(cfg[key]) != n:
             raise ConfigError(f"expected {key} to hold {n} numbers, got {key}={cfg[key]}")
+    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0 or cfg["cutmix_minmax"]) and cfg["batch_size"] % 2:
+        raise ConfigError(f"mixup/cutmix need an even batch_size, got batch_size={cfg['batch_size']}")
     owned = sorted(set(cfg["model_kwargs"]) & set(MODEL_KEY_OWNERS))
     if owned:
         keys = ", ".join(f"{k} (use `{MODEL_KEY_OWNERS[k]}`)" for k in owned)

@@ -7,7 +7,6 @@ environment): NCCL on CUDA, gloo on CPU. Only rank 0 prints and writes files.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -173,7 +172,3 @@ def evaluate(model, loader, *, device, cfg: dict[str, Any], d: Dist, desc: str =
     n = max(n, 1.0)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n,
             "img_per_s": n / max(elapsed, 1e-9), "count": int(n)}
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None

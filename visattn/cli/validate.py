@@ -64,7 +64,8 @@ def validate(args: argparse.Namespace) -> dict:
         if isinstance(ckpt, dict) and isinstance(ckpt.get("visattn"), dict):
             meta = ckpt["visattn"]
             saved = ckpt.get("args") or {}
-    model_kwargs = meta.get("model_kwargs", {})
+    same_arch = isinstance(ckpt, dict) and ckpt.get("arch") == args.model
+    model_kwargs = meta.get("model_kwargs", {}) if same_arch else {}
     if args.model_kwargs is not None:
         model_kwargs = parse_overrides(args.model_kwargs, flag="--model-kwargs")
     in_chans = args.in_chans or meta.get("in_chans") or 3
