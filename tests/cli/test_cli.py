@@ -81,8 +81,9 @@ def test_bench_bad_arguments(args, message, tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, visattn; bad = [m for m in ('diffusers', 'triton', 'visattn.kernels.block_sparse') "
-            "if m in sys.modules]; print(bad)")
+    # timm (a required dependency) imports triton itself; visattn must not define or compile its kernels
+    code = ("import sys, visattn; bad = [m for m in ('diffusers', 'visattn.kernels.block_sparse', "
+            "'visattn.kernels.neighborhood', 'visattn.pipelines') if m in sys.modules]; print(bad)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

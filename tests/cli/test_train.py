@@ -106,3 +106,19 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert sa["global_batch"] == sb["global_batch"] == 32
     assert sa["final"]["top1"] == pytest.approx(sb["final"]["top1"], abs=0.3)  # 360 images: <= 1 may flip
     assert sa["final"]["train_loss"] == pytest.approx(sb["final"]["train_loss"], rel=1e-3)
+
+
+def test_accumulation_checkpointing_channels_last_bf16_match_plain_steps(tmp_path):
+    """2 accumulated micro-batches of 32 == one batch of 64; grad checkpointing and channels-last change
+    nothing; bf16 autocast runs."""
+    plain = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--smoothing", "0", "--scale", "1", "1", "--ratio", "1",
+             "1", "--hflip", "0", "--train-interpolation", "bicubic", "--lr", "1e-3"]
+    assert _run(tmp_path, *plain, "--batch-size", "64", experiment="plain") == 0
+    assert _run(tmp_path, *plain, "--batch-size", "32", "--grad-accum-steps", "2", "--grad-checkpointing",
+                "--channels-last", experiment="accum") == 0
+    a, b = _state(tmp_path / "plain" / "last.pth.tar"), _state(tmp_path / "accum" / "last.pth.tar")
+    assert a["visattn"]["num_updates"] == b["visattn"]["num_updates"] == 22
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-3, atol=1e-4)
+    assert _run(tmp_path, *plain, "--batch-size", "64", "--amp", "--amp-dtype", "bfloat16", experiment="bf16") == 0
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["final"]["train_loss"] < 3

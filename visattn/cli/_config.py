@@ -19,7 +19,7 @@ SPEC: dict[str, tuple[Any, Any, str]] = {
     "model": (None, str, "any timm.create_model name (visattn's are registered on import)"),
     "model_kwargs": ({}, dict, "extra constructor kwargs, type-checked against the model class"),
     "pretrained": (False, bool, "load the model's pretrained weights (needs them locally / cached)"),
-    "pretrained_path": (None, str, "local weights file loaded through the cfg overlay (with --pretrained)"),
+    "pretrained_path": (None, str, "local weights loaded through the cfg overlay and checkpoint_filter_fn (implies pretrained)"),
     "initial_checkpoint": (None, str, "state dict loaded with timm's load_checkpoint before training"),
     "num_classes": (None, int, "classifier width (default: the dataset's class count)"),
     "in_chans": (None, int, "input channels (default 3; digits may use 1)"),

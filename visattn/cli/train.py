@@ -149,7 +149,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     overlay = dict(file=cfg["pretrained_path"]) if cfg["pretrained_path"] else None
     if cfg["pretrained_path"] and not Path(cfg["pretrained_path"]).is_file():
         raise _data.DataError(f"pretrained_path not found: {cfg['pretrained_path']!r}")
-    model = create_model(cfg["model"], model_kwargs=cfg["model_kwargs"], pretrained=cfg["pretrained"],
+    # unlike timm's train.py, a pretrained_path alone loads (there --pretrained-path without --pretrained is a no-op)
+    model = create_model(cfg["model"], model_kwargs=cfg["model_kwargs"],
+                         pretrained=cfg["pretrained"] or bool(cfg["pretrained_path"]),
                          pretrained_cfg_overlay=overlay, num_classes=num_classes, in_chans=in_chans,
                          drop_rate=cfg["drop"], drop_path_rate=cfg["drop_path"], global_pool=cfg["gp"])
     if cfg["initial_checkpoint"] and ckpt is None:
