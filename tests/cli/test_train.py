@@ -17,12 +17,24 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "train" / "demo_digits.yaml"
 
 # a tiny ViT at 16 px: about 1 s per digits epoch on 2 cores
-TINY = ["--model", "test_vit", "--model-kwargs", "img_size=16", "patch_size=4", "--digits-size", "16",
-        "--img-size", "16", "--no-progress"]
+TINY = [
+    "--model",
+    "test_vit",
+    "--model-kwargs",
+    "img_size=16",
+    "patch_size=4",
+    "--digits-size",
+    "16",
+    "--img-size",
+    "16",
+    "--no-progress",
+]
 
 
 def _run(tmp_path, *args, config=DEMO, experiment="run"):
-    return main(["train", "--config", str(config), "--output", str(tmp_path), "--experiment", experiment, *args])
+    return main(
+        ["train", "--config", str(config), "--output", str(tmp_path), "--experiment", experiment, *args]
+    )
 
 
 def _state(path: Path) -> dict:
@@ -62,8 +74,27 @@ def test_progress_bar_shows_rate_loss_and_lr(tmp_path, capsys):
 
 def _resume_args():
     # mixup, label smoothing, drop path, EMA, random crops: every RNG consumer is on
-    return [*TINY, "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "64", "--mixup", "0.8", "--cutmix", "1.0",
-            "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--scale", "0.5", "1.0"]
+    return [
+        *TINY,
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--drop-path",
+        "0.1",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.9",
+        "--scale",
+        "0.5",
+        "1.0",
+    ]
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, capsys):
@@ -79,7 +110,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, capsys):
         assert a[key].keys() == b[key].keys()
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     ha, hb = a["visattn"]["history"], b["visattn"]["history"]
     assert [r["top1"] for r in ha] == [r["top1"] for r in hb]
@@ -87,18 +118,60 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, capsys):
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    common = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--scale", "1", "1", "--ratio", "1", "1",
-              "--hflip", "0", "--train-interpolation", "bicubic", "--lr", "1e-3", "--config", str(DEMO),
-              "--output", str(tmp_path)]
+    common = [
+        *TINY,
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--scale",
+        "1",
+        "1",
+        "--ratio",
+        "1",
+        "1",
+        "--hflip",
+        "0",
+        "--train-interpolation",
+        "bicubic",
+        "--lr",
+        "1e-3",
+        "--config",
+        str(DEMO),
+        "--output",
+        str(tmp_path),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "visattn", "train", *common, "--batch-size", "16", "--experiment", "ddp"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "visattn",
+            "train",
+            *common,
+            "--batch-size",
+            "16",
+            "--experiment",
+            "ddp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 process(es)" in ddp.stderr and ddp.stderr.count("epoch 1/1: loss") == 1  # rank 0 logs only
     assert main(["train", *common, "--batch-size", "32", "--experiment", "single"]) == 0
     a, b = _state(tmp_path / "ddp" / "last.pth.tar"), _state(tmp_path / "single" / "last.pth.tar")
-    assert a["visattn"]["world_size"] == 2 and a["visattn"]["num_updates"] == b["visattn"]["num_updates"] == 44
+    assert (
+        a["visattn"]["world_size"] == 2 and a["visattn"]["num_updates"] == b["visattn"]["num_updates"] == 44
+    )
     for k in a["state_dict"]:
         # same global batches; only the gradient summation order differs (AdamW amplifies it near zero)
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-3, atol=1e-4)
@@ -111,14 +184,48 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_accumulation_checkpointing_channels_last_bf16_match_plain_steps(tmp_path):
     """2 accumulated micro-batches of 32 == one batch of 64; grad checkpointing and channels-last change
     nothing; bf16 autocast runs."""
-    plain = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--smoothing", "0", "--scale", "1", "1", "--ratio", "1",
-             "1", "--hflip", "0", "--train-interpolation", "bicubic", "--lr", "1e-3"]
+    plain = [
+        *TINY,
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--smoothing",
+        "0",
+        "--scale",
+        "1",
+        "1",
+        "--ratio",
+        "1",
+        "1",
+        "--hflip",
+        "0",
+        "--train-interpolation",
+        "bicubic",
+        "--lr",
+        "1e-3",
+    ]
     assert _run(tmp_path, *plain, "--batch-size", "64", experiment="plain") == 0
-    assert _run(tmp_path, *plain, "--batch-size", "32", "--grad-accum-steps", "2", "--grad-checkpointing",
-                "--channels-last", experiment="accum") == 0
+    assert (
+        _run(
+            tmp_path,
+            *plain,
+            "--batch-size",
+            "32",
+            "--grad-accum-steps",
+            "2",
+            "--grad-checkpointing",
+            "--channels-last",
+            experiment="accum",
+        )
+        == 0
+    )
     a, b = _state(tmp_path / "plain" / "last.pth.tar"), _state(tmp_path / "accum" / "last.pth.tar")
     assert a["visattn"]["num_updates"] == b["visattn"]["num_updates"] == 22
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-3, atol=1e-4)
-    assert _run(tmp_path, *plain, "--batch-size", "64", "--amp", "--amp-dtype", "bfloat16", experiment="bf16") == 0
+    assert (
+        _run(tmp_path, *plain, "--batch-size", "64", "--amp", "--amp-dtype", "bfloat16", experiment="bf16")
+        == 0
+    )
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["final"]["train_loss"] < 3

@@ -12,8 +12,22 @@ from visattn.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "train" / "demo_digits.yaml"
-TINY = ["--model", "test_vit", "--model-kwargs", "img_size=16", "patch_size=4", "--digits-size", "16",
-        "--img-size", "16", "--no-progress", "--epochs", "1", "--warmup-epochs", "0"]
+TINY = [
+    "--model",
+    "test_vit",
+    "--model-kwargs",
+    "img_size=16",
+    "patch_size=4",
+    "--digits-size",
+    "16",
+    "--img-size",
+    "16",
+    "--no-progress",
+    "--epochs",
+    "1",
+    "--warmup-epochs",
+    "0",
+]
 
 
 def _fails(capsys, argv, *needles):
@@ -32,20 +46,34 @@ def _write(tmp_path, text):
 
 def test_unknown_key_names_close_and_valid_keys(tmp_path, capsys):
     cfg = _write(tmp_path, "model: test_vit\ndataset: digits\ndrop_pth: 0.1\n")
-    err = _fails(capsys, ["train", "--config", str(cfg)], "unknown config key 'drop_pth'", "Did you mean drop_path",
-                 "Valid keys:")
+    err = _fails(
+        capsys,
+        ["train", "--config", str(cfg)],
+        "unknown config key 'drop_pth'",
+        "Did you mean drop_path",
+        "Valid keys:",
+    )
     assert "layer_decay" in err
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("model: test_vit\ndataset: digits\nepochs: three\n", "expected epochs to be int, got epochs='three'"),
-    ("model: test_vit\ndataset: digits\namp: 'yes'\n", "expected amp to be bool"),
-    ("model: test_vit\ndataset: digits\nscale: [0.5]\n", "expected scale to hold 2 numbers"),
-    ("model: test_vit\ndataset: imagenet\n", "expected dataset to be"),
-    ("dataset: digits\n", "no model given"),
-    ("- a\n- b\n", "must hold a mapping"),
-    ("model: test_vit\nmodel_kwargs: {drop_path_rate: 0.1}\ndataset: digits\n", "drop_path_rate (use `drop_path`)"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (
+            "model: test_vit\ndataset: digits\nepochs: three\n",
+            "expected epochs to be int, got epochs='three'",
+        ),
+        ("model: test_vit\ndataset: digits\namp: 'yes'\n", "expected amp to be bool"),
+        ("model: test_vit\ndataset: digits\nscale: [0.5]\n", "expected scale to hold 2 numbers"),
+        ("model: test_vit\ndataset: imagenet\n", "expected dataset to be"),
+        ("dataset: digits\n", "no model given"),
+        ("- a\n- b\n", "must hold a mapping"),
+        (
+            "model: test_vit\nmodel_kwargs: {drop_path_rate: 0.1}\ndataset: digits\n",
+            "drop_path_rate (use `drop_path`)",
+        ),
+    ],
+)
 def test_bad_values(tmp_path, capsys, text, needle):
     _fails(capsys, ["train", "--config", str(_write(tmp_path, text))], needle)
 
@@ -55,24 +83,59 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_unknown_model_suggests_close_names(tmp_path, capsys):
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(tmp_path), "--model", "test_vitt"],
-           "unknown model 'test_vitt'", "Did you mean", "test_vit")
+    _fails(
+        capsys,
+        ["train", "--config", str(DEMO), "--output", str(tmp_path), "--model", "test_vitt"],
+        "unknown model 'test_vitt'",
+        "Did you mean",
+        "test_vit",
+    )
     assert not any(tmp_path.iterdir())
 
 
 def test_model_kwargs_are_type_checked(tmp_path, capsys):
-    base = ["train", "--config", str(DEMO), "--output", str(tmp_path), *TINY[:2], "--epochs", "1", "--no-progress"]
-    _fails(capsys, [*base, "--model-kwargs", "img_size=16", "qkv_bias=false"],
-           "expected qkv_bias of type bool", "'false'")
+    base = [
+        "train",
+        "--config",
+        str(DEMO),
+        "--output",
+        str(tmp_path),
+        *TINY[:2],
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
+    _fails(
+        capsys,
+        [*base, "--model-kwargs", "img_size=16", "qkv_bias=false"],
+        "expected qkv_bias of type bool",
+        "'false'",
+    )
     _fails(capsys, [*base, "--model-kwargs", "img_size=16", "not_a_kwarg=1"], "not_a_kwarg")
     _fails(capsys, [*base, "--model-kwargs", "img_size"], "expected --model-kwargs as key=value")
 
 
 def test_missing_data_folder(tmp_path, capsys):
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(tmp_path), "--dataset", "",
-                    "--data-dir", str(tmp_path / "absent")], "data folder not found")
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(tmp_path), "--dataset", ""],
-           "no data folder given")
+    _fails(
+        capsys,
+        [
+            "train",
+            "--config",
+            str(DEMO),
+            "--output",
+            str(tmp_path),
+            "--dataset",
+            "",
+            "--data-dir",
+            str(tmp_path / "absent"),
+        ],
+        "data folder not found",
+    )
+    _fails(
+        capsys,
+        ["train", "--config", str(DEMO), "--output", str(tmp_path), "--dataset", ""],
+        "no data folder given",
+    )
     assert not any(tmp_path.iterdir())
 
 
@@ -96,17 +159,38 @@ def one_epoch_run(tmp_path_factory):
 
 def test_existing_run_is_not_overwritten_without_resume(one_epoch_run, capsys):
     before = _digest(one_epoch_run / "a" / "last.pth.tar")
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(one_epoch_run), "--experiment", "a", *TINY],
-           "already holds a run", "--resume auto")
+    _fails(
+        capsys,
+        ["train", "--config", str(DEMO), "--output", str(one_epoch_run), "--experiment", "a", *TINY],
+        "already holds a run",
+        "--resume auto",
+    )
     assert _digest(one_epoch_run / "a" / "last.pth.tar") == before
 
 
 def test_resume_refuses_checkpoint_of_another_architecture(one_epoch_run, capsys, tmp_path):
     ckpt = one_epoch_run / "a" / "last.pth.tar"
     before = _digest(ckpt)
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(tmp_path), "--experiment", "b",
-                    "--model", "test_convnext", "--model-kwargs", "--no-progress", "--resume", str(ckpt)],
-           "is for another model", "arch: checkpoint 'test_vit', config 'test_convnext'")
+    _fails(
+        capsys,
+        [
+            "train",
+            "--config",
+            str(DEMO),
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "b",
+            "--model",
+            "test_convnext",
+            "--model-kwargs",
+            "--no-progress",
+            "--resume",
+            str(ckpt),
+        ],
+        "is for another model",
+        "arch: checkpoint 'test_vit', config 'test_convnext'",
+    )
     assert _digest(ckpt) == before and not (tmp_path / "b").exists()
 
 
@@ -119,12 +203,46 @@ def test_truncated_checkpoint_is_detected_before_resuming(one_epoch_run, capsys,
     (run / "previous.pth.tar").write_bytes(good)
     (run / "last.pth.tar").write_bytes(good[: len(good) // 2])
     truncated = _digest(run / "last.pth.tar")
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(tmp_path), "--experiment", "c", *TINY,
-                    "--epochs", "2", "--resume", "auto"], "corrupt or truncated", "previous.pth.tar")
+    _fails(
+        capsys,
+        [
+            "train",
+            "--config",
+            str(DEMO),
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "c",
+            *TINY,
+            "--epochs",
+            "2",
+            "--resume",
+            "auto",
+        ],
+        "corrupt or truncated",
+        "previous.pth.tar",
+    )
     assert _digest(run / "last.pth.tar") == truncated and (run / "previous.pth.tar").read_bytes() == good
     # the kept previous checkpoint resumes
-    assert main(["train", "--config", str(DEMO), "--output", str(tmp_path), "--experiment", "c", *TINY,
-                 "--epochs", "2", "--resume", str(run / "previous.pth.tar")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(DEMO),
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                "c",
+                *TINY,
+                "--epochs",
+                "2",
+                "--resume",
+                str(run / "previous.pth.tar"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_not_a_training_checkpoint(tmp_path, capsys):
@@ -132,5 +250,9 @@ def test_not_a_training_checkpoint(tmp_path, capsys):
 
     p = tmp_path / "weights.pth"
     torch.save({"w": torch.zeros(1)}, p)
-    _fails(capsys, ["train", "--config", str(DEMO), "--output", str(tmp_path), *TINY, "--resume", str(p)],
-           "not a visattn training checkpoint", "initial_checkpoint")
+    _fails(
+        capsys,
+        ["train", "--config", str(DEMO), "--output", str(tmp_path), *TINY, "--resume", str(p)],
+        "not a visattn training checkpoint",
+        "initial_checkpoint",
+    )

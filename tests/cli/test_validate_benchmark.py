@@ -17,15 +17,45 @@ from visattn.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "train" / "demo_digits.yaml"
-TINY = ["--model", "test_vit", "--model-kwargs", "img_size=16", "patch_size=4", "--digits-size", "16",
-        "--img-size", "16", "--no-progress"]
+TINY = [
+    "--model",
+    "test_vit",
+    "--model-kwargs",
+    "img_size=16",
+    "patch_size=4",
+    "--digits-size",
+    "16",
+    "--img-size",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("val")
-    assert main(["train", "--config", str(DEMO), "--output", str(out), "--experiment", "r", *TINY, "--epochs", "2",
-                 "--warmup-epochs", "0", "--model-ema", "--model-ema-decay", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(DEMO),
+                "--output",
+                str(out),
+                "--experiment",
+                "r",
+                *TINY,
+                "--epochs",
+                "2",
+                "--warmup-epochs",
+                "0",
+                "--model-ema",
+                "--model-ema-decay",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     folder = write_digits_imagefolder(out / "digits16", size=16)
     return out / "r", folder
 
@@ -40,8 +70,17 @@ def test_validate_reads_trainer_checkpoint_on_imagefolder(trained, capsys, tmp_p
     run, folder = trained
     summary = json.loads((run / "summary.json").read_text())
     res = tmp_path / "res.json"
-    code, cap = _validate(capsys, "--model", "test_vit", "--checkpoint", str(run / "last.pth.tar"),
-                          "--data", str(folder), "--results-file", str(res))
+    code, cap = _validate(
+        capsys,
+        "--model",
+        "test_vit",
+        "--checkpoint",
+        str(run / "last.pth.tar"),
+        "--data",
+        str(folder),
+        "--results-file",
+        str(res),
+    )
     assert code == 0, cap.err
     got = json.loads(res.read_text())
     # the checkpoint supplies model kwargs, class count and data settings; same images as the trainer's split
@@ -50,8 +89,18 @@ def test_validate_reads_trainer_checkpoint_on_imagefolder(trained, capsys, tmp_p
     assert got["loss"] == pytest.approx(summary["final"]["val_loss"], rel=1e-4)
     assert 0 <= got["top1"] <= got["top5"] <= 100 and got["img_per_s"] > 0
     assert "top-1" in cap.out
-    code, cap = _validate(capsys, "--model", "test_vit", "--checkpoint", str(run / "last.pth.tar"),
-                          "--dataset", "digits", "--use-ema", "--results-file", str(res))
+    code, cap = _validate(
+        capsys,
+        "--model",
+        "test_vit",
+        "--checkpoint",
+        str(run / "last.pth.tar"),
+        "--dataset",
+        "digits",
+        "--use-ema",
+        "--results-file",
+        str(res),
+    )
     assert code == 0, cap.err
     assert json.loads(res.read_text())["top1"] == pytest.approx(summary["final"]["ema_top1"], abs=1e-3)
 
@@ -61,18 +110,43 @@ def test_validate_reads_timm_train_py_checkpoint(trained, capsys, tmp_path):
     run, folder = trained
     ours = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
     timm_style = tmp_path / "model_best.pth.tar"
-    torch.save({"epoch": 1, "arch": "test_vit", "state_dict": ours["state_dict"], "version": 2,
-                "args": argparse.Namespace(model="test_vit")}, timm_style)
-    code, cap = _validate(capsys, "--model", "test_vit", "--checkpoint", str(timm_style), "--data", str(folder),
-                          "--model-kwargs", "img_size=16", "patch_size=4", "--num-classes", "10", "--in-chans", "1", "--img-size", "16")
+    torch.save(
+        {
+            "epoch": 1,
+            "arch": "test_vit",
+            "state_dict": ours["state_dict"],
+            "version": 2,
+            "args": argparse.Namespace(model="test_vit"),
+        },
+        timm_style,
+    )
+    code, cap = _validate(
+        capsys,
+        "--model",
+        "test_vit",
+        "--checkpoint",
+        str(timm_style),
+        "--data",
+        str(folder),
+        "--model-kwargs",
+        "img_size=16",
+        "patch_size=4",
+        "--num-classes",
+        "10",
+        "--in-chans",
+        "1",
+        "--img-size",
+        "16",
+    )
     assert code == 0, cap.err
     assert json.loads(cap.out.splitlines()[-1])["count"] == 360
 
 
 def test_validate_refuses_checkpoint_of_another_architecture(trained, capsys):
     run, folder = trained
-    code, cap = _validate(capsys, "--model", "test_convnext", "--checkpoint", str(run / "last.pth.tar"),
-                          "--data", str(folder))
+    code, cap = _validate(
+        capsys, "--model", "test_convnext", "--checkpoint", str(run / "last.pth.tar"), "--data", str(folder)
+    )
     assert code == 2
     assert "written for 'test_vit'" in cap.err and "does not fit model" in cap.err
 
@@ -90,8 +164,25 @@ def test_validate_bad_input(trained, capsys, tmp_path):
 
 
 def test_benchmark_models_tiny(tmp_path, capsys):
-    code = main(["benchmark-models", "--models", "test_vit,test_convnext", "--device", "cpu", "--batch-size", "2",
-                 "--img-size", "32", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)])
+    code = main(
+        [
+            "benchmark-models",
+            "--models",
+            "test_vit,test_convnext",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--img-size",
+            "32",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     data = json.loads((tmp_path / "benchmark_models.json").read_text())
@@ -109,22 +200,49 @@ def test_benchmark_models_tiny(tmp_path, capsys):
 
 
 def test_benchmark_models_rejects_unknown_names_before_running(tmp_path, capsys):
-    code = main(["benchmark-models", "--models", "test_vit,convnext_tinyy", "--device", "cpu", "--out", str(tmp_path)])
+    code = main(
+        ["benchmark-models", "--models", "test_vit,convnext_tinyy", "--device", "cpu", "--out", str(tmp_path)]
+    )
     assert code == 2
     assert "convnext_tiny" in capsys.readouterr().err and not (tmp_path / "benchmark_models.json").exists()
 
 
-# --- recipes -------------------------------------------------------------------------------------------------
+# --- recipes ---------------------------------------------------------------------------------------------
 ZOO = {  # specs/{neighborhood,routing,agent}.md §5 zoo tables
     "nat": ["nat_mini", "nat_tiny", "nat_small", "nat_base", "nat_isotropic_small", "nat_isotropic_base"],
-    "dinat": ["dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large", "dinat_large_384",
-              "dinat_large_384_11x11", "dinat_isotropic_small", "dinat_isotropic_base"],
+    "dinat": [
+        "dinat_mini",
+        "dinat_tiny",
+        "dinat_small",
+        "dinat_base",
+        "dinat_large",
+        "dinat_large_384",
+        "dinat_large_384_11x11",
+        "dinat_isotropic_small",
+        "dinat_isotropic_base",
+    ],
     "dinat_s": ["dinat_s_tiny", "dinat_s_small", "dinat_s_base", "dinat_s_large", "dinat_s_large_384"],
     "biformer": ["biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw"],
-    "agent": ["agent_deit_tiny", "agent_deit_small", "agent_deit_small_448", "agent_deit_base", "agent_pvt_tiny",
-              "agent_pvt_small", "agent_pvt_medium", "agent_pvt_medium_256", "agent_pvt_large", "agent_swin_tiny",
-              "agent_swin_small", "agent_swin_small_288", "agent_swin_base", "agent_swin_base_384",
-              "agent_cswin_tiny", "agent_cswin_small", "agent_cswin_base", "agent_cswin_base_384"],
+    "agent": [
+        "agent_deit_tiny",
+        "agent_deit_small",
+        "agent_deit_small_448",
+        "agent_deit_base",
+        "agent_pvt_tiny",
+        "agent_pvt_small",
+        "agent_pvt_medium",
+        "agent_pvt_medium_256",
+        "agent_pvt_large",
+        "agent_swin_tiny",
+        "agent_swin_small",
+        "agent_swin_small_288",
+        "agent_swin_base",
+        "agent_swin_base_384",
+        "agent_cswin_tiny",
+        "agent_cswin_small",
+        "agent_cswin_base",
+        "agent_cswin_base_384",
+    ],
 }
 RECIPES = sorted(p for p in (ROOT / "configs" / "train").glob("*.yaml") if p.name != "demo_digits.yaml")
 
@@ -150,10 +268,13 @@ def test_recipe_model_builds(path):
 
     cfg = load_config(path)
     if not timm.is_model(cfg["model"]):
-        pytest.skip(f"{cfg['model']} is not registered on this branch yet (its backbone lands in its own issue)")
+        pytest.skip(
+            f"{cfg['model']} is not registered on this branch yet (its backbone lands in its own issue)"
+        )
     from visattn.cli._models import create_model
 
     with torch.device("meta"):
-        m = create_model(cfg["model"], model_kwargs=cfg["model_kwargs"], num_classes=1000,
-                         drop_path_rate=cfg["drop_path"])
+        m = create_model(
+            cfg["model"], model_kwargs=cfg["model_kwargs"], num_classes=1000, drop_path_rate=cfg["drop_path"]
+        )
     assert m.pretrained_cfg["input_size"][-1] == cfg["img_size"]

@@ -46,8 +46,11 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -72,16 +75,22 @@ def load_trainer_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bit rot, not a torch file, disallowed pickle globals
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); nothing was changed. "
-                              f"{_previous_hint(path)}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); nothing was changed. "
+            f"{_previous_hint(path)}"
+        ) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
-        raise CheckpointError(f"{str(path)!r} is not a visattn training checkpoint (missing {missing}); "
-                              "to start from its weights use initial_checkpoint or pretrained_path")
+        raise CheckpointError(
+            f"{str(path)!r} is not a visattn training checkpoint (missing {missing}); "
+            "to start from its weights use initial_checkpoint or pretrained_path"
+        )
     meta = ckpt["visattn"]
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"expected checkpoint format {FORMAT}, got format={meta.get('format')!r} in {path}")
+        raise CheckpointError(
+            f"expected checkpoint format {FORMAT}, got format={meta.get('format')!r} in {path}"
+        )
     return ckpt
 
 
@@ -92,18 +101,30 @@ def _previous_hint(path: Path) -> str:
     return ""
 
 
-def check_same_model(ckpt: dict[str, Any], cfg: dict[str, Any], num_classes: int, in_chans: int, path) -> None:
+def check_same_model(
+    ckpt: dict[str, Any], cfg: dict[str, Any], num_classes: int, in_chans: int, path
+) -> None:
     """Refuse to resume a run of another architecture or head before anything is loaded."""
     meta = ckpt["visattn"]
-    mine = {"arch": cfg["model"], "model_kwargs": cfg["model_kwargs"], "num_classes": num_classes,
-            "in_chans": in_chans}
-    theirs = {"arch": ckpt["arch"], "model_kwargs": meta.get("model_kwargs", {}),
-              "num_classes": meta.get("num_classes"), "in_chans": meta.get("in_chans")}
+    mine = {
+        "arch": cfg["model"],
+        "model_kwargs": cfg["model_kwargs"],
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+    }
+    theirs = {
+        "arch": ckpt["arch"],
+        "model_kwargs": meta.get("model_kwargs", {}),
+        "num_classes": meta.get("num_classes"),
+        "in_chans": meta.get("in_chans"),
+    }
     diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
     if diff:
         lines = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"checkpoint {str(path)!r} is for another model ({lines}); "
-                              "resume with the config that wrote it, or start a new run")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is for another model ({lines}); "
+            "resume with the config that wrote it, or start a new run"
+        )
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -117,11 +138,15 @@ def read_checkpoint(path: str | Path) -> Any:
         try:  # timm train.py stores argparse.Namespace under 'args'; the user trusts their own file here
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]})") from None
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is corrupt or truncated ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]})"
+            ) from None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False, ckpt: Any = None) -> dict[str, Any]:
+def load_weights(
+    model: torch.nn.Module, path: str | Path, use_ema: bool = False, ckpt: Any = None
+) -> dict[str, Any]:
     """Load a trainer checkpoint or any timm-format / bare state dict into ``model`` (strict).
 
     Returns information about the file (``arch`` and ``epoch`` when present). Raises ``CheckpointError``
@@ -131,8 +156,10 @@ def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False
     path = Path(path)
     if ckpt is None:
         ckpt = read_checkpoint(path)
-    info = {"arch": ckpt.get("arch") if isinstance(ckpt, dict) else None,
-            "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+    info = {
+        "arch": ckpt.get("arch") if isinstance(ckpt, dict) else None,
+        "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None,
+    }
     state = ckpt
     if isinstance(ckpt, dict):
         keys = (["state_dict_ema", "model_ema"] if use_ema else []) + ["state_dict", "model"]
@@ -151,14 +178,21 @@ def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         arch = f" (written for {info['arch']!r})" if info["arch"] else ""
-        parts = [f"{len(missing)} missing keys (e.g. {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})" if unexpected else "",
-                 f"{len(shapes)} shape mismatches (e.g. {shapes[:2]})" if shapes else ""]
-        raise CheckpointError(f"checkpoint {str(path)!r}{arch} does not fit model "
-                              f"{type(model).__name__}: " + "; ".join(p for p in parts if p))
+        parts = [
+            f"{len(missing)} missing keys (e.g. {missing[:3]})" if missing else "",
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})" if unexpected else "",
+            f"{len(shapes)} shape mismatches (e.g. {shapes[:2]})" if shapes else "",
+        ]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}{arch} does not fit model "
+            f"{type(model).__name__}: " + "; ".join(p for p in parts if p)
+        )
     model.load_state_dict(state, strict=True)
     return info

@@ -19,7 +19,11 @@ SPEC: dict[str, tuple[Any, Any, str]] = {
     "model": (None, str, "any timm.create_model name (visattn's are registered on import)"),
     "model_kwargs": ({}, dict, "extra constructor kwargs, type-checked against the model class"),
     "pretrained": (False, bool, "load the model's pretrained weights (needs them locally / cached)"),
-    "pretrained_path": (None, str, "local weights loaded through the cfg overlay and checkpoint_filter_fn (implies pretrained)"),
+    "pretrained_path": (
+        None,
+        str,
+        "local weights loaded through the cfg overlay and checkpoint_filter_fn (implies pretrained)",
+    ),
     "initial_checkpoint": (None, str, "state dict loaded with timm's load_checkpoint before training"),
     "num_classes": (None, int, "classifier width (default: the dataset's class count)"),
     "in_chans": (None, int, "input channels (default 3; digits may use 1)"),
@@ -27,7 +31,11 @@ SPEC: dict[str, tuple[Any, Any, str]] = {
     "drop_path": (None, float, "stochastic depth rate (timm drop_path_rate)"),
     "gp": (None, str, "global pool type"),
     # data
-    "dataset": ("", str, "'' or 'folder' for an ImageFolder tree under data_dir; 'digits' for scikit-learn's"),
+    "dataset": (
+        "",
+        str,
+        "'' or 'folder' for an ImageFolder tree under data_dir; 'digits' for scikit-learn's",
+    ),
     "data_dir": (None, str, "dataset root (ImageFolder: with train/ and validation/ (or val/) folders)"),
     "train_split": ("train", str, "training split folder"),
     "val_split": ("validation", str, "validation split folder"),
@@ -109,8 +117,14 @@ SPEC: dict[str, tuple[Any, Any, str]] = {
 }
 
 # keys of create_model that --model-kwargs must not repeat (timm train.py's collision, specs/timm.md §8.1)
-MODEL_KEY_OWNERS = {"num_classes": "num_classes", "in_chans": "in_chans", "drop_rate": "drop",
-                    "drop_path_rate": "drop_path", "global_pool": "gp", "pretrained": "pretrained"}
+MODEL_KEY_OWNERS = {
+    "num_classes": "num_classes",
+    "in_chans": "in_chans",
+    "drop_rate": "drop",
+    "drop_path_rate": "drop_path",
+    "global_pool": "gp",
+    "pretrained": "pretrained",
+}
 
 
 class ConfigError(ValueError):
@@ -118,8 +132,10 @@ class ConfigError(ValueError):
 
 
 def defaults() -> dict[str, Any]:
-    return {k: (list(v[0]) if isinstance(v[0], list) else dict(v[0]) if isinstance(v[0], dict) else v[0])
-            for k, v in SPEC.items()}
+    return {
+        k: (list(v[0]) if isinstance(v[0], list) else dict(v[0]) if isinstance(v[0], dict) else v[0])
+        for k, v in SPEC.items()
+    }
 
 
 def _unknown(key: str, where: str) -> ConfigError:
@@ -151,11 +167,14 @@ def _check_type(key: str, value: Any, where: str) -> Any:
         bad = not isinstance(value, dict)
     elif kind == "floats":
         bad = not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
         value = value if bad else [float(v) for v in value]
     if bad:
         want = kind if isinstance(kind, str) else kind.__name__
-        raise ConfigError(f"expected {key} to be {want}, got {key}={value!r} ({type(value).__name__}) in {where}")
+        raise ConfigError(
+            f"expected {key} to be {want}, got {key}={value!r} ({type(value).__name__}) in {where}"
+        )
     return value
 
 
@@ -174,7 +193,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}")
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
+            )
         layers.append((str(p), data))
         if cfg["experiment"] is None:
             cfg["experiment"] = p.stem
@@ -201,7 +222,9 @@ def validate_values(cfg: dict[str, Any]) -> None:
     if cfg["eval_metric"] not in ("top1", "top5", "loss"):
         raise ConfigError(f"expected eval_metric top1, top5 or loss, got eval_metric={cfg['eval_metric']!r}")
     if cfg["lr_base_scale"] not in ("linear", "sqrt"):
-        raise ConfigError(f"expected lr_base_scale linear or sqrt, got lr_base_scale={cfg['lr_base_scale']!r}")
+        raise ConfigError(
+            f"expected lr_base_scale linear or sqrt, got lr_base_scale={cfg['lr_base_scale']!r}"
+        )
     if not 0.0 < cfg["digits_val_fraction"] < 1.0:
         raise ConfigError(f"expected 0 < digits_val_fraction < 1, got {cfg['digits_val_fraction']}")
     for key, n in (("scale", 2), ("ratio", 2), ("cutmix_minmax", 2), ("opt_betas", 2)):
@@ -244,8 +267,8 @@ def global_batch(cfg: dict[str, Any], world_size: int) -> int:
 
 
 def resolve_lr(cfg: dict[str, Any], world_size: int) -> float:
-    """``lr`` if set, else ``lr_base`` scaled from ``lr_base_size`` to the run's global batch (as timm train.py)."""
+    """``lr`` if set, else ``lr_base`` scaled from ``lr_base_size`` to the global batch (as timm train.py)."""
     if cfg["lr"] is not None:
         return cfg["lr"]
     ratio = global_batch(cfg, world_size) / cfg["lr_base_size"]
-    return cfg["lr_base"] * (ratio ** 0.5 if cfg["lr_base_scale"] == "sqrt" else ratio)
+    return cfg["lr_base"] * (ratio**0.5 if cfg["lr_base_scale"] == "sqrt" else ratio)

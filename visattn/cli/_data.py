@@ -29,10 +29,11 @@ def _digits_arrays(val_fraction: float = 0.2):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ImportError('the digits dataset needs scikit-learn: pip install scikit-learn') from None
+        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
     d = load_digits()
-    x_tr, x_va, y_tr, y_va = train_test_split(d.images, d.target, test_size=val_fraction, random_state=0,
-                                              stratify=d.target)
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        d.images, d.target, test_size=val_fraction, random_state=0, stratify=d.target
+    )
     return {"train": (x_tr, y_tr), "validation": (x_va, y_va)}
 
 
@@ -54,8 +55,14 @@ def _digit_image(img8, size: int, mode: str):
 class DigitsDataset(Dataset):
     """scikit-learn's digits as PIL images, upsampled to ``size``; ``transform`` is set by the caller."""
 
-    def __init__(self, split: str = "train", size: int = 32, mode: str = "RGB", val_fraction: float = 0.2,
-                 transform=None):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 32,
+        mode: str = "RGB",
+        val_fraction: float = 0.2,
+        transform=None,
+    ):
         if split not in ("train", "validation"):
             raise DataError(f"expected digits split train or validation, got {split=}")
         self.images, self.targets = _digit_images(split, size, mode, val_fraction)  # cached, read-only
@@ -74,7 +81,7 @@ def write_digits_imagefolder(root: str | Path, size: int = 32, val_fraction: flo
     """Write the digits split as ``root/{train,validation}/<class>/<i>.png``; returns ``root``."""
     root = Path(root)
     for split, (x, y) in _digits_arrays(val_fraction).items():
-        for i, (img, t) in enumerate(zip(x, y)):
+        for i, (img, t) in enumerate(zip(x, y, strict=True)):
             d = root / split / str(int(t))
             d.mkdir(parents=True, exist_ok=True)
             _digit_image(img, size, "L").save(d / f"{i:04d}.png")
@@ -93,13 +100,17 @@ def build_dataset(cfg: dict[str, Any], split_key: str, in_chans: int):
     split = cfg[split_key]
     mode = "L" if in_chans == 1 else "RGB"
     if cfg["dataset"] == "digits":
-        return DigitsDataset("validation" if split in ("val", "validation") else split, cfg["digits_size"], mode,
-                             cfg["digits_val_fraction"])
+        return DigitsDataset(
+            "validation" if split in ("val", "validation") else split,
+            cfg["digits_size"],
+            mode,
+            cfg["digits_val_fraction"],
+        )
     return image_folder(cfg["data_dir"], split, mode)
 
 
 def image_folder(data_dir: str | None, split: str | None, mode: str = "RGB"):
-    """A timm ``ImageDataset`` over ``data_dir/split`` (or ``data_dir`` itself when it holds class folders)."""
+    """A timm ``ImageDataset`` over ``data_dir/split`` (or ``data_dir`` itself if it holds class folders)."""
     from timm.data import create_dataset
 
     if not data_dir:
@@ -113,8 +124,9 @@ def image_folder(data_dir: str | None, split: str | None, mode: str = "RGB"):
         if split and not any(p.is_dir() for p in root.iterdir()):
             raise DataError(f"data folder {str(root)!r} has no {split!r} split and no class folders")
     try:
-        ds = create_dataset("", root=str(folder), split=split or "validation", search_split=False,
-                            input_img_mode=mode)
+        ds = create_dataset(
+            "", root=str(folder), split=split or "validation", search_split=False, input_img_mode=mode
+        )
     except Exception as e:  # timm raises RuntimeError/FileNotFoundError for empty or odd trees
         raise DataError(f"cannot read images under {str(folder)!r}: {e}") from None
     if len(ds) == 0:
@@ -150,26 +162,53 @@ def train_transform(dc: dict[str, Any], cfg: dict[str, Any]):
     from timm.data import create_transform
 
     return create_transform(
-        dc["input_size"], is_training=True, scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]),
-        hflip=cfg["hflip"], vflip=cfg["vflip"], color_jitter=cfg["color_jitter"], auto_augment=cfg["aa"],
-        interpolation=cfg["train_interpolation"], mean=dc["mean"], std=dc["std"], re_prob=cfg["reprob"],
-        re_mode=cfg["remode"], re_count=cfg["recount"])
+        dc["input_size"],
+        is_training=True,
+        scale=tuple(cfg["scale"]),
+        ratio=tuple(cfg["ratio"]),
+        hflip=cfg["hflip"],
+        vflip=cfg["vflip"],
+        color_jitter=cfg["color_jitter"],
+        auto_augment=cfg["aa"],
+        interpolation=cfg["train_interpolation"],
+        mean=dc["mean"],
+        std=dc["std"],
+        re_prob=cfg["reprob"],
+        re_mode=cfg["remode"],
+        re_count=cfg["recount"],
+    )
 
 
 def eval_transform(dc: dict[str, Any]):
     from timm.data import create_transform
 
-    return create_transform(dc["input_size"], is_training=False, interpolation=dc["interpolation"],
-                            mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"],
-                            crop_mode=dc.get("crop_mode"))
+    return create_transform(
+        dc["input_size"],
+        is_training=False,
+        interpolation=dc["interpolation"],
+        mean=dc["mean"],
+        std=dc["std"],
+        crop_pct=dc["crop_pct"],
+        crop_mode=dc.get("crop_mode"),
+    )
 
 
 def train_loader(ds, batch_size: int, workers: int, world_size: int, rank: int, seed: int) -> DataLoader:
     """Shuffled by a ``DistributedSampler`` on every run (one replica when single-process), so the same
     seed and epoch give the same global order whatever the number of ranks; ``set_epoch`` reshuffles."""
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                      generator=torch.Generator(), persistent_workers=False, pin_memory=False)
+    sampler = DistributedSampler(
+        ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        generator=torch.Generator(),
+        persistent_workers=False,
+        pin_memory=False,
+    )
 
 
 def eval_loader(ds, batch_size: int, workers: int, world_size: int = 1, rank: int = 0) -> DataLoader:

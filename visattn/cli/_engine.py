@@ -65,13 +65,36 @@ def autocast(device: torch.device, enabled: bool, dtype: str):
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=True,
-                mininterval=0.5)
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=True,
+        mininterval=0.5,
+    )
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, *, device, epoch: int, num_epochs: int, cfg: dict[str, Any],
-                    d: Dist, mixup=None, scaler=None, scheduler=None, ema=None, ema_source=None, num_updates: int = 0,
-                    stop_after: int | None = None) -> tuple[dict[str, float], int, bool]:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    loss_fn,
+    *,
+    device,
+    epoch: int,
+    num_epochs: int,
+    cfg: dict[str, Any],
+    d: Dist,
+    mixup=None,
+    scaler=None,
+    scheduler=None,
+    ema=None,
+    ema_source=None,
+    num_updates: int = 0,
+    stop_after: int | None = None,
+) -> tuple[dict[str, float], int, bool]:
     """One epoch of optimizer updates; returns (metrics, num_updates, interrupted)."""
     accum = cfg["grad_accum_steps"]
     updates_per_epoch = len(loader) // accum
@@ -97,8 +120,10 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, epoch: int, nu
                 out = model(x)
                 loss = loss_fn(out, y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {i}; "
-                                         "lower lr, enable clip_grad or use amp_dtype bfloat16")
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at epoch {epoch}, step {i}; "
+                    "lower lr, enable clip_grad or use amp_dtype bfloat16"
+                )
             scaled = loss / accum
             if scaler is not None:
                 scaler.scale(scaled).backward()
@@ -128,8 +153,12 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, epoch: int, nu
             scheduler.step_update(num_updates=num_updates)
         if d.is_main and (steps_here % max(1, cfg["log_interval"]) == 0 or steps_here == updates_per_epoch):
             rate = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{rate:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                img_s=f"{rate:.0f}",
+                refresh=False,
+            )
         bar.update(1)
         if stop_after is not None and num_updates >= stop_after:
             interrupted = True
@@ -137,12 +166,22 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, epoch: int, nu
     bar.close()
     elapsed = time.perf_counter() - t0
     total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], device, d)
-    return ({"train_loss": total_loss / max(total_seen, 1), "lr": optimizer.param_groups[0]["lr"],
-             "train_img_per_s": total_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}, num_updates, interrupted)
+    return (
+        {
+            "train_loss": total_loss / max(total_seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_img_per_s": total_seen / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        },
+        num_updates,
+        interrupted,
+    )
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, device, cfg: dict[str, Any], d: Dist, desc: str = "validate") -> dict[str, float]:
+def evaluate(
+    model, loader, *, device, cfg: dict[str, Any], d: Dist, desc: str = "validate"
+) -> dict[str, float]:
     """Top-1/top-5 (percent), mean cross-entropy and images/s over ``loader`` (each rank a disjoint share)."""
     model.eval()
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
@@ -170,5 +209,10 @@ def evaluate(model, loader, *, device, cfg: dict[str, Any], d: Dist, desc: str =
     elapsed = time.perf_counter() - t0
     correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], device, d)
     n = max(n, 1.0)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n,
-            "img_per_s": n / max(elapsed, 1e-9), "count": int(n)}
+    return {
+        "top1": 100.0 * correct1 / n,
+        "top5": 100.0 * correct5 / n,
+        "loss": loss_sum / n,
+        "img_per_s": n / max(elapsed, 1e-9),
+        "count": int(n),
+    }

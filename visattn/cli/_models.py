@@ -27,7 +27,11 @@ def check_model_name(name: str) -> None:
     if ":" in name or timm.is_model(base):  # hub/local-dir names and pretrained tags resolve in timm
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else " `timm.list_models('*pattern*')` lists the names."
+    hint = (
+        f" Did you mean: {', '.join(close)}?"
+        if close
+        else " `timm.list_models('*pattern*')` lists the names."
+    )
     raise ModelError(f"unknown model {name!r}: not registered with timm (visattn imported).{hint}")
 
 
@@ -56,14 +60,18 @@ def check_model_kwargs(model_cls: type, kwargs: dict[str, Any]) -> None:
                 continue  # passed on to a sub-module we cannot see; the constructor decides
             valid = [p for p in params if p not in ("self",)]
             close = difflib.get_close_matches(key, valid, n=3)
-            raise TypeError(f"model_kwargs: {model_cls.__name__} has no parameter {key!r}"
-                            + (f"; did you mean {', '.join(close)}?" if close else "")
-                            + f" Parameters: {', '.join(valid)}")
+            raise TypeError(
+                f"model_kwargs: {model_cls.__name__} has no parameter {key!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + f" Parameters: {', '.join(valid)}"
+            )
         default = params[key].default
         if not _type_ok(value, default):
-            raise TypeError(f"model_kwargs: expected {key} of type {type(default).__name__} like its default "
-                            f"{default!r}, got {key}={value!r} ({type(value).__name__}); write True/False, "
-                            f"numbers and tuples as Python literals")
+            raise TypeError(
+                f"model_kwargs: expected {key} of type {type(default).__name__} like its default "
+                f"{default!r}, got {key}={value!r} ({type(value).__name__}); write True/False, "
+                f"numbers and tuples as Python literals"
+            )
 
 
 def create_model(name: str, *, model_kwargs: dict[str, Any] | None = None, **kwargs):

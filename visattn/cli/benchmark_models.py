@@ -12,7 +12,7 @@ synchronisation on CPU); the median step gives img/s. A model that runs out of m
 row with its error and the others still run.
 
 Examples:
-  visattn benchmark-models --models nat_tiny,swin_tiny_patch4_window7_224,convnext_tiny --batch-size 128 --dtype bf16
+  visattn benchmark-models --models nat_tiny,swin_tiny_patch4_window7_224,convnext_tiny -b 128 --dtype bf16
   visattn benchmark-models --models test_vit,test_convnext --device cpu --batch-size 4 --img-size 64
 """
 
@@ -28,24 +28,48 @@ from pathlib import Path
 NAME = "benchmark-models"
 HELP = "benchmark models: train/infer img/s, peak memory, params, FLOPs (JSON + Markdown)"
 
-DEFAULT_MODELS = "nat_tiny,dinat_tiny,biformer_small,agent_swin_tiny,agent_pvt_small,swin_tiny_patch4_window7_224,convnext_tiny"
+DEFAULT_MODELS = (
+    "nat_tiny,dinat_tiny,biformer_small,agent_swin_tiny,agent_pvt_small,"
+    "swin_tiny_patch4_window7_224,convnext_tiny"
+)
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated model names (default: {DEFAULT_MODELS})")
+    p.add_argument(
+        "--models", default=DEFAULT_MODELS, help=f"comma-separated model names (default: {DEFAULT_MODELS})"
+    )
     p.add_argument("--batch-size", "-b", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: 224, or the model's when unset)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--img-size", type=int, default=None, help="input side (default: 224, or the model's when unset)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default=None,
+        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--modes", default="infer,train", help="comma-separated from infer, train")
-    p.add_argument("--backends", default="", help="visattn backends to run each model under, e.g. torch,triton "
-                   "(default: the automatic choice; timm models ignore it)")
+    p.add_argument(
+        "--backends",
+        default="",
+        help="visattn backends to run each model under, e.g. torch,triton "
+        "(default: the automatic choice; timm models ignore it)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels-last inputs and weights")
-    p.add_argument("--torchcompile", default=None, metavar="BACKEND", help="torch.compile the model (e.g. inductor)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="set_grad_checkpointing() for the train mode")
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE", help="passed to every model")
+    p.add_argument(
+        "--torchcompile", default=None, metavar="BACKEND", help="torch.compile the model (e.g. inductor)"
+    )
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="set_grad_checkpointing() for the train mode"
+    )
+    p.add_argument(
+        "--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE", help="passed to every model"
+    )
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default: 10 CUDA, 2 CPU)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per mode (default: 10 CUDA, 2 CPU)"
+    )
     p.add_argument("--iters", type=int, default=None, help="timed steps per mode (default: 30 CUDA, 3 CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="benchmark-results", help="output folder (default: ./benchmark-results)")
@@ -120,7 +144,9 @@ def bench_one(name: str, args, device, dtype, backend: str | None, model_kwargs:
             model.to(memory_format=torch.channels_last)
         if not args.no_flops:
             flops = count_flops(model, size, in_chans, device)
-            row.update(gflops=None if flops is None else flops / 1e9, gmacs=None if flops is None else flops / 2e9)
+            row.update(
+                gflops=None if flops is None else flops / 1e9, gmacs=None if flops is None else flops / 2e9
+            )
         run_model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
         x = torch.randn(args.batch_size, in_chans, size, size, device=device)
         if args.channels_last:
@@ -133,7 +159,7 @@ def bench_one(name: str, args, device, dtype, backend: str | None, model_kwargs:
             if mode == "infer":
                 model.eval()
 
-                def step():
+                def step(run_model=run_model, x=x, amp=amp):
                     with torch.no_grad(), amp:
                         run_model(x)
             else:
@@ -143,19 +169,20 @@ def bench_one(name: str, args, device, dtype, backend: str | None, model_kwargs:
                 opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
                 target = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
 
-                def step():
+                def step(run_model=run_model, x=x, amp=amp, opt=opt, target=target):
                     with amp:
                         loss = torch.nn.functional.cross_entropy(run_model(x), target)
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+
             times = _time_steps(step, device, args.warmup, args.iters)
             ms = statistics.median(times)
             row[f"{mode}_ms"] = ms
             row[f"{mode}_img_s"] = args.batch_size * 1e3 / ms
-            row[f"{mode}_peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30
-                                           if device.type == "cuda" else None)
-    del model, run_model
+            row[f"{mode}_peak_mem_gib"] = (
+                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -166,21 +193,42 @@ def _fmt(v, nd=1) -> str:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [f"# visattn benchmark-models on {env['device_name']} (torch {env['torch']}, timm {env['timm']})", ""]
+    lines = [
+        f"# visattn benchmark-models on {env['device_name']} (torch {env['torch']}, timm {env['timm']})",
+        "",
+    ]
     if env["cpu_timings"]:
         lines += ["**CPU timings**: no CUDA device; not GPU performance.", ""]
-    lines += [f"batch {env['batch']}, dtype {env['dtype']}, channels_last {env['channels_last']}, "
-              f"compile {env['torchcompile']}; median of {env['iters']} steps after {env['warmup']} warm-up steps. "
-              "GMACs = FLOPs / 2 (one forward, batch 1; torch.utils.flop_counter).", "",
-              "| model | backend | img | params (M) | GMACs | infer img/s | infer ms | infer peak GiB "
-              "| train img/s | train ms | train peak GiB | error |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"batch {env['batch']}, dtype {env['dtype']}, channels_last {env['channels_last']}, "
+        f"compile {env['torchcompile']}; median of {env['iters']} steps after {env['warmup']} warm-up steps. "
+        "GMACs = FLOPs / 2 (one forward, batch 1; torch.utils.flop_counter).",
+        "",
+        "| model | backend | img | params (M) | GMACs | infer img/s | infer ms | infer peak GiB "
+        "| train img/s | train ms | train peak GiB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["model"], r["backend"], _fmt(r.get("img_size")), _fmt(r.get("params_m"), 2), _fmt(r.get("gmacs"), 2),
-            _fmt(r.get("infer_img_s")), _fmt(r.get("infer_ms"), 2), _fmt(r.get("infer_peak_mem_gib"), 2),
-            _fmt(r.get("train_img_s")), _fmt(r.get("train_ms"), 2), _fmt(r.get("train_peak_mem_gib"), 2),
-            r.get("error", "")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    r["backend"],
+                    _fmt(r.get("img_size")),
+                    _fmt(r.get("params_m"), 2),
+                    _fmt(r.get("gmacs"), 2),
+                    _fmt(r.get("infer_img_s")),
+                    _fmt(r.get("infer_ms"), 2),
+                    _fmt(r.get("infer_peak_mem_gib"), 2),
+                    _fmt(r.get("train_img_s")),
+                    _fmt(r.get("train_ms"), 2),
+                    _fmt(r.get("train_peak_mem_gib"), 2),
+                    r.get("error", ""),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,11 +264,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"visattn benchmark-models: error: {e}", file=sys.stderr)
         return 2
     backends = [b for b in args.backends.split(",") if b] or [None]
-    env = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-           "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-           "cpu_timings": not cuda, "batch": args.batch_size, "dtype": args.dtype, "channels_last": args.channels_last,
-           "torchcompile": args.torchcompile, "warmup": args.warmup, "iters": args.iters,
-           "threads": torch.get_num_threads()}
+    env = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "cpu_timings": not cuda,
+        "batch": args.batch_size,
+        "dtype": args.dtype,
+        "channels_last": args.channels_last,
+        "torchcompile": args.torchcompile,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "threads": torch.get_num_threads(),
+    }
     if not cuda:
         print("visattn benchmark-models: no CUDA device; these are CPU timings.", file=sys.stderr)
     rows = []
@@ -233,12 +291,20 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # a row per failure; the other models still run
                 row = {"model": name, "backend": backend or "auto", "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(row)
-            print(f"{name} [{row['backend']}]: " + ", ".join(
-                f"{k}={_fmt(v, 2)}" for k, v in row.items() if k.endswith(("img_s", "gib", "gmacs")) or k == "error"),
-                file=sys.stderr)
+            print(
+                f"{name} [{row['backend']}]: "
+                + ", ".join(
+                    f"{k}={_fmt(v, 2)}"
+                    for k, v in row.items()
+                    if k.endswith(("img_s", "gib", "gmacs")) or k == "error"
+                ),
+                file=sys.stderr,
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark_models.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    (out / "benchmark_models.json").write_text(
+        json.dumps({"environment": env, "rows": rows}, indent=1) + "\n"
+    )
     md = markdown(rows, env)
     (out / "benchmark_models.md").write_text(md)
     print(md)

@@ -72,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"visattn train: error: {e}", file=sys.stderr)
         return 2
     if summary.get("interrupted"):
-        print(f"visattn train: stopped after {summary['num_updates']} updates (interrupt_after_steps); "
-              f"resume with --resume auto", file=sys.stderr)
+        print(
+            f"visattn train: stopped after {summary['num_updates']} updates (interrupt_after_steps); "
+            f"resume with --resume auto",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -115,7 +118,14 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     from timm.utils import ModelEmaV3
 
     from . import _data
-    from ._checkpoint import FORMAT, atomic_save, check_same_model, load_trainer_checkpoint, load_weights, set_rng_state
+    from ._checkpoint import (
+        FORMAT,
+        atomic_save,
+        check_same_model,
+        load_trainer_checkpoint,
+        load_weights,
+        set_rng_state,
+    )
     from ._config import global_batch, resolve_lr
     from ._engine import evaluate, init_distributed, train_one_epoch
     from ._models import check_model_name, create_model
@@ -143,17 +153,26 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         ckpt = load_trainer_checkpoint(resume_path)
         check_same_model(ckpt, cfg, num_classes, in_chans, resume_path)
     elif (out / "last.pth.tar").exists():
-        raise FileExistsError(f"{str(out)!r} already holds a run (last.pth.tar); continue it with --resume auto "
-                              "or pick another --experiment / --output")
+        raise FileExistsError(
+            f"{str(out)!r} already holds a run (last.pth.tar); continue it with --resume auto "
+            "or pick another --experiment / --output"
+        )
 
     overlay = dict(file=cfg["pretrained_path"]) if cfg["pretrained_path"] else None
     if cfg["pretrained_path"] and not Path(cfg["pretrained_path"]).is_file():
         raise _data.DataError(f"pretrained_path not found: {cfg['pretrained_path']!r}")
-    # unlike timm's train.py, a pretrained_path alone loads (there --pretrained-path without --pretrained is a no-op)
-    model = create_model(cfg["model"], model_kwargs=cfg["model_kwargs"],
-                         pretrained=cfg["pretrained"] or bool(cfg["pretrained_path"]),
-                         pretrained_cfg_overlay=overlay, num_classes=num_classes, in_chans=in_chans,
-                         drop_rate=cfg["drop"], drop_path_rate=cfg["drop_path"], global_pool=cfg["gp"])
+    # a pretrained_path alone loads; in timm's train.py --pretrained-path without --pretrained is a no-op
+    model = create_model(
+        cfg["model"],
+        model_kwargs=cfg["model_kwargs"],
+        pretrained=cfg["pretrained"] or bool(cfg["pretrained_path"]),
+        pretrained_cfg_overlay=overlay,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=cfg["drop"],
+        drop_path_rate=cfg["drop_path"],
+        global_pool=cfg["gp"],
+    )
     if cfg["initial_checkpoint"] and ckpt is None:
         load_weights(model, cfg["initial_checkpoint"])
     if cfg["grad_checkpointing"]:
@@ -167,19 +186,31 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     dc = _data.data_config(model, cfg, in_chans)
     train_ds.transform = _data.train_transform(dc, cfg)
     val_ds.transform = _data.eval_transform(dc)
-    train_loader = _data.train_loader(train_ds, cfg["batch_size"], cfg["workers"], d.world_size, d.rank, cfg["seed"])
-    val_loader = _data.eval_loader(val_ds, cfg["validation_batch_size"] or cfg["batch_size"], cfg["workers"],
-                                   d.world_size, d.rank)
+    train_loader = _data.train_loader(
+        train_ds, cfg["batch_size"], cfg["workers"], d.world_size, d.rank, cfg["seed"]
+    )
+    val_loader = _data.eval_loader(
+        val_ds, cfg["validation_batch_size"] or cfg["batch_size"], cfg["workers"], d.world_size, d.rank
+    )
     updates_per_epoch = len(train_loader) // cfg["grad_accum_steps"]
     if updates_per_epoch < 1:
-        raise _data.DataError(f"{len(train_ds)} training images give no full step of global batch "
-                              f"{global_batch(cfg, d.world_size)}; lower batch_size or grad_accum_steps")
+        raise _data.DataError(
+            f"{len(train_ds)} training images give no full step of global batch "
+            f"{global_batch(cfg, d.world_size)}; lower batch_size or grad_accum_steps"
+        )
 
     mixup = None
     if cfg["mixup"] > 0 or cfg["cutmix"] > 0 or cfg["cutmix_minmax"] is not None:
-        mixup = Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], cutmix_minmax=cfg["cutmix_minmax"],
-                      prob=cfg["mixup_prob"], switch_prob=cfg["mixup_switch_prob"], mode=cfg["mixup_mode"],
-                      label_smoothing=cfg["smoothing"], num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=cfg["mixup"],
+            cutmix_alpha=cfg["cutmix"],
+            cutmix_minmax=cfg["cutmix_minmax"],
+            prob=cfg["mixup_prob"],
+            switch_prob=cfg["mixup_switch_prob"],
+            mode=cfg["mixup_mode"],
+            label_smoothing=cfg["smoothing"],
+            num_classes=num_classes,
+        )
         loss_fn = SoftTargetCrossEntropy()
     elif cfg["smoothing"] > 0:
         loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
@@ -192,17 +223,36 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         opt_kw["eps"] = cfg["opt_eps"]
     if cfg["opt_betas"] is not None:
         opt_kw["betas"] = tuple(cfg["opt_betas"])
-    optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"],
-                                    momentum=cfg["momentum"], layer_decay=cfg["layer_decay"], **opt_kw)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg["opt"],
+        lr=lr,
+        weight_decay=cfg["weight_decay"],
+        momentum=cfg["momentum"],
+        layer_decay=cfg["layer_decay"],
+        **opt_kw,
+    )
     scaler = None
     if cfg["amp"] and cfg["amp_dtype"] == "float16" and device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
     scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=cfg["sched"], num_epochs=cfg["epochs"], decay_epochs=cfg["decay_epochs"],
-        decay_rate=cfg["decay_rate"], cooldown_epochs=cfg["cooldown_epochs"], min_lr=cfg["min_lr"],
-        warmup_lr=cfg["warmup_lr"], warmup_epochs=cfg["warmup_epochs"],
-        step_on_epochs=not cfg["sched_on_updates"], updates_per_epoch=updates_per_epoch)
-    ema = ModelEmaV3(model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"]) if cfg["model_ema"] else None
+        optimizer,
+        sched=cfg["sched"],
+        num_epochs=cfg["epochs"],
+        decay_epochs=cfg["decay_epochs"],
+        decay_rate=cfg["decay_rate"],
+        cooldown_epochs=cfg["cooldown_epochs"],
+        min_lr=cfg["min_lr"],
+        warmup_lr=cfg["warmup_lr"],
+        warmup_epochs=cfg["warmup_epochs"],
+        step_on_epochs=not cfg["sched_on_updates"],
+        updates_per_epoch=updates_per_epoch,
+    )
+    ema = (
+        ModelEmaV3(model, decay=cfg["model_ema_decay"], use_warmup=cfg["model_ema_warmup"])
+        if cfg["model_ema"]
+        else None
+    )
 
     start_epoch, num_updates, history, best, wall_before = 0, 0, [], None, 0.0
     if ckpt is not None:
@@ -230,9 +280,12 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        print(f"visattn train: {cfg['model']} on {len(train_ds)}/{len(val_ds)} images, {num_classes} classes, "
-              f"input {tuple(dc['input_size'])}, {d.world_size} process(es) on {device.type}, global batch "
-              f"{global_batch(cfg, d.world_size)}, lr {lr:.3g}, {num_epochs} epochs -> {out}", file=sys.stderr)
+        print(
+            f"visattn train: {cfg['model']} on {len(train_ds)}/{len(val_ds)} images, {num_classes} classes, "
+            f"input {tuple(dc['input_size'])}, {d.world_size} process(es) on {device.type}, global batch "
+            f"{global_batch(cfg, d.world_size)}, lr {lr:.3g}, {num_epochs} epochs -> {out}",
+            file=sys.stderr,
+        )
     stop = None if cfg["interrupt_after_steps"] is None else num_updates + cfg["interrupt_after_steps"]
     summary: dict[str, Any] = {}
     for epoch in range(start_epoch, num_epochs):
@@ -240,14 +293,34 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         if mixup is not None and cfg["mixup_off_epoch"] and epoch >= cfg["mixup_off_epoch"]:
             mixup.mixup_enabled = False
         tm, num_updates, interrupted = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device=device, epoch=epoch, num_epochs=num_epochs, cfg=cfg,
-            d=d, mixup=mixup, scaler=scaler, scheduler=scheduler, ema=ema, ema_source=base,
-            num_updates=num_updates, stop_after=stop)
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            device=device,
+            epoch=epoch,
+            num_epochs=num_epochs,
+            cfg=cfg,
+            d=d,
+            mixup=mixup,
+            scaler=scaler,
+            scheduler=scheduler,
+            ema=ema,
+            ema_source=base,
+            num_updates=num_updates,
+            stop_after=stop,
+        )
         if interrupted:
             return {"interrupted": True, "num_updates": num_updates, "epoch": epoch}
         ev = evaluate(model.module if d.enabled else model, val_loader, device=device, cfg=cfg, d=d)
-        row = {"epoch": epoch, **tm, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"],
-               "val_img_per_s": ev["img_per_s"]}
+        row = {
+            "epoch": epoch,
+            **tm,
+            "top1": ev["top1"],
+            "top5": ev["top5"],
+            "val_loss": ev["loss"],
+            "val_img_per_s": ev["img_per_s"],
+        }
         chosen = ev
         if ema is not None:
             ee = evaluate(ema.module, val_loader, device=device, cfg=cfg, d=d)
@@ -258,17 +331,39 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         history.append(row)
         improved = _better(cfg["eval_metric"], metric, None if best is None else best["metric"])
         if improved:
-            best = {"metric": metric, "epoch": epoch, "top1": chosen["top1"], "top5": chosen["top5"],
-                    "loss": chosen["loss"], "from": "ema" if ema is not None else "model"}
+            best = {
+                "metric": metric,
+                "epoch": epoch,
+                "top1": chosen["top1"],
+                "top5": chosen["top5"],
+                "loss": chosen["loss"],
+                "from": "ema" if ema is not None else "model",
+            }
         rngs = _gather_rng(d)
         if d.is_main:
             wall = wall_before + time.perf_counter() - t_start
-            state = {"epoch": epoch, "arch": cfg["model"], "state_dict": base.state_dict(),
-                     "optimizer": optimizer.state_dict(), "version": 2, "args": cfg, "metric": metric,
-                     "visattn": {"format": FORMAT, "scheduler": scheduler.state_dict(), "rng": rngs,
-                                 "num_updates": num_updates, "history": history, "best": best,
-                                 "model_kwargs": cfg["model_kwargs"], "num_classes": num_classes,
-                                 "in_chans": in_chans, "world_size": d.world_size, "wall_time_s": wall}}
+            state = {
+                "epoch": epoch,
+                "arch": cfg["model"],
+                "state_dict": base.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "version": 2,
+                "args": cfg,
+                "metric": metric,
+                "visattn": {
+                    "format": FORMAT,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs,
+                    "num_updates": num_updates,
+                    "history": history,
+                    "best": best,
+                    "model_kwargs": cfg["model_kwargs"],
+                    "num_classes": num_classes,
+                    "in_chans": in_chans,
+                    "world_size": d.world_size,
+                    "wall_time_s": wall,
+                },
+            }
             if ema is not None:
                 state["state_dict_ema"] = ema.module.state_dict()
             if scaler is not None:
@@ -279,19 +374,39 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
             write_metrics(out, history)
             plot_curves(out, history)
             summary = {
-                "model": cfg["model"], "best_top1": best["top1"], "best_top5": best["top5"],
-                "accuracy_unit": "percent (0-100)", "best_epoch": best["epoch"], "best_from": best["from"],
-                "eval_metric": cfg["eval_metric"], "final": row, "epochs_done": epoch + 1, "num_epochs": num_epochs,
-                "num_updates": num_updates, "params": sum(p.numel() for p in base.parameters()),
-                "world_size": d.world_size, "global_batch": global_batch(cfg, d.world_size), "lr": lr,
+                "model": cfg["model"],
+                "best_top1": best["top1"],
+                "best_top5": best["top5"],
+                "accuracy_unit": "percent (0-100)",
+                "best_epoch": best["epoch"],
+                "best_from": best["from"],
+                "eval_metric": cfg["eval_metric"],
+                "final": row,
+                "epochs_done": epoch + 1,
+                "num_epochs": num_epochs,
+                "num_updates": num_updates,
+                "params": sum(p.numel() for p in base.parameters()),
+                "world_size": d.world_size,
+                "global_batch": global_batch(cfg, d.world_size),
+                "lr": lr,
                 "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dc.items()},
-                "wall_time_s": wall, "device": str(device), "config": cfg,
-                "files": {"last": "last.pth.tar", "best": "best.pth.tar", "metrics": "metrics.json",
-                          "curves": "curves.png"}}
+                "wall_time_s": wall,
+                "device": str(device),
+                "config": cfg,
+                "files": {
+                    "last": "last.pth.tar",
+                    "best": "best.pth.tar",
+                    "metrics": "metrics.json",
+                    "curves": "curves.png",
+                },
+            }
             write_summary(out, summary)
-            print(f"epoch {epoch + 1}/{num_epochs}: loss {tm['train_loss']:.4f}  top1 {ev['top1']:.2f}%"
-                  + (f"  ema top1 {row['ema_top1']:.2f}%" if ema is not None else "")
-                  + f"  best {best['top1']:.2f}% (epoch {best['epoch'] + 1})", file=sys.stderr)
+            print(
+                f"epoch {epoch + 1}/{num_epochs}: loss {tm['train_loss']:.4f}  top1 {ev['top1']:.2f}%"
+                + (f"  ema top1 {row['ema_top1']:.2f}%" if ema is not None else "")
+                + f"  best {best['top1']:.2f}% (epoch {best['epoch'] + 1})",
+                file=sys.stderr,
+            )
         if d.enabled:
             import torch.distributed as dist
 

@@ -26,13 +26,21 @@ _DATA_KEYS = ("img_size", "crop_pct", "mean", "std", "interpolation", "digits_si
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="timm/visattn model name")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", default=None, help="trainer/timm checkpoint or state dict (keys must match)")
-    w.add_argument("--pretrained-file", default=None, help="weights converted by the model's checkpoint_filter_fn")
+    w.add_argument(
+        "--checkpoint", default=None, help="trainer/timm checkpoint or state dict (keys must match)"
+    )
+    w.add_argument(
+        "--pretrained-file", default=None, help="weights converted by the model's checkpoint_filter_fn"
+    )
     w.add_argument("--pretrained", action="store_true", help="the model's default pretrained weights")
     p.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--data", "--data-dir", dest="data", default=None, help="ImageFolder root or split folder")
-    p.add_argument("--dataset", default="", choices=("", "folder", "digits"), help="digits: scikit-learn's digits")
-    p.add_argument("--split", default="validation", help="split folder under --data (default: validation, or val)")
+    p.add_argument(
+        "--dataset", default="", choices=("", "folder", "digits"), help="digits: scikit-learn's digits"
+    )
+    p.add_argument(
+        "--split", default="validation", help="split folder under --data (default: validation, or val)"
+    )
     p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--in-chans", type=int, default=None)
@@ -70,21 +78,40 @@ def validate(args: argparse.Namespace) -> dict:
         model_kwargs = parse_overrides(args.model_kwargs, flag="--model-kwargs")
     in_chans = args.in_chans or meta.get("in_chans") or 3
     cfg = {k: saved.get(k) for k in _DATA_KEYS}
-    cfg.update({k: v for k, v in (("img_size", args.img_size), ("crop_pct", args.crop_pct),
-                                  ("interpolation", args.interpolation)) if v is not None})
+    cfg.update(
+        {
+            k: v
+            for k, v in (
+                ("img_size", args.img_size),
+                ("crop_pct", args.crop_pct),
+                ("interpolation", args.interpolation),
+            )
+            if v is not None
+        }
+    )
     cfg["digits_size"] = cfg["digits_size"] or 32
     cfg["digits_val_fraction"] = cfg["digits_val_fraction"] or 0.2
     if args.dataset == "digits":
-        ds = _data.DigitsDataset("validation" if args.split in ("val", "validation") else args.split,
-                                 cfg["digits_size"], "L" if in_chans == 1 else "RGB", cfg["digits_val_fraction"])
+        ds = _data.DigitsDataset(
+            "validation" if args.split in ("val", "validation") else args.split,
+            cfg["digits_size"],
+            "L" if in_chans == 1 else "RGB",
+            cfg["digits_val_fraction"],
+        )
     else:
         ds = _data.image_folder(args.data, args.split, "L" if in_chans == 1 else "RGB")
     num_classes = args.num_classes or meta.get("num_classes") or _data.num_classes_of(ds)
     overlay = dict(file=args.pretrained_file) if args.pretrained_file else None
     if args.pretrained_file and not Path(args.pretrained_file).is_file():
         raise _data.DataError(f"pretrained file not found: {args.pretrained_file!r}")
-    model = create_model(args.model, model_kwargs=model_kwargs, pretrained=bool(args.pretrained or overlay),
-                         pretrained_cfg_overlay=overlay, num_classes=num_classes, in_chans=in_chans)
+    model = create_model(
+        args.model,
+        model_kwargs=model_kwargs,
+        pretrained=bool(args.pretrained or overlay),
+        pretrained_cfg_overlay=overlay,
+        num_classes=num_classes,
+        in_chans=in_chans,
+    )
     info = {}
     if ckpt is not None:
         info = load_weights(model, args.checkpoint, use_ema=args.use_ema, ckpt=ckpt)
@@ -95,14 +122,34 @@ def validate(args: argparse.Namespace) -> dict:
     dc = _data.data_config(model, cfg, in_chans)
     ds.transform = _data.eval_transform(dc)
     loader = _data.eval_loader(ds, args.batch_size, args.workers)
-    ev = evaluate(model, loader, device=device, d=Dist(), desc=f"validate {args.model}",
-                  cfg={"amp": args.amp, "amp_dtype": args.amp_dtype, "channels_last": args.channels_last,
-                       "progress": sys.stderr.isatty()})
-    result = {"model": args.model, "top1": round(ev["top1"], 4), "top5": round(ev["top5"], 4),
-              "loss": round(ev["loss"], 6), "img_per_s": round(ev["img_per_s"], 2), "count": ev["count"],
-              "accuracy_unit": "percent (0-100)", "checkpoint": args.checkpoint or args.pretrained_file,
-              "checkpoint_arch": info.get("arch"), "checkpoint_epoch": info.get("epoch"), "ema": args.use_ema,
-              "input_size": list(dc["input_size"]), "device": str(device)}
+    ev = evaluate(
+        model,
+        loader,
+        device=device,
+        d=Dist(),
+        desc=f"validate {args.model}",
+        cfg={
+            "amp": args.amp,
+            "amp_dtype": args.amp_dtype,
+            "channels_last": args.channels_last,
+            "progress": sys.stderr.isatty(),
+        },
+    )
+    result = {
+        "model": args.model,
+        "top1": round(ev["top1"], 4),
+        "top5": round(ev["top5"], 4),
+        "loss": round(ev["loss"], 6),
+        "img_per_s": round(ev["img_per_s"], 2),
+        "count": ev["count"],
+        "accuracy_unit": "percent (0-100)",
+        "checkpoint": args.checkpoint or args.pretrained_file,
+        "checkpoint_arch": info.get("arch"),
+        "checkpoint_epoch": info.get("epoch"),
+        "ema": args.use_ema,
+        "input_size": list(dc["input_size"]),
+        "device": str(device),
+    }
     return result
 
 
@@ -114,8 +161,11 @@ def run(args: argparse.Namespace) -> int:
     except _user_errors() as e:
         print(f"visattn validate: error: {e}", file=sys.stderr)
         return 2
-    print(f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-          f"{result['img_per_s']:.1f} img/s on {result['count']} images")
+    print(
+        f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"loss {result['loss']:.4f}  "
+        f"{result['img_per_s']:.1f} img/s on {result['count']} images"
+    )
     print(json.dumps(result))
     if args.results_file:
         Path(args.results_file).write_text(json.dumps(result, indent=1) + "\n")
