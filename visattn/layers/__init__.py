@@ -1,6 +1,6 @@
 """nn.Module layers that own projections and call visattn.ops (one file per method)."""
 
-from .neighborhood import (  # noqa: E402
+from .neighborhood import (  # noqa: E402, F401
     NeighborhoodAttention,
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
