@@ -13,14 +13,23 @@ Stages take and return NCHW (specs/timm.md §6). :func:`checkpoint_filter_fn` ma
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
+from timm.layers import LayerNorm2d, PatchEmbed
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from ._cfgs import DINAT_S_CFGS, DINAT_S_VARIANTS
-from .nat import HierarchicalNA, NATBlock, _from_nat_repo, check_nat_args, finish_state_dict, unwrap_state_dict
+from .nat import (
+    HierarchicalNA,
+    NATBlock,
+    _from_nat_repo,
+    check_nat_args,
+    finish_state_dict,
+    unwrap_state_dict,
+)
 
 __all__ = ["DiNATs", "PatchMerging", "DiNATsStage"]
 
@@ -108,9 +117,11 @@ class DiNATs(HierarchicalNA):
             dict(mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate), layer_scale)
         n = len(depths)
         dims = [embed_dim * 2 ** i for i in range(n)]
-        self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
-                                           flatten=False, output_fmt="NHWC", strict_img_size=False,
-                                           dynamic_img_pad=True, **dd)
+        # NCHW out with a channel LayerNorm (eps 1e-5 as upstream), so feature wrappers that call the
+        # modules in order (features_only) see NCHW at every boundary
+        self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim,
+                                      norm_layer=partial(LayerNorm2d, eps=1e-5), flatten=False, output_fmt="NCHW",
+                                      strict_img_size=False, dynamic_img_pad=True, **dd)
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
         block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop_rate,
                             attn_drop=attn_drop_rate, layer_scale=layer_scale, small_input=small_input)
@@ -120,10 +131,6 @@ class DiNATs(HierarchicalNA):
             for i in range(n)
         ])
         self._init_tail(dims, num_classes, global_pool, drop_rate, dd)
-
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """timm ``PatchEmbed`` (conv 4x4/4, end-padding to a multiple of 4, LayerNorm), NHWC -> NCHW."""
-        return self.patch_embed(x).permute(0, 3, 1, 2)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:

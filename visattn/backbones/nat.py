@@ -166,10 +166,6 @@ class HierarchicalNA(nn.Module):
                                    input_fmt="NCHW", **dd)
         self.apply(_init_weights)
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """``patch_embed`` with NCHW output."""
-        return self.patch_embed(x)
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
@@ -207,7 +203,7 @@ class HierarchicalNA(nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
-        x = self.stem(x)
+        x = self.patch_embed(x)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
         feat_idx = 0
         for feat_idx, stage in enumerate(stages):
@@ -232,7 +228,7 @@ class HierarchicalNA(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.patch_embed(x)
         x = self.stages(x)
         return self.norm(x)
 

@@ -197,7 +197,7 @@ class NeighborhoodAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, *spatial, dim]`` channels-last -> ``[B, *spatial, dim]``."""
         if x.dim() != self.spatial_dims + 2:
-            raise ValueError("expected x of shape [B, *spatial, dim] with {} spatial axes, got x.shape={}".format(
+            raise ValueError("expected x of shape [B, *spatial, dim] with {} spatial axes, got x.shape={}".format(  # noqa: UP032 (TorchScript)
                 self.spatial_dims, list(x.shape)))
         size = [int(s) for s in x.shape[1:-1]]
         pads = self._legacy_pads(size)
@@ -249,7 +249,7 @@ class NeighborhoodAttention(nn.Module):
                 f"attention dropout (attn_drop={self.attn_drop}) runs on the 'torch' backend only, got "
                 f"backend={resolved!r} on {q.device}; use backend='torch' or attn_drop=0")
         size = tuple(q.shape[1:-2])
-        B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+        B, H = q.shape[0], q.shape[-2]
         N = math.prod(size)
         mask = neighborhood_mask(size, ks, st, dl, self.is_causal, device=q.device)  # [N, N] bool
         bias = torch.zeros(H, N, N, dtype=q.dtype, device=q.device)
