@@ -23,6 +23,7 @@ from .neighborhood_ref import (
     NAParams,
     clamp_neighborhood,
     merge_attentions,
+    neighborhood_attention_gather,
     neighborhood_attention_ref,
     neighborhood_attention_weights,
     neighborhood_mask,
@@ -396,6 +397,8 @@ def _run_triton(q, k, v, p: NAParams, scale, extra_kv, rpb, kpm, opts):
 @_dispatch.register_backend("neighborhood", "torch", can_run=lambda *a: [], auto_devices=("cpu",),
                             doc="pure-PyTorch reference")
 def _run_torch(q, k, v, p: NAParams, scale, extra_kv, rpb, kpm, opts):
+    if math.prod(p.kernel_size) * 4 <= math.prod(p.size):  # windows much smaller than the grid: gather them
+        return neighborhood_attention_gather(q, k, v, p, scale, extra_kv, rpb, kpm)
     return neighborhood_attention_ref(q, k, v, p.kernel_size, stride=p.stride, dilation=p.dilation,
                                       is_causal=p.is_causal, scale=scale, extra_kv=extra_kv, rpb=rpb,
                                       key_padding_mask=kpm, return_lse=True, upcast=q.dtype == torch.float64)

@@ -382,3 +382,89 @@ def merge_attentions(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor])
     out = sum(wi[..., None] * o.to(acc) for wi, o in zip(w, outs)) / safe[..., None]
     lse = torch.where(has, torch.log(safe) + m_safe, torch.full_like(m_safe, float("-inf")))
     return out.to(outs[0].dtype), lse
+
+
+_SLOT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _window_slots(p: NAParams, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query its window slots: flat key index ``[N, K]``, slot validity ``[N, K]`` (causal windows
+    are shorter) and the per-axis RPB offsets ``[n, N, K]`` (``j - i + k - 1``); cached."""
+    key = (p, str(device))
+    hit = _SLOT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    n = len(p.size)
+    N = math.prod(p.size)
+    coords = torch.unravel_index(torch.arange(N, device=device), p.size)
+    idx = torch.zeros((N, 1), dtype=torch.long, device=device)
+    valid = torch.ones((N, 1), dtype=torch.bool, device=device)
+    offs = []
+    for a in range(n):
+        d, kk = p.dilation[a], p.kernel_size[a]
+        start, end = axis_windows(p.size[a], kk, p.stride[a], d, p.is_causal[a], device)
+        x = coords[a]
+        st, en = start[x].long(), end[x].long()
+        j = st[:, None] + torch.arange(kk, device=device)[None, :]  # [N, k_a]
+        ok = j <= en[:, None]
+        j = torch.minimum(j, en[:, None])
+        y = j * d + (x % d)[:, None]
+        idx = (idx[:, :, None] + (y * math.prod(p.size[a + 1:]))[:, None, :]).flatten(1)
+        valid = (valid[:, :, None] & ok[:, None, :]).flatten(1)
+        offs.append((j - (x // d)[:, None] + kk - 1))
+    K = idx.shape[1]
+    off = torch.stack([
+        o.reshape(N, *([1] * a), o.shape[1], *([1] * (n - a - 1))).expand(N, *p.kernel_size).reshape(N, K)
+        for a, o in enumerate(offs)
+    ])
+    hit = (idx, valid, off)
+    if len(_SLOT_CACHE) > 64:
+        _SLOT_CACHE.clear()
+    _SLOT_CACHE[key] = hit
+    return hit
+
+
+def neighborhood_attention_gather(q, k, v, p: NAParams, scale: float, extra_kv=None, rpb=None,
+                                  key_padding_mask=None):
+    """The ``"torch"`` backend: each query's window keys gathered (NATTEN's old unfused QK/AV layout).
+
+    Cost ``O(N * prod(k))`` instead of the reference's ``O(N^2)``; same semantics as
+    :func:`neighborhood_attention_ref` (tested against it). Returns ``(out, lse)``.
+    """
+    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    Hk, Dv = k.shape[-2], v.shape[-1]
+    N = math.prod(p.size)
+    idx, valid, off = _window_slots(p, q.device)
+    K = idx.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.reshape(B, N, Hk, H // Hk, D)
+    kg = k.reshape(B, N, Hk, D)[:, idx]  # [B, N, K, Hk, D]
+    vg = v.reshape(B, N, Hk, Dv)[:, idx]
+    s = torch.einsum("bnkgd,bnckd->bnkgc", qf, kg).to(acc) * scale  # [B, N, Hk, G, K]
+    s = s.reshape(B, N, H, K)
+    if rpb is not None:
+        bias = rpb[(slice(None), *off)]  # [H, N, K]
+        s = s + bias.permute(1, 0, 2).to(acc)
+    mask = valid[None, :, None, :]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.reshape(B, N)[:, idx][:, :, None, :]
+    s = s.masked_fill(~mask, float("-inf"))
+    if extra_kv is not None:
+        ke, ve = extra_kv
+        se = torch.einsum("bnkgd,bekd->bnkge", qf, ke).to(acc).reshape(B, N, H, -1) * scale
+        s = torch.cat([s, se], dim=-1)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    has = denom > 0
+    safe = torch.where(has, denom, torch.ones_like(denom))
+    prob = (e / safe).to(q.dtype)
+    pw = prob[..., :K].reshape(B, N, Hk, H // Hk, K)
+    out = torch.einsum("bnkgc,bnckd->bnkgd", pw, vg)
+    if extra_kv is not None:
+        pe = prob[..., K:].reshape(B, N, Hk, H // Hk, -1)
+        out = out + torch.einsum("bnkge,bekd->bnkgd", pe, extra_kv[1])
+    lse = torch.where(has, torch.log(safe) + m, torch.full_like(m, float("-inf"))).squeeze(-1)
+    return out.reshape(B, *p.size, H, Dv), lse.reshape(B, *p.size, H).to(
+        torch.float64 if q.dtype == torch.float64 else torch.float32)
