@@ -155,16 +155,6 @@ def jit_exclusion(name: str) -> str | None:
     return None
 
 
-def is_non_std(name: str) -> bool:
-    """Isotropic (ViT-like) families set ``NON_STD = True`` in their ``_upstream_<family>.py``: NLC
-    features, timm's non-std cfg rules and only the ``getter`` feature wrapper (specs/timm.md §6)."""
-    try:
-        mod = importlib.import_module(f"tests.backbones._upstream_{family_of(name)}")
-    except ModuleNotFoundError:
-        return False
-    return bool(getattr(mod, "NON_STD", False))
-
-
 def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str:
     """A short description of where two same-shaped tensors differ most (for failure messages)."""
     diff = (a.double() - b.double()).abs()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-NON_STD = True  # isotropic: NLC features (specs/timm.md §6)
+NON_STD = ["agent_deit_*"]  # isotropic: NLC features (specs/timm.md §6)
 
 EXCLUDE_JIT = {"agent_deit_*": "agent attention passes its decomposed biases as a Python dataclass (AgentBias) "
                "and grids as tuples through visattn.ops.agent_attention; TorchScript cannot compile it"}
