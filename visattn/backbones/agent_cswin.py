@@ -164,7 +164,7 @@ class AgentCSwin(nn.Module):
         self.num_classes, self.global_pool = num_classes, global_pool
         self.stem = _ConvNorm(in_chans, embed_dim, 7, 4, 2, **dd)
         agents = stage_attn_types(attn_type, depths)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages, self.feature_info = [], []
         dim = embed_dim
         n = len(depths)

@@ -76,7 +76,7 @@ class AgentDeit(VisionTransformer):
         )
         n_agent = depth if agent_layers < 0 else min(agent_layers, depth)
         grid = tuple(self.patch_embed.grid_size)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         norm_layer = type(self.norm)
         eps = self.norm.eps
         for i in range(n_agent):

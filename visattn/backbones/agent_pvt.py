@@ -105,7 +105,7 @@ class AgentPvt(nn.Module):
         self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages, self.feature_info = [], []
         grid, in_chs, reduction = img_size, in_chans, 1
         for i in range(len(depths)):

@@ -128,7 +128,7 @@ class AgentSwinTransformer(nn.Module):
         self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer,
                                       output_fmt="NHWC", strict_img_size=False, **dd)
         res = (img_size[0] // patch_size, img_size[1] // patch_size)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         agents = stage_attn_types(attn_type, depths)
         stages, self.feature_info = [], []
         dim = embed_dim

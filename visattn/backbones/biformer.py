@@ -223,7 +223,7 @@ class BiFormer(nn.Module):
             )
         else:
             self.stem = nn.Sequential(nn.Conv2d(in_chans, c0, 4, 4, **dd), nn.BatchNorm2d(c0, **dd))
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages = []
         for i in range(n):
             kw = dict(

@@ -122,7 +122,7 @@ class DiNATs(HierarchicalNA):
         self.patch_embed = PatchEmbed(None, patch_size, in_chans, embed_dim,
                                       norm_layer=partial(LayerNorm2d, eps=1e-5), flatten=False, output_fmt="NCHW",
                                       strict_img_size=False, dynamic_img_pad=True, **dd)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop_rate,
                             attn_drop=attn_drop_rate, layer_scale=layer_scale, small_input=small_input)
         self.stages = nn.Sequential(*[

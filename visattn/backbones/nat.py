@@ -288,7 +288,7 @@ class NAT(HierarchicalNA):
         n = len(depths)
         dims = [embed_dim * 2 ** i for i in range(n)]
         self.patch_embed = ConvStem(in_chans, embed_dim, **dd)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         block_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop_rate,
                             attn_drop=attn_drop_rate, layer_scale=layer_scale, small_input=small_input)
         self.stages = nn.Sequential(*[

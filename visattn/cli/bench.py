@@ -25,8 +25,9 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from visattn.bench import SUITES
 
-    p.add_argument("--methods", default=",".join(SUITES),
-                   help=f"comma-separated methods to run (default: all of {', '.join(SUITES)})")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods to run (default: all of {', '.join(SUITES)}; only "
+                        "block_sparse when --shape is given)")
     p.add_argument("--shape", action="append", default=None, metavar="B,H,N,D",
                    help="batch,heads,tokens,head_dim; repeatable (default: the method's default shapes)")
     p.add_argument("--block", type=int, default=None, help="plan block size (default: 128 on CUDA, 64 on CPU)")
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in ("fwd", "fwd+bwd")]
     if bad:
         raise SystemExit(f"visattn bench: expected modes from fwd, fwd+bwd, got --modes={args.modes!r}")
+    if args.methods is None:  # --shape describes block-sparse problems: it selects that suite alone
+        args.methods = "block_sparse" if args.shape else ",".join(SUITES)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in SUITES]
     if unknown:
