@@ -50,14 +50,23 @@ def _flat(c0, c1, c2, g0, g1, g2, d0, d1, d2, L1, L2):
 
 
 @triton.jit
-def _span(ST, EN, first, last, g, d, E: tl.constexpr):
+def _span(ST, EN, first, last, g, d, K: tl.constexpr):
     """Window tables of one axis for a box of queries [first, last]: the union interval (lo, hi), the
-    intersection (fs, fe), and per-query start/end loaded for rows ``i``."""
+    intersection (fs, fe) that full KV boxes lie in, and the number of ``K``-wide KV boxes covering
+    the union."""
     lo = tl.load(ST + first * d + g)
     hi = tl.load(EN + last * d + g)
     fs = tl.load(ST + last * d + g)
     fe = tl.load(EN + first * d + g)
-    return lo, hi, fs, fe
+    return lo, hi, fs, fe, (hi - lo + K) // K
+
+
+@triton.jit
+def _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok):
+    """Per-row window [start, end] on each axis; rows past the grid get an empty window."""
+    return (tl.load(ST0 + x0, mask=row_ok, other=0), tl.load(EN0 + x0, mask=row_ok, other=-1),
+            tl.load(ST1 + x1, mask=row_ok, other=0), tl.load(EN1 + x1, mask=row_ok, other=-1),
+            tl.load(ST2 + x2, mask=row_ok, other=0), tl.load(EN2 + x2, mask=row_ok, other=-1))
 
 
 @triton.jit
@@ -132,18 +141,10 @@ def _neighborhood_fwd_kernel(
                 other=0.0)
     # per-row windows (group coordinates)
     x0, x1, x2 = i0 * d0 + g0, i1 * d1 + g1, i2 * d2 + g2
-    rs0 = tl.load(ST0 + x0, mask=row_ok, other=0)
-    re0 = tl.load(EN0 + x0, mask=row_ok, other=-1)
-    rs1 = tl.load(ST1 + x1, mask=row_ok, other=0)
-    re1 = tl.load(EN1 + x1, mask=row_ok, other=-1)
-    rs2 = tl.load(ST2 + x2, mask=row_ok, other=0)
-    re2 = tl.load(EN2 + x2, mask=row_ok, other=-1)
-    lo0, hi0, fs0, fe0 = _span(ST0, EN0, f0, tl.minimum(f0 + T0 - 1, Lg0 - 1), g0, d0, T0)
-    lo1, hi1, fs1, fe1 = _span(ST1, EN1, f1, tl.minimum(f1 + T1 - 1, Lg1 - 1), g1, d1, T1)
-    lo2, hi2, fs2, fe2 = _span(ST2, EN2, f2, tl.minimum(f2 + T2 - 1, Lg2 - 1), g2, d2, T2)
-    n0 = (hi0 - lo0 + K0) // K0
-    n1 = (hi1 - lo1 + K1) // K1
-    n2 = (hi2 - lo2 + K2) // K2
+    rs0, re0, rs1, re1, rs2, re2 = _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok)
+    lo0, hi0, fs0, fe0, n0 = _span(ST0, EN0, f0, tl.minimum(f0 + T0 - 1, Lg0 - 1), g0, d0, K0)
+    lo1, hi1, fs1, fe1, n1 = _span(ST1, EN1, f1, tl.minimum(f1 + T1 - 1, Lg1 - 1), g1, d1, K1)
+    lo2, hi2, fs2, fe2, n2 = _span(ST2, EN2, f2, tl.minimum(f2 + T2 - 1, Lg2 - 1), g2, d2, K2)
 
     m_i = tl.full([T0 * T1 * T2], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([T0 * T1 * T2], dtype=tl.float32)
@@ -267,18 +268,10 @@ def _neighborhood_bwd_dq_kernel(
     lse2 = tl.load(LSE2 + stat, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
     x0, x1, x2 = i0 * d0 + g0, i1 * d1 + g1, i2 * d2 + g2
-    rs0 = tl.load(ST0 + x0, mask=row_ok, other=0)
-    re0 = tl.load(EN0 + x0, mask=row_ok, other=-1)
-    rs1 = tl.load(ST1 + x1, mask=row_ok, other=0)
-    re1 = tl.load(EN1 + x1, mask=row_ok, other=-1)
-    rs2 = tl.load(ST2 + x2, mask=row_ok, other=0)
-    re2 = tl.load(EN2 + x2, mask=row_ok, other=-1)
-    lo0, hi0, fs0, fe0 = _span(ST0, EN0, f0, tl.minimum(f0 + T0 - 1, Lg0 - 1), g0, d0, T0)
-    lo1, hi1, fs1, fe1 = _span(ST1, EN1, f1, tl.minimum(f1 + T1 - 1, Lg1 - 1), g1, d1, T1)
-    lo2, hi2, fs2, fe2 = _span(ST2, EN2, f2, tl.minimum(f2 + T2 - 1, Lg2 - 1), g2, d2, T2)
-    n0 = (hi0 - lo0 + K0) // K0
-    n1 = (hi1 - lo1 + K1) // K1
-    n2 = (hi2 - lo2 + K2) // K2
+    rs0, re0, rs1, re1, rs2, re2 = _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok)
+    lo0, hi0, fs0, fe0, n0 = _span(ST0, EN0, f0, tl.minimum(f0 + T0 - 1, Lg0 - 1), g0, d0, K0)
+    lo1, hi1, fs1, fe1, n1 = _span(ST1, EN1, f1, tl.minimum(f1 + T1 - 1, Lg1 - 1), g1, d1, K1)
+    lo2, hi2, fs2, fe2, n2 = _span(ST2, EN2, f2, tl.minimum(f2 + T2 - 1, Lg2 - 1), g2, d2, K2)
     dq = tl.zeros([T0 * T1 * T2, DP], dtype=tl.float32)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
@@ -413,12 +406,7 @@ def _neighborhood_bwd_dkdv_kernel(
                     & (tl.load(ST2 + ql2 * d2 + g2) <= j2) & (tl.load(EN2 + f2 * d2 + g2) >= j2 + K2 - 1))
             if not full:
                 x0, x1, x2 = i0 * d0 + g0, i1 * d1 + g1, i2 * d2 + g2
-                rs0 = tl.load(ST0 + x0, mask=row_ok, other=0)
-                re0 = tl.load(EN0 + x0, mask=row_ok, other=-1)
-                rs1 = tl.load(ST1 + x1, mask=row_ok, other=0)
-                re1 = tl.load(EN1 + x1, mask=row_ok, other=-1)
-                rs2 = tl.load(ST2 + x2, mask=row_ok, other=0)
-                re2 = tl.load(EN2 + x2, mask=row_ok, other=-1)
+                rs0, re0, rs1, re1, rs2, re2 = _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok)
                 s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2) & col_ok[None, :], s, float("-inf"))
             if HAS_KPM:
                 s = tl.where(keep[None, :], s, float("-inf"))
