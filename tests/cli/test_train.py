@@ -45,8 +45,13 @@ def _state(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo recipe as shipped (model, epochs, data), run once for the tests below."""
+    import visattn
+
     out = tmp_path_factory.mktemp("demo")
-    code = main(["train", "--config", str(DEMO), "--output", str(out), "--no-progress"])
+    # a CPU user without TRITON_INTERPRET runs the reference backend; conftest sets TRITON_INTERPRET=1
+    # for the kernel tests, under which "auto" would pick the (slow) interpreted kernels instead
+    with visattn.use_backend("torch"):
+        code = main(["train", "--config", str(DEMO), "--output", str(out), "--no-progress"])
     assert code == 0
     return out / "demo_digits"
 
