@@ -48,9 +48,7 @@ def demo_run(tmp_path_factory):
     import visattn
 
     out = tmp_path_factory.mktemp("demo")
-    # a CPU user without TRITON_INTERPRET runs the reference backend; conftest sets TRITON_INTERPRET=1
-    # for the kernel tests, under which "auto" would pick the (slow) interpreted kernels instead
-    with visattn.use_backend("torch"):
+    with visattn.use_backend("torch"):  # module-scoped: the autouse fixture of conftest.py is not active yet
         code = main(["train", "--config", str(DEMO), "--output", str(out), "--no-progress"])
     assert code == 0
     return out / "demo_digits"
@@ -153,6 +151,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         str(tmp_path),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)  # the workers run as a CPU user's would: reference backend
     ddp = subprocess.run(
         [
             sys.executable,
@@ -240,3 +239,14 @@ def test_accumulation_checkpointing_channels_last_bf16_match_plain_steps(tmp_pat
         == 0
     )
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["final"]["train_loss"] < 3
+
+
+def test_torchcompile_option_trains(tmp_path):
+    """``torchcompile`` wraps the model in torch.compile (``aot_eager`` keeps CPU CI fast); one epoch runs
+    and matches the eager run's loss closely."""
+    args = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-3", "--batch-size", "64"]
+    assert _run(tmp_path, *args, "--torchcompile", "aot_eager", experiment="compiled") == 0
+    assert _run(tmp_path, *args, experiment="eager") == 0
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("compiled", "eager"))
+    assert a["config"]["torchcompile"] == "aot_eager"
+    assert a["final"]["train_loss"] == pytest.approx(b["final"]["train_loss"], rel=1e-3)
