@@ -28,6 +28,11 @@ def is_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: IEEE for fp32 inputs (so fp32 means fp32), TF32 otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _online_softmax_step(qk, m_i, l_i, acc):
     """One online-softmax update with logits ``qk`` already in log2 units.
@@ -43,6 +48,15 @@ def _online_softmax_step(qk, m_i, l_i, acc):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return p, m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_epilogue(acc, m_i, l_i):
+    """Normalise the online-softmax accumulator; rows that saw no key give 0 and LSE -inf (natural log)."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return out, lse
 
 
 @triton.jit

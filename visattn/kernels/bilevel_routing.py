@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LOG2E, head_dim_pad
+from ._common import INTERPRET, LOG2E, _fwd_epilogue, _online_softmax_step, dot_precision, head_dim_pad
 
 
 @triton.jit
@@ -133,18 +133,10 @@ def _bra_fwd_kernel(
         if GROUPED:
             allowed = allowed & (((sel[None, :] >> slot[:, None]) & 1) != 0)
         qk = tl.where(allowed, qk * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
-        p = tl.math.exp2(qk - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
+        p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out, lse = _fwd_epilogue(acc, m_i, l_i)
     o_ptrs = O + b * sob + h * soh + y[:, None] * soy + x[:, None] * sox + offs_dv[None, :]
     o_mask = row_ok[:, None] if DV == DV_PAD else row_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
@@ -308,10 +300,6 @@ def _launch_args(q, geo, n_tiles):
     return grid, (H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, R_H * R_W)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _num_warps(device: torch.device) -> int:
     return 4
 
@@ -328,7 +316,7 @@ def bra_fwd(q, k, v, lst, sel, cnt, geo, scale: float, zeros: bool):
         *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *_list_strides(lst, cnt),
         *dims, lst.shape[-1], heads, scale * LOG2E,
         ZEROS=zeros, GROUPED=geo[4] * geo[5] > 1, BLOCK_M=geo[6], BLOCK_N=geo[7],
-        D=D, D_PAD=head_dim_pad(D), DV=Dv, DV_PAD=head_dim_pad(Dv), DOT_PRECISION=_precision(q.dtype),
+        D=D, D_PAD=head_dim_pad(D), DV=Dv, DV_PAD=head_dim_pad(Dv), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=_num_warps(q.device), num_stages=1 if INTERPRET else 2,
     )
     return out, lse
@@ -348,7 +336,7 @@ def bra_bwd(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, geo, s
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(ZEROS=zeros, BLOCK_M=geo[6], BLOCK_N=geo[7], D=D, D_PAD=head_dim_pad(D), DV=Dv,
-                  DV_PAD=head_dim_pad(Dv), DOT_PRECISION=_precision(q.dtype),
+                  DV_PAD=head_dim_pad(Dv), DOT_PRECISION=dot_precision(q.dtype),
                   num_warps=_num_warps(q.device), num_stages=1 if INTERPRET else 2)
     grid, dims = _launch_args(q, geo, lst.shape[2])
     _bra_bwd_dq_kernel[grid](

@@ -23,7 +23,16 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import LOG2E, _bh_ids, _load_tile, _online_softmax_step, _tile_mask, head_dim_pad
+from ._common import (
+    LOG2E,
+    _bh_ids,
+    _fwd_epilogue,
+    _load_tile,
+    _online_softmax_step,
+    _tile_mask,
+    dot_precision,
+    head_dim_pad,
+)
 
 
 @triton.jit
@@ -63,15 +72,6 @@ def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l
         p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
-
-
-@triton.jit
-def _fwd_epilogue(acc, m_i, l_i):
-    """Normalise; rows that saw no key give 0 and LSE -inf (natural log)."""
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    return out, lse
 
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv"])
@@ -306,10 +306,6 @@ def _plan_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim()))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, scale: float):
     """Forward launcher. q/k/v: [B, N, H, D] views; returns ``(out, lse)``, lse fp32 [B, H, N_q] (ln)."""
     B, Nq, H, D = q.shape
@@ -325,7 +321,7 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
         *_plan_strides(kv_index), *_plan_strides(kv_count),
         Nq, Nk, H, H // Hk, kv_index.shape[-1], scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=_precision(q.dtype),
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=dot_precision(q.dtype),
         TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -355,7 +351,7 @@ def block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_index, kv_count, q_index, q
     # GQA: one dk/dv slice per query head, reduced over the group by the caller
     dk = torch.empty_like(k) if Hk == H else k.new_empty((B, Nk, H, D))
     dv = torch.empty_like(v) if Hk == H else v.new_empty((B, Nk, H, D))
-    prec = _precision(q.dtype)
+    prec = dot_precision(q.dtype)
     cfg = _configs.bwd_dkdv_config(dev, D, block_q, block_k, q.dtype)
     _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.block_n), B * H)](
         q, k, v, do, lse2, delta, dk, dv, q_index, q_count,

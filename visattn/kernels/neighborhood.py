@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, head_dim_pad
+from ._common import LOG2E, _fwd_epilogue, _online_softmax_step, dot_precision, head_dim_pad
 
 
 @triton.jit
@@ -59,6 +59,12 @@ def _span(ST, EN, first, last, g, d, K: tl.constexpr):
     fs = tl.load(ST + last * d + g)
     fe = tl.load(EN + first * d + g)
     return lo, hi, fs, fe, (hi - lo + K) // K
+
+
+@triton.jit
+def _load_rows(base, row_off, offs, DIM: tl.constexpr, ok):
+    """[rows, DIM_PAD] tile at int64 row offsets, masked on valid rows and real head-dim lanes."""
+    return tl.load(base + row_off[:, None] + offs[None, :], mask=ok[:, None] & (offs[None, :] < DIM), other=0.0)
 
 
 @triton.jit
@@ -172,13 +178,8 @@ def _neighborhood_fwd_kernel(
             m_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2)
             keep = tl.load(KPM + b * sm_b + m_off, mask=col_ok, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     if HAS_EXTRA:
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
@@ -186,21 +187,13 @@ def _neighborhood_fwd_kernel(
         for e0 in tl.range(0, n_extra, BLOCK_N, num_stages=1):  # no second set of pipelined buffers
             e_ok = (e0 + oe) < n_extra
             e_idx = (e0 + oe).to(tl.int64)
-            k = tl.load(ke_base + e_idx[:, None] * ske_n + od[None, :], mask=e_ok[:, None] & (od[None, :] < D), other=0.0)
-            v = tl.load(ve_base + e_idx[:, None] * sve_n + ov[None, :], mask=e_ok[:, None] & (ov[None, :] < DV),
-                        other=0.0)
+            k = _load_rows(ke_base, e_idx * ske_n, od, D, e_ok)
+            v = _load_rows(ve_base, e_idx * sve_n, ov, DV, e_ok)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(e_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_shift[:, None])
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+            p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    out, lse = _fwd_epilogue(acc, m_i, l_i)
     o_off = _off(i0, i1, i2, g0, g1, g2, d0, d1, d2, so_0, so_1, so_2)
     tl.store(O + b * so_b + h * so_h + o_off[:, None] + ov[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (ov[None, :] < DV))
@@ -312,9 +305,8 @@ def _neighborhood_bwd_dq_kernel(
         for e0 in tl.range(0, n_extra, BLOCK_N, num_stages=1):  # no second set of pipelined buffers
             e_ok = (e0 + oe) < n_extra
             e_idx = (e0 + oe).to(tl.int64)
-            k = tl.load(ke_base + e_idx[:, None] * ske_n + od[None, :], mask=e_ok[:, None] & (od[None, :] < D), other=0.0)
-            v = tl.load(ve_base + e_idx[:, None] * sve_n + ov[None, :], mask=e_ok[:, None] & (ov[None, :] < DV),
-                        other=0.0)
+            k = _load_rows(ke_base, e_idx * ske_n, od, D, e_ok)
+            v = _load_rows(ve_base, e_idx * sve_n, ov, DV, e_ok)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -510,10 +502,6 @@ def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _rpb_strides(rpb):
     return (0, 0, 0, 0) if rpb is None else _pad_strides(rpb, 1)
 
@@ -553,7 +541,7 @@ def neighborhood_fwd(q, k, v, tables, kernel_size, dilation, scale, extra=None, 
         scale * LOG2E,
         T0=cfg.q_tile[0], T1=cfg.q_tile[1], T2=cfg.q_tile[2], K0=cfg.kv_tile[0], K1=cfg.kv_tile[1], K2=cfg.kv_tile[2],
         **_dims(q, v), HAS_EXTRA=ke is not None, HAS_RPB=rpb is not None, HAS_KPM=kpm is not None,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -580,7 +568,7 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     ke, ve = extra if extra is not None else (None, None)
     n_extra = 0 if ke is None else ke.shape[1]
     dummy = st[0]
-    prec = _precision(q.dtype)
+    prec = dot_precision(q.dtype)
     ng = [-(-L // d) for L, d in zip((L0, L1, L2), dilation)]
     ngroups = dilation[0] * dilation[1] * dilation[2]
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)

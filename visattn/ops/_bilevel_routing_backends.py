@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch
+from ._flex import flex_attention_lse
 from ._bilevel_routing_ref import _boxed, _ref_gather, _ref_mask
 from .bilevel_routing_plan import build_plan, choose_group
 
@@ -221,7 +222,6 @@ def _flex_can_run(q, k, v, idx, weight, region, grid, padding, opts) -> list[str
 
 _FLEX_CACHE: dict = {}
 _VALID: dict = {}  # (H, W, region, grid, padding, device) -> which region-permuted positions are keys
-_COMPILED_FLEX = None
 
 
 def flex_block_mask(idx: torch.Tensor, region, grid, valid: torch.Tensor, heads: int):
@@ -271,9 +271,6 @@ def _regions(x, region, grid):
     doc="FlexAttention with a BlockMask of the routing (comparison)",
 )
 def _run_flex(q, k, v, idx, weight, region, grid, scale, padding, opts):
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
     B, H, W, nh, _ = q.shape
     vkey = (H, W, tuple(region), tuple(grid), padding, str(q.device))
     if vkey not in _VALID:
@@ -282,25 +279,11 @@ def _run_flex(q, k, v, idx, weight, region, grid, scale, padding, opts):
         inside = ((yy < H) & (xx < W)).view(grid[0], region[0], grid[1], region[1]).permute(0, 2, 1, 3)
         _VALID[vkey] = torch.ones_like(inside.reshape(-1)) if padding == "zeros" else inside.reshape(-1)
     bm = flex_block_mask(idx, region, grid, _VALID[vkey], nh)
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
-        q, k, v = q.detach(), k.detach(), v.detach()
     qr, kr, vr = (_regions(t, region, grid) for t in (q, k, v))
-    if q.device.type == "cuda":
-        if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        flex = _COMPILED_FLEX
-    else:
-        flex = flex_attention
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:  # torch < 2.9
-        out, lse = flex(qr, kr, vr, block_mask=bm, scale=scale, return_lse=True)
-    else:
-        out, aux = flex(qr, kr, vr, block_mask=bm, scale=scale, return_aux=AuxRequest(lse=True))
-        lse = aux.lse
+    out, lse = flex_attention_lse(qr, kr, vr, bm, scale)
 
     def unregion(x):  # [B, h, P*T, c] -> [B, H, W, h, c]
         x = x.view(B, nh, grid[0], grid[1], region[0], region[1], -1).permute(0, 2, 4, 3, 5, 1, 6)
         return x.reshape(B, grid[0] * region[0], grid[1] * region[1], nh, -1)[:, :H, :W]
 
-    return unregion(out), unregion(lse.float()[..., None])[..., 0]
+    return unregion(out), unregion(lse[..., None])[..., 0]

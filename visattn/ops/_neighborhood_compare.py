@@ -11,10 +11,10 @@ import math
 import torch
 
 from . import _dispatch
+from ._flex import flex_attention_lse
 from .neighborhood_ref import NAParams, neighborhood_windows
 
 _BLOCK_MASKS: dict[tuple, object] = {}
-_COMPILED_FLEX = None
 
 
 def _flex_can_run(q, k, v, p, extra_kv, rpb, kpm, opts) -> list[str]:
@@ -66,22 +66,6 @@ def flex_block_mask(p: NAParams, n_extra: int, device):
     return bm
 
 
-def _flex_fn(device):
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type != "cuda":
-        return flex_attention
-    if _COMPILED_FLEX is None:
-        import torch._dynamo
-
-        # one specialisation per neighborhood shape: benchmarks visit many, more than dynamo's default
-        # limit of 8, after which flex would silently run unfused and materialise N x N scores
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
-
-
 @_dispatch.register_backend("neighborhood", "flex", can_run=_flex_can_run, auto=False,
                             doc="FlexAttention with a cached block mask (comparison)")
 def _run_flex(q, k, v, p: NAParams, scale, extra_kv, rpb, kpm, opts):
@@ -109,20 +93,9 @@ def _run_flex(q, k, v, p: NAParams, scale, extra_kv, rpb, kpm, opts):
             bias = rpb[tuple(idx)]
             return score + torch.where(kv_idx < N, bias, torch.zeros_like(bias))
 
-    flex = _flex_fn(q.device)
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
-        qf, kf, vf = qf.detach(), kf.detach(), vf.detach()
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:  # torch < 2.9
-        out, lse = flex(qf, kf, vf, score_mod=score_mod, block_mask=bm, scale=scale, return_lse=True,
-                        enable_gqa=H != Hk)
-    else:
-        out, aux = flex(qf, kf, vf, score_mod=score_mod, block_mask=bm, scale=scale,
-                        return_aux=AuxRequest(lse=True), enable_gqa=H != Hk)
-        lse = aux.lse
+    out, lse = flex_attention_lse(qf, kf, vf, bm, scale, score_mod=score_mod)
     out = out.transpose(1, 2).reshape(B, *p.size, H, v.shape[-1])
-    return out, lse.float().transpose(1, 2).reshape(B, *p.size, H)
+    return out, lse.transpose(1, 2).reshape(B, *p.size, H)
 
 
 def _natten_can_run(q, k, v, p, extra_kv, rpb, kpm, opts) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
+from ._flex import flex_attention_lse
 from ._checks import check_layout, check_qkv, check_scale, describe_tensors
 from ._types import Layout
 from .block_sparse_plan import BlockSparsePlan, _cdiv, transpose_lists
@@ -285,38 +286,14 @@ def flex_block_mask(plan: BlockSparsePlan, batch: int, heads: int, seq_q: int, s
     return bm
 
 
-_COMPILED_FLEX = None
-
-
-def _flex_fn(device: torch.device):
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type != "cuda":
-        return flex_attention  # eager on CPU: small shapes in tests
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
-
-
 @_dispatch.register_backend("block_sparse", "flex", can_run=_flex_can_run, auto=False,
                             doc="FlexAttention with a cached BlockMask (comparison)")
 def _run_flex(q, k, v, plan, scale, layout):
     if layout == "BNHD":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.device.type == "cpu" and not torch.is_grad_enabled():
-        q, k, v = q.detach(), k.detach(), v.detach()  # Flex rejects requires_grad inputs on the CPU
     bm = flex_block_mask(plan, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    flex = _flex_fn(q.device)
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:  # torch < 2.9: the older keyword
-        out, lse = flex(q, k, v, block_mask=bm, scale=scale, return_lse=True, enable_gqa=q.shape[1] != k.shape[1])
-    else:
-        out, aux = flex(q, k, v, block_mask=bm, scale=scale, return_aux=AuxRequest(lse=True),
-                        enable_gqa=q.shape[1] != k.shape[1])
-        lse = aux.lse
-    return (out.transpose(1, 2) if layout == "BNHD" else out), lse.float()
+    out, lse = flex_attention_lse(q, k, v, bm, scale)
+    return (out.transpose(1, 2) if layout == "BNHD" else out), lse
 
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout = "BNHD") -> torch.Tensor:
