@@ -5,6 +5,7 @@ Layouts are part of each op's contract and stated in its docstring.
 
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
+from ._layout import SequenceLayout
 from .agent import AgentBias, agent_attention, agent_attention_ref
 from .bilevel_routing import (
     RegionRouting,
@@ -29,6 +30,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_ref",
     "BlockSparsePlan",
+    "SequenceLayout",
     "neighborhood_attention",
     "neighborhood_attention_ref",
     "neighborhood_attention_weights",
