@@ -141,8 +141,12 @@ def test_large_map_memory():
 def test_torch_compile_fullgraph_across_resolutions():
     from visattn.ops import bilevel_routing_attention
 
+    # dynamic=False: the routing geometry (regions, tiles, lists) depends on the map size, so each
+    # resolution gets its own graph; Inductor's dynamic-shape path cannot split the region reshapes
+    # (torch 2.11: "CantSplit" on cdiv expressions), a limitation documented in the op's docstring
     fn = torch.compile(
-        lambda q, k, v: bilevel_routing_attention(q, k, v, 7, topk=4, backend="triton"), fullgraph=True
+        lambda q, k, v: bilevel_routing_attention(q, k, v, 7, topk=4, backend="triton"),
+        fullgraph=True, dynamic=False,
     )
     for L in (28, 35, 21):
         q, k, v = (t.requires_grad_() for t in _maps(2, L, L, 4, 32, 32, torch.float16))

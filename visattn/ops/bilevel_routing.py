@@ -251,8 +251,9 @@ def region_routing(
     if routing not in _ROUTINGS:
         raise ValueError(f"expected routing in {_ROUTINGS}, got routing={routing!r}")
     q2, k2 = _as_2d(q), _as_2d(k)
-    # int(): under torch.compile the region geometry specialises on the map size (a new resolution
-    # re-traces; the kernels themselves take sizes as runtime arguments)
+    # int(): the region geometry is meant to specialise on the map size (a new resolution re-traces;
+    # the kernels take sizes as runtime arguments). Dynamo keeps int(SymInt) symbolic, and Inductor
+    # then fails on the region reshapes ("CantSplit", torch 2.11): compile with dynamic=False.
     region, grid = _geometry(tuple(int(s) for s in q2.shape[1:3]), rank, n_win, region_size, padding)
     topk = _check_topk(topk, grid)
     scale = check_scale(scale, q.shape[-1])
