@@ -131,6 +131,16 @@ class NeighborhoodConfig(PipelineConfig):
         return tuple(grid), tuple(ks), tuple(st), tuple(dl)
 
 
+    def density(self, grid: tuple[int, int, int]) -> float:
+        """Fraction of video-video query/key pairs computed on a ``(T, H, W)`` grid (non-causal GNA)."""
+        import math
+
+        geom = self.geometry(tuple(grid))
+        if not geom:
+            return 1.0
+        return math.prod(geom[1]) / math.prod(geom[0])
+
+
 class _Neighborhood(VisattnProcessor):
     """The GNA core shared by every host family (see the module docstring)."""
 
