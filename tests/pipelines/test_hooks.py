@@ -16,8 +16,10 @@ from visattn.pipelines.schedule import Schedule
 def _record(model, handle):
     seen = []
     hook = model.register_forward_hook(
-        lambda m, a, o: seen.append((handle.context.step_index, handle.context.step_source,
-                                     handle.context.cfg_branch)))
+        lambda m, a, o: seen.append(
+            (handle.context.step_index, handle.context.step_source, handle.context.cfg_branch)
+        )
+    )
     return seen, hook
 
 
@@ -56,8 +58,12 @@ def test_cache_context_step_index_wins():
     p.generate(steps=2, height=32, width=32, frames=1, progress=False)
     hook.remove()
     h.remove()
-    assert seen == [(0, "cache_context", "cond"), (0, "cache_context", "uncond"),
-                    (1, "cache_context", "cond"), (1, "cache_context", "uncond")]
+    assert seen == [
+        (0, "cache_context", "cond"),
+        (0, "cache_context", "uncond"),
+        (1, "cache_context", "cond"),
+        (1, "cache_context", "uncond"),
+    ]
     assert h.context.num_steps == 2
 
 
@@ -74,7 +80,9 @@ def test_dit_pipeline_batched_cfg_without_step_index():
 
 
 def test_callback_is_the_last_source():
-    ctx_handle = SimpleNamespace(context=vp.AttnContext(), scheduler=None, schedule=Schedule(dense_steps=(1,)))
+    ctx_handle = SimpleNamespace(
+        context=vp.AttnContext(), scheduler=None, schedule=Schedule(dense_steps=(1,))
+    )
     hook = StepHook(ctx_handle, "transformer")
     module = torch.nn.Identity()  # no timestep argument
     hook.pre_forward(module, torch.zeros(1))

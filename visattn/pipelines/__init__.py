@@ -11,9 +11,7 @@ Needs ``pip install "visattn[diffusers]"``; ``import visattn`` never imports thi
 try:
     import diffusers  # noqa: F401
 except ImportError as e:  # a clear message naming the extra, raised on use of visattn.pipelines
-    raise ImportError(
-        'visattn.pipelines needs diffusers: pip install "visattn[diffusers]"'
-    ) from e
+    raise ImportError('visattn.pipelines needs diffusers: pip install "visattn[diffusers]"') from e
 
 from ._base import VisattnProcessor
 from ._config import PipelineConfig, parse_assignment, resolve_config
