@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn.pipelines as vp
 from visattn.pipelines.apply import enumerate_processors
 from visattn.pipelines.tiny import TINY_MODELS, tiny_inputs, tiny_model

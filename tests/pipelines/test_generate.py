@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn.pipelines as vp
 from visattn.cli import _generate_io
 from visattn.cli.main import main

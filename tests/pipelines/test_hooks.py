@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn.pipelines as vp
 from visattn.pipelines._tiny_pipes import TinyDiT, TinyWan
 from visattn.pipelines.hooks import StepHook

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn
 import visattn.pipelines as vp
 from visattn.ops import neighborhood_mask

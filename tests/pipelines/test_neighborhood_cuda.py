@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn
 import visattn.pipelines as vp
 from visattn.pipelines.tiny import tiny_inputs, tiny_model
