@@ -195,3 +195,27 @@ def test_save_pretrained_restores_defaults(tmp_path, tiny):
     loaded = type(model).from_pretrained(tmp_path)
     assert all(not isinstance(p, vp.VisattnProcessor) for _, p in enumerate_processors(loaded).values())
 
+
+@pytest.mark.parametrize("name", ["unet", "wan"])  # direct SDPA (legacy) and the native dispatcher
+def test_sdpa_override(name, tiny):
+    import torch.nn.functional as F
+
+    model = tiny(name)
+    inputs = tiny_inputs(name, size=8)
+    ref = _run(model, inputs)
+    seen = []
+
+    def my_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        seen.append(q.shape)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+
+    with vp.sdpa_override(my_sdpa) as mode:
+        out = _run(model, inputs)
+    assert mode.calls == len(seen) == len(enumerate_processors(model)) and torch.equal(out, ref)
+    _run(model, inputs)
+    assert mode.calls == len(seen)  # nothing rerouted after the block
+    with pytest.raises(ValueError, match="expects a callable"):
+        with vp.sdpa_override(None):
+            pass

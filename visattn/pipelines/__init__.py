@@ -19,6 +19,7 @@ from ._context import AttnContext, AttnStats
 from ._registry import MethodSpec, get_method, list_methods, register_method
 from .apply import ApplyHandle, apply, remove
 from .schedule import Schedule
+from .sdpa import sdpa_override
 
 __all__ = [
     "apply",
@@ -34,5 +35,6 @@ __all__ = [
     "resolve_config",
     "parse_assignment",
     "Schedule",
+    "sdpa_override",
     "VisattnProcessor",
 ]
