@@ -150,3 +150,28 @@ def test_compile_fullgraph_flux():
     finally:
         h.remove()
         torch._dynamo.reset()
+
+
+def test_two_experts_share_one_context():
+    """Wan 2.2: ``transformer`` and ``transformer_2`` share the step index (the scheduler's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from visattn.pipelines.tiny import tiny_inputs, tiny_model
+
+    pipe = SimpleNamespace(
+        transformer=tiny_model("wan"),
+        transformer_2=tiny_model("wan", seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    pipe.scheduler.set_timesteps(4)
+    x = tiny_inputs("wan", size=8)
+    seen = []
+    with vp.apply(pipe, "dense") as h, torch.no_grad():
+        assert set(h.components) == {"transformer", "transformer_2"}
+        assert len({id(p.context) for p in h.processors.values()}) == 1
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            expert = pipe.transformer if i < 2 else pipe.transformer_2
+            out = expert(**{**x, "timestep": t.expand(1)})[0]
+            seen.append((h.context.step_index, h.context.expert))
+            pipe.scheduler.step(out, t, x["hidden_states"])
+    assert seen == [(0, "transformer"), (1, "transformer"), (2, "transformer_2"), (3, "transformer_2")]

@@ -441,7 +441,11 @@ class LegacyAttnBase(VisattnProcessor):
             out = self.fallback("cross-attention runs dense", query, key, value, attention_mask)
         else:
             n = query.shape[1]
-            seq = _layout_if(self.layout(), n, 0, "end")
+            ctx = self.layout()
+            # self-attention over the image tokens only (PixArt's text goes through attn2)
+            seq = (
+                SequenceLayout(video_grid=ctx.video_grid) if ctx is not None and ctx.num_video == n else None
+            )
             if seq is None:
                 grid = grid or grid_from_latent(self.context.latent_hw.get(self.component), n)
                 seq = SequenceLayout(video_grid=grid) if grid is not None else None
