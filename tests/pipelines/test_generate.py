@@ -53,7 +53,7 @@ def _gen(tmp_path, monkeypatch, tiny, method, *extra):
 @pytest.mark.parametrize(
     "tiny,method,extra",
     [
-        ("dit", "dense", ()),
+        ("dit", "dense", ("--warmup", "1")),
         ("unet", "dense", ()),
         ("flux", "neighborhood", ("--set", "backend=torch", "--set", "kernel_size=[3, 3]")),
         (
@@ -86,6 +86,7 @@ def test_generate_tiny(tmp_path, monkeypatch, tiny, method, extra):
         assert (out / f).is_file()
     assert rep["files"][0].startswith(f"{method}_seed0")
     assert rep["versions"]["diffusers"] and rep["config"]
+    assert len(rep["warmup_s"]) == (1 if tiny == "dit" else 0)
     if tiny == "wan":
         assert rep["layouts"] and rep["density"] < 1
         assert (
