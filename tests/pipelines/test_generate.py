@@ -117,3 +117,38 @@ def test_generate_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         main(["generate", "--method", "dense"])  # no source
     assert vp.list_methods()[:2] == ["dense", "neighborhood"] or "dense" in vp.list_methods()
+
+
+def test_generate_from_a_saved_pipeline_directory(tmp_path):
+    """``--model DIR`` loads with DiffusionPipeline.from_pretrained offline (a saved tiny DiTPipeline)."""
+    from visattn.pipelines._tiny_pipes import TinyDiT
+
+    TinyDiT(sample_size=8).pipe.save_pretrained(tmp_path / "dit")
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "dit"),
+            "--method",
+            "neighborhood",
+            "--set",
+            "backend=torch",
+            "--set",
+            "kernel_size=[3,3]",
+            "--steps",
+            "2",
+            "--guidance",
+            "2.0",
+            "--class-label",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--offline",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["source"] == str(tmp_path / "dit") and rep["total_calls"] == 2 * 2 and rep["fallbacks"] == {}
+    assert (out / "neighborhood_seed0.png").is_file()
