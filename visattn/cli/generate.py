@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--warmup",
         type=int,
-        help="untimed warm-up generations of --steps steps (default 0; 1 with --compile, so compiling is not timed)",
+        help="untimed warm-up generations (default 0; 1 with --compile, so compiling is not timed)",
     )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the repeated blocks (wall times only)"
