@@ -141,6 +141,7 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
             "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,
             "calls": st["calls"],
             "total_calls": st["total_calls"],
+            "dense_by_schedule": st["dense_by_schedule"],
             "fallbacks": st["fallbacks"],
             "density": density,
             "step_source": handle.context.step_source,
