@@ -182,12 +182,14 @@ def test_zero_metric_tokens_are_finite_and_half_precision_runs():
 def test_no_host_sync_on_cuda():
     h = w = 64
     x = torch.randn(2, h * w, 320, device="cuda", dtype=torch.float16)
-    offs = dst_offsets(h, w, 4, 4, generator=_gen(0))
-    src, dst = dst_partition(h, w, 4, 4, offs, device="cuda")
+    offs = dst_offsets(h, w, 4, 4, generator=torch.Generator(device="cuda").manual_seed(0))
+    src, dst = dst_partition(h, w, 4, 4, offs)
     r, ra, _ = agentsd_counts(h * w, src.numel(), 0.4, 0.95)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        offs = dst_offsets(h, w, 4, 4, generator=torch.Generator(device="cuda").manual_seed(1))
+        src, dst = dst_partition(h, w, 4, 4, offs)
         tm = bipartite_soft_matching(x, src, dst, r, ra)
         out = tm.unmerge(tm.merge(x))
         tm.merge_agents(x)

@@ -66,25 +66,26 @@ def agentsd_counts(num_tokens: int, num_src: int, ratio: float, agent_ratio: flo
 
 
 def dst_offsets(h: int, w: int, sx: int, sy: int, *, generator: torch.Generator | None = None,
-                use_rand: bool = True) -> torch.Tensor:
+                use_rand: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
     """Flat offset ``o`` in ``[0, sx·sy)`` of the dst token of each ``sy × sx`` cell: ``[h//sy, w//sx]``.
 
-    Drawn with ``torch.randint`` from ``generator`` (a CPU generator; the global one if None) when
-    ``use_rand``, else zeros (the top-left token of every cell). Returned on the CPU.
+    Drawn with ``torch.randint`` from ``generator`` (on the generator's device; the default CPU
+    generator if None) when ``use_rand``, else zeros (the top-left token of every cell) on ``device``.
+    A CUDA generator keeps the draw on the GPU, so no host-to-device copy (and no stream sync) happens.
     """
     shape = (h // sy, w // sx)
     if not use_rand:
-        return torch.zeros(shape, dtype=torch.int64)
-    return torch.randint(sx * sy, shape, generator=generator, dtype=torch.int64)
+        return torch.zeros(shape, dtype=torch.int64, device=device)
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randint(sx * sy, shape, generator=generator, dtype=torch.int64, device=gen_device)
 
 
-def dst_partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dst_partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(src_idx, dst_idx)``: raster indices of the src and dst tokens of an ``h × w`` grid, each sorted.
 
     Cell ``(i, j)`` covers rows ``[i·sy, (i+1)·sy)`` and columns ``[j·sx, (j+1)·sx)``; its dst token sits
     at row ``i·sy + o // sx``, column ``j·sx + o % sx`` for its offset ``o``. Rows and columns left over
-    when ``sy``/``sx`` do not divide ``h``/``w`` are src.
+    when ``sy``/``sx`` do not divide ``h``/``w`` are src. Computed on ``offsets``' device with fixed shapes.
 
     Raises:
         ValueError: non-positive strides, or ``offsets`` not of shape ``[h // sy, w // sx]``.
@@ -96,15 +97,15 @@ def dst_partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor,
     if tuple(offsets.shape) != (hs, ws):
         raise ValueError(f"expected offsets of shape [h // sy, w // sx] = [{hs}, {ws}], got "
                          f"offsets.shape={tuple(offsets.shape)}")
-    offsets = offsets.to(device="cpu", dtype=torch.int64)
-    rows = torch.arange(hs)[:, None] * sy + offsets // sx  # [hs, ws]
-    cols = torch.arange(ws)[None, :] * sx + offsets % sx
-    is_dst = torch.zeros(h * w, dtype=torch.int8)
-    is_dst[(rows * w + cols).reshape(-1)] = 1
+    dev = offsets.device
+    offsets = offsets.long()
+    rows = torch.arange(hs, device=dev)[:, None] * sy + offsets // sx  # [hs, ws]
+    cols = torch.arange(ws, device=dev)[None, :] * sx + offsets % sx
+    flat = (rows * w + cols).reshape(-1)
+    is_dst = torch.zeros(h * w, dtype=torch.int8, device=dev).scatter_(0, flat, 1)
     # a stable sort of the 0/1 flags lists the src tokens, then the dst tokens, each in raster order
     perm = torch.sort(is_dst, stable=True).indices
     num_src = h * w - hs * ws
-    perm = perm.to(device) if device is not None else perm
     return perm[:num_src], perm[num_src:]
 
 
@@ -156,8 +157,9 @@ class TokenMerge:
         B, n_s = self.rank.shape
         r = self.r
         rows = torch.empty(B, self.num_tokens, dtype=torch.int64, device=self.rank.device)
-        rows[:, self.dst_idx] = torch.arange(n_s - r, self.num_tokens - r, device=rows.device)
-        ranked_tokens = self.src_idx[self.rank]  # [B, n_s] token index of the src at each rank
+        dst_rows = torch.arange(n_s - r, self.num_tokens - r, device=rows.device)
+        rows.scatter_(1, self.dst_idx.expand(B, -1), dst_rows.expand(B, -1))
+        ranked_tokens = self.src_idx.expand(B, -1).gather(1, self.rank)  # [B, n_s] token of each rank
         unm_rows = torch.arange(n_s - r, device=rows.device).expand(B, -1)
         rows.scatter_(1, ranked_tokens[:, r:], unm_rows)
         rows.scatter_(1, ranked_tokens[:, :r], self.best[:, :r] + (n_s - r))

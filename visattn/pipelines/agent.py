@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
+from diffusers.hooks import ModelHook
 
 from ..ops.agent import agent_attention
 from ..ops.agent_merge import agentsd_counts, agentsd_grid, bipartite_soft_matching, dst_offsets, dst_partition
@@ -354,9 +355,10 @@ class AgentUNetAttnProcessor(VisattnProcessor):
         h, w = grid
         self.context.stats.add_call("agent" if agents else "agent: tome only")
         use_rand = cfg.use_rand and x.shape[0] % 2 == 0  # odd batch: cond/uncond not paired (upstream)
-        gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, self.context.step_index, self.key))
-        offsets = dst_offsets(h, w, s.sx, s.sy, generator=gen, use_rand=use_rand)
-        src_idx, dst_idx = dst_partition(h, w, s.sx, s.sy, offsets, device=x.device)
+        # a generator on x's device: the draw and the partition stay there (no copy, no stream sync)
+        gen = torch.Generator(device=x.device).manual_seed(_stream_seed(cfg.seed, self.context.step_index, self.key))
+        offsets = dst_offsets(h, w, s.sx, s.sy, generator=gen, use_rand=use_rand, device=x.device)
+        src_idx, dst_idx = dst_partition(h, w, s.sx, s.sy, offsets)
         tm = bipartite_soft_matching(self._metric(x, block_input), src_idx, dst_idx, r, r_a if agents else 0)
 
         feats = tm.merge(x)  # [B, N - r, C]
@@ -394,23 +396,50 @@ def _factory(config, *, original, key, block_index, context, component, module):
                                   context=context, component=component, module=module)
 
 
-def _capture_block_input(block: torch.nn.Module):
-    def hook(module, args, kwargs):
-        proc = getattr(getattr(module, "attn1", None), "processor", None)
-        if isinstance(proc, AgentUNetAttnProcessor) and proc.config.metric == "block_input":
-            x = args[0] if args else kwargs.get("hidden_states")
-            proc.set_block_input(x)
-    return hook
+class _BlockInputHook(ModelHook):
+    """Hands the ``BasicTransformerBlock``'s input (the metric, pre-``norm1``) to its ``attn1`` processor."""
+
+    _is_stateful = False
+
+    def __init__(self, processor: AgentUNetAttnProcessor) -> None:
+        super().__init__()
+        self.processor = processor
+
+    def pre_forward(self, module, *args, **kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")  # positional or keyword calls
+        if module.attn1.processor is self.processor:
+            self.processor.set_block_input(x)
+        return args, kwargs
 
 
 def _install(model: torch.nn.Module, handle) -> None:
-    """Forward pre-hooks on every ``BasicTransformerBlock`` whose ``attn1`` runs AgentSD (metric capture)."""
-    for name, block in model.named_modules():
-        if type(block).__name__ != "BasicTransformerBlock":
+    """Keep AgentSD only on blocks at ``ds <= max_downsample``; hook the metric capture on their blocks.
+
+    ``default_targets`` sees a key and a module, not the UNet, so the downsampling level of a block
+    can only be read here: processors of deeper blocks are put back to their originals (they would
+    only run dense attention) and dropped from ``handle.processors``.
+    """
+    levels = unet_downsample_levels(model)
+    modules = dict(model.named_modules())
+    kept = 0
+    for (comp, key), proc in list(handle.processors.items()):
+        if not isinstance(proc, AgentUNetAttnProcessor) or modules.get(key[: -len(".processor")]) is None:
             continue
-        proc = getattr(getattr(block, "attn1", None), "processor", None)
-        if isinstance(proc, AgentUNetAttnProcessor) and proc.config.metric == "block_input":
-            handle.add_hook(block, _capture_block_input(block), f"visattn_agent_metric:{name}")
+        if modules.get(key[: -len(".processor")]).processor is not proc:
+            continue  # another component's processor
+        block = _block_of(key)
+        if block in levels and levels[block] > proc.config.max_downsample:
+            modules[key[: -len(".processor")]].set_processor(proc.original)
+            del handle.processors[(comp, key)]
+            continue
+        kept += 1
+        if block in modules and proc.config.metric == "block_input":
+            handle.add_hook(modules[block], _BlockInputHook(proc), "visattn_agent_metric")
+    if kept == 0 and levels:
+        raise ValueError(
+            f"AgentSD found no BasicTransformerBlock at a downsampling level <= max_downsample="
+            f"{handle.config.max_downsample} in {type(model).__name__} (levels: {sorted(set(levels.values()))}); "
+            "raise max_downsample (SDXL: preset agentsd_sdxl)")
 
 
 register_method(MethodSpec(
