@@ -238,3 +238,133 @@ def test_downsample_levels_of_the_tiny_unet(unet64):
         "up_blocks.1.attentions.0.transformer_blocks.0": 1,
         "up_blocks.1.attentions.1.transformer_blocks.0": 1,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# through visattn.pipelines.apply on the tiny UNet (diffusers.md §8: 1024 tokens at ds = 1, 256 at ds = 2)
+
+from types import SimpleNamespace  # noqa: E402
+
+from diffusers import DDIMScheduler  # noqa: E402
+
+import visattn.pipelines as vp  # noqa: E402
+from visattn.pipelines.tiny import tiny_inputs, tiny_model  # noqa: E402
+
+DS1_ATTN1 = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1.processor",
+}
+MID_ATTN1 = "mid_block.attentions.0.transformer_blocks.0.attn1.processor"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_model("unet")
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("max_downsample,expected", [(1, DS1_ATTN1), (2, DS1_ATTN1 | {MID_ATTN1})])
+def test_only_qualifying_attn1_replaced(unet, max_downsample, expected):
+    before = dict(unet.attn_processors)
+    keys = list(unet.state_dict())
+    handle = vp.apply(unet, "agent", preset="agentsd_sd15", max_downsample=max_downsample)
+    try:
+        now = unet.attn_processors
+        assert len(now) == len(before)
+        replaced = {k for k in now if now[k] is not before[k]}
+        assert replaced == expected
+        assert all(isinstance(now[k], AgentUNetAttnProcessor) for k in replaced)
+        assert {k for _, k in handle.processors} == expected
+        assert list(unet.state_dict()) == keys
+    finally:
+        handle.remove()
+    assert all(unet.attn_processors[k] is p for k, p in before.items())
+
+
+def test_remove_restores_bit_identical_outputs(unet):
+    inputs = tiny_inputs("unet", batch=2)
+    ref = _run(unet, inputs)
+    handle = vp.apply(unet, "agent", preset="agentsd_sd15", stats=True)
+    out = _run(unet, inputs)
+    stats = handle.stats()
+    handle.remove()
+    assert bool(torch.isfinite(out).all()) and not torch.equal(out, ref)
+    assert stats["calls"].get("agent") == 3 and not stats["fallbacks"]  # the block inputs were captured
+    assert torch.equal(_run(unet, inputs), ref)
+    assert not vp.remove(unet)
+
+
+def test_dense_equivalent_config_matches_default(unet):
+    inputs = tiny_inputs("unet", batch=2)
+    ref = _run(unet, inputs)
+    with vp.apply(unet, "agent", {"ratio": 0.0, "agent_ratio": 0.0}):
+        out = _run(unet, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_input_metric_differs_from_attn_input(unet):
+    inputs = tiny_inputs("unet", batch=2, size=16)
+    outs = []
+    for metric in ("block_input", "attn_input"):
+        with vp.apply(unet, "agent", preset="agentsd_sd15", metric=metric):
+            outs.append(_run(unet, inputs))
+    assert not torch.equal(*outs)
+
+
+def _phase_trace(unet, cfg, *, batched: bool, bare: bool, steps: int = 4):
+    """Per step: (step index seen by the processors, calls counted per path) in a DDIM CFG loop.
+
+    ``bare``: apply to the UNet alone (steps from the timestep argument), else to a pipeline-like
+    object with the scheduler (steps matched in ``scheduler.timesteps``)."""
+    pipe = SimpleNamespace(unet=unet, scheduler=DDIMScheduler())
+    pipe.scheduler.set_timesteps(steps)
+    inp = tiny_inputs("unet", batch=1, size=16)  # a 16x16 latent keeps the loop fast
+    text = torch.cat([inp["encoder_hidden_states"], -inp["encoder_hidden_states"]])
+    latents = inp["sample"]
+    trace = []
+    with vp.apply(unet if bare else pipe, "agent", cfg, stats=True) as handle, torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            before = dict(handle.context.stats.calls)
+            if batched:
+                noise = unet(torch.cat([latents] * 2), t, encoder_hidden_states=text, return_dict=False)[0]
+                unc, cond = noise.chunk(2)
+            else:
+                unc = unet(latents, t, encoder_hidden_states=text[:1], return_dict=False)[0]
+                cond = unet(latents, t, encoder_hidden_states=text[1:], return_dict=False)[0]
+            calls = {k: v - before.get(k, 0) for k, v in handle.context.stats.calls.items() if v != before.get(k, 0)}
+            trace.append((handle.context.step_index, calls))
+            latents = pipe.scheduler.step(unc + 3.0 * (cond - unc), t, latents, return_dict=False)[0]
+    return trace
+
+
+@pytest.mark.parametrize("batched,bare", [(True, False), (False, False), (False, True)])
+def test_phases_follow_the_real_step_index(unet, batched, bare):
+    # 16x16 latent, ds = 1 (256 tokens): sx = 4 -> 16 agents vs 154 features (agent path); from step 2
+    # (the fraction 0.5 of 4 steps, or the index 2 without a scheduler) sx = 2, agent_ratio 0.5 -> 128
+    # agents: ToMe only
+    cfg = AgentSDConfig(sx=4, sy=4, ratio=0.4, agent_ratio=0.95,
+                        phases=(AgentSDPhase(start=2 if bare else 0.5, sx=2, sy=2, agent_ratio=0.5),))
+    calls = 3 * (1 if batched else 2)  # three qualifying attn1 per UNet call
+    trace = _phase_trace(unet, cfg, batched=batched, bare=bare)
+    assert trace == [(0, {"agent": calls}), (1, {"agent": calls}),
+                     (2, {"agent: tome only": calls}), (3, {"agent: tome only": calls})]
+
+
+def test_sdxl_like_unet_needs_max_downsample_2():
+    # SDXL-like: no transformer blocks at ds = 1
+    unet = tiny_model("unet", down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    before = dict(unet.attn_processors)
+    with pytest.raises(ValueError, match="max_downsample"):
+        vp.apply(unet, "agent", preset="agentsd_sd15")
+    assert all(unet.attn_processors[k] is p for k, p in before.items())
+    inputs = tiny_inputs("unet", batch=2)
+    with vp.apply(unet, "agent", preset="agentsd_sdxl", stats=True) as handle:
+        assert len(handle.processors) == 4  # down_blocks.1, mid_block, up_blocks.0 (x2) attn1 at ds = 2
+        out = _run(unet, inputs)
+        assert handle.stats()["calls"].get("agent") == 4 and bool(torch.isfinite(out).all())
