@@ -368,3 +368,58 @@ def test_sdxl_like_unet_needs_max_downsample_2():
         assert len(handle.processors) == 4  # down_blocks.1, mid_block, up_blocks.0 (x2) attn1 at ds = 2
         out = _run(unet, inputs)
         assert handle.stats()["calls"].get("agent") == 4 and bool(torch.isfinite(out).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (run by the lead with -m cuda): low precision vs the float64 reference, no host sync
+
+CUDA_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("where,latent,grid,fields", [
+    ("down", (32, 32), (32, 32), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95)),
+    ("down", (32, 32), (32, 32), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, precision="fp32")),
+    ("down", (32, 32), (32, 32), dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)),
+    ("mid", (30, 34), (15, 17), dict(sx=2, sy=3, ratio=0.3, agent_ratio=0.9, max_downsample=2)),
+])
+def test_cuda_processor_matches_reference(dtype, where, latent, grid, fields):
+    torch.manual_seed(0)
+    block = _block(UNet2DConditionModel(**UNET_KWARGS).eval(), where)
+    cfg = AgentSDConfig(use_rand=False, **fields)
+    x = torch.randn(2, grid[0] * grid[1], block.attn1.to_q.in_features, dtype=torch.float64)
+    with torch.no_grad():
+        y = block.double().norm1(x)
+        ref, _ = reference_agentsd(block.attn1, x, y, grid, cfg.sx, cfg.sy,
+                                   torch.zeros(grid[0] // cfg.sy, grid[1] // cfg.sx, dtype=torch.int64),
+                                   cfg.ratio, cfg.agent_ratio, cfg.k_scale2, cfg.k_shortcut)
+        block = block.to("cuda", dtype)
+        p = _proc(cfg, latent)
+        p.set_block_input(x.to("cuda", dtype))
+        out = p(block.attn1, y.to("cuda", dtype))
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=CUDA_TOL[dtype], atol=CUDA_TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fields", [dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95),
+                                    dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)])
+def test_cuda_processor_has_no_host_sync(fields):
+    torch.manual_seed(0)
+    block = _block(UNet2DConditionModel(**UNET_KWARGS).eval(), "down").to("cuda", torch.float16)
+    x = torch.randn(2, 4096, 64, device="cuda", dtype=torch.float16)
+    p = _proc(AgentSDConfig(**fields), (64, 64), step=3)
+    p.context.stats.enabled = False
+    with torch.no_grad():
+        y = block.norm1(x)
+        p.set_block_input(x)
+        p(block.attn1, y)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            p.set_block_input(x)
+            out = p(block.attn1, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == y.shape
