@@ -45,28 +45,51 @@ def build(name: str, device, dtype):
 
     B = 2  # classifier-free guidance batch
     if name == "tiny":
-        return tiny_model("unet").to(device, dtype), tiny_inputs("unet", batch=B, device=device, dtype=dtype), 1
+        return (
+            tiny_model("unet").to(device, dtype),
+            tiny_inputs("unet", batch=B, device=device, dtype=dtype),
+            1,
+        )
     if name == "sd15":  # runwayml/stable-diffusion-v1-5 unet/config.json
         unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
         inputs = dict(encoder_hidden_states=torch.randn(B, 77, 768))
         side, max_ds = 64, 1
     elif name == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
         unet = UNet2DConditionModel(
-            sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-        inputs = dict(encoder_hidden_states=torch.randn(B, 77, 2048),
-                      added_cond_kwargs={"text_embeds": torch.randn(B, 1280), "time_ids": torch.randn(B, 6)})
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        inputs = dict(
+            encoder_hidden_states=torch.randn(B, 77, 2048),
+            added_cond_kwargs={"text_embeds": torch.randn(B, 1280), "time_ids": torch.randn(B, 6)},
+        )
         side, max_ds = 128, 2
     else:
         raise ValueError(f"unknown model {name!r}; choose sd15, sdxl or tiny")
     unet = unet.to(device, dtype).eval()
-    inputs = {k: (v.to(device, dtype) if isinstance(v, torch.Tensor) else
-                  {kk: vv.to(device, dtype) for kk, vv in v.items()}) for k, v in inputs.items()}
-    inputs.update(sample=torch.randn(B, 4, side, side, device=device, dtype=dtype),
-                  timestep=torch.tensor([500], device=device), return_dict=False)
+    inputs = {
+        k: (
+            v.to(device, dtype)
+            if isinstance(v, torch.Tensor)
+            else {kk: vv.to(device, dtype) for kk, vv in v.items()}
+        )
+        for k, v in inputs.items()
+    }
+    inputs.update(
+        sample=torch.randn(B, 4, side, side, device=device, dtype=dtype),
+        timestep=torch.tensor([500], device=device),
+        return_dict=False,
+    )
     return unet, inputs, max_ds
 
 
@@ -86,11 +109,15 @@ def bench(name: str, device, dtype, rep: int) -> list[dict]:
         rows.append(dict(model=name, case=case, ms=ms, calls=calls, fallbacks=fallbacks))
     t = {r["case"]: r["ms"] for r in rows}
     est = 20 * t["agentsd phase 1"] + 30 * t["agentsd phase 2"]
-    rows.append(dict(model=name, case="50 steps: agentsd_sd15 schedule", ms=est,
-                     speedup_vs_default=50 * t["default"] / est, speedup_vs_tome=50 * t["tome only"] / est))
-    del unet
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    rows.append(
+        dict(
+            model=name,
+            case="50 steps: agentsd_sd15 schedule",
+            ms=est,
+            speedup_vs_default=50 * t["default"] / est,
+            speedup_vs_tome=50 * t["tome only"] / est,
+        )
+    )
     return rows
 
 
@@ -107,15 +134,30 @@ def main(argv=None) -> None:
     rows = []
     for m in models:
         rows += bench(m, device, dtype, 1 if args.quick else args.rep)
-    env = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
-               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", dtype=str(dtype))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous UNet is gone with bench()'s frame
+    env = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        dtype=str(dtype),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_agentsd.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=2))
-    lines = [f"# AgentSD UNet step time on {env['device_name']} ({dtype}, CFG batch 2, torch {env['torch']})", "",
-             "| model | case | ms per UNet call | speedup vs default / tome (50 steps) |", "|---|---|---|---|"]
+    lines = [
+        f"# AgentSD UNet step time on {env['device_name']} ({dtype}, CFG batch 2, torch {env['torch']})",
+        "",
+        "| model | case | ms per UNet call | speedup vs default / tome (50 steps) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
-        sp = (f"{r['speedup_vs_default']:.2f}x / {r['speedup_vs_tome']:.2f}x" if "speedup_vs_default" in r else "")
+        sp = (
+            f"{r['speedup_vs_default']:.2f}x / {r['speedup_vs_tome']:.2f}x"
+            if "speedup_vs_default" in r
+            else ""
+        )
         lines.append(f"| {r['model']} | {r['case']} | {r['ms']:.2f} | {sp} |")
     (out / "bench_agentsd.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

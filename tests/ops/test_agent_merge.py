@@ -50,7 +50,7 @@ def _brute(metric, y, h, w, sx, sy, offs, r, ra):
             best[s], score[s] = k, vals[k]
         ranked = sorted(srcs, key=lambda s: (-score[s], s))
 
-        def merged(rr):
+        def merged(rr, b=b, ranked=ranked, best=best):
             rows = [y[b, s].double() for s in ranked[rr:]]
             for j, t in enumerate(dsts):
                 group = [y[b, t].double()] + [y[b, s].double() for s in ranked[:rr] if best[s] == j]
@@ -69,12 +69,15 @@ def _brute(metric, y, h, w, sx, sy, offs, r, ra):
     return torch.stack(feats), torch.stack(agents), torch.stack(unm)
 
 
-@pytest.mark.parametrize("h,w,sx,sy,ratio,agent_ratio", [
-    (6, 6, 2, 2, 0.5, 0.7),    # divisible grid
-    (5, 7, 2, 2, 0.3, 0.6),    # leftover row and column are src
-    (7, 9, 3, 2, 0.4, 0.95),   # rectangular cells, agent_r capped at the src count
-    (4, 5, 4, 4, 0.2, 0.0),    # one cell
-])
+@pytest.mark.parametrize(
+    "h,w,sx,sy,ratio,agent_ratio",
+    [
+        (6, 6, 2, 2, 0.5, 0.7),  # divisible grid
+        (5, 7, 2, 2, 0.3, 0.6),  # leftover row and column are src
+        (7, 9, 3, 2, 0.4, 0.95),  # rectangular cells, agent_r capped at the src count
+        (4, 5, 4, 4, 0.2, 0.0),  # one cell
+    ],
+)
 @pytest.mark.parametrize("use_rand", [True, False])
 def test_merge_matches_brute_force(h, w, sx, sy, ratio, agent_ratio, use_rand):
     B, C = 2, 5
@@ -107,10 +110,10 @@ def test_unmerge_restores_unmerged_tokens_exactly():
     out = tm.unmerge(tm.merge(y))
     ranked_tokens = tm.src_idx[tm.rank]  # [B, n_s]
     for b in range(2):
-        unmerged = ranked_tokens[b, tm.r:]
+        unmerged = ranked_tokens[b, tm.r :]
         assert torch.equal(out[b, unmerged], y[b, unmerged])
         # a merged src reads its dst's (merged) row
-        merged, to = ranked_tokens[b, :tm.r], tm.dst_idx[tm.best[b, :tm.r]]
+        merged, to = ranked_tokens[b, : tm.r], tm.dst_idx[tm.best[b, : tm.r]]
         assert torch.equal(out[b, merged], out[b, to])
 
 
@@ -132,10 +135,13 @@ def test_partition_is_sorted_and_complete():
     assert bool((src.diff() > 0).all()) and bool((dst.diff() > 0).all())
 
 
-@pytest.mark.parametrize("sx,ratio,agent_ratio,features,agents,use_agents", [
-    (4, 0.4, 0.95, 2458, 256, True),    # steps 0-19 of the published schedule
-    (2, 0.4, 0.5, 2458, 2048, False),   # steps 20-49: ToMe only
-])
+@pytest.mark.parametrize(
+    "sx,ratio,agent_ratio,features,agents,use_agents",
+    [
+        (4, 0.4, 0.95, 2458, 256, True),  # steps 0-19 of the published schedule
+        (2, 0.4, 0.5, 2458, 2048, False),  # steps 20-49: ToMe only
+    ],
+)
 def test_published_schedule_table_at_64x64(sx, ratio, agent_ratio, features, agents, use_agents):
     N = 64 * 64
     offs = dst_offsets(64, 64, sx, sx, generator=_gen(0))
@@ -147,10 +153,17 @@ def test_published_schedule_table_at_64x64(sx, ratio, agent_ratio, features, age
     assert tm.merge(x).shape == (1, features, 8) and tm.merge_agents(x).shape == (1, agents, 8)
 
 
-@pytest.mark.parametrize("hw,N,expected", [
-    ((64, 64), 4096, (1, 64, 64)), ((64, 64), 1024, (2, 32, 32)), ((64, 64), 64, (8, 8, 8)),
-    ((96, 64), 1536, (2, 48, 32)), ((65, 65), 1089, (2, 33, 33)), ((128, 128), 4096, (2, 64, 64)),
-])
+@pytest.mark.parametrize(
+    "hw,N,expected",
+    [
+        ((64, 64), 4096, (1, 64, 64)),
+        ((64, 64), 1024, (2, 32, 32)),
+        ((64, 64), 64, (8, 8, 8)),
+        ((96, 64), 1536, (2, 48, 32)),
+        ((65, 65), 1089, (2, 33, 33)),
+        ((128, 128), 4096, (2, 64, 64)),
+    ],
+)
 def test_grid(hw, N, expected):
     assert agentsd_grid(hw, N) == expected
 

@@ -7,11 +7,8 @@ against brute force.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
@@ -28,10 +25,18 @@ from visattn.pipelines.agent import (  # noqa: E402
     unet_downsample_levels,
 )
 
-UNET_KWARGS = dict(block_out_channels=(64, 128), norm_num_groups=32,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                   attention_head_dim=(1, 2), in_channels=4, out_channels=4, layers_per_block=1, sample_size=32)
+UNET_KWARGS = dict(
+    block_out_channels=(64, 128),
+    norm_num_groups=32,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(1, 2),
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    sample_size=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,10 @@ def unet64():
 
 
 def _block(unet, where: str):
-    return {"down": unet.down_blocks[0].attentions[0].transformer_blocks[0],
-            "mid": unet.mid_block.attentions[0].transformer_blocks[0]}[where]
+    return {
+        "down": unet.down_blocks[0].attentions[0].transformer_blocks[0],
+        "mid": unet.mid_block.attentions[0].transformer_blocks[0],
+    }[where]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +66,11 @@ def reference_agentsd(attn, x, y, hw, sx, sy, offs, ratio, agent_ratio, k_scale2
     """Spec §2.6 steps 1-6 for one attention call; x the metric, y the attention input, [B, N, C] float64."""
     B, N, C = y.shape
     h, w = hw
-    dsts = sorted((i * sy + int(offs[i, j]) // sx) * w + j * sx + int(offs[i, j]) % sx
-                  for i in range(h // sy) for j in range(w // sx))
+    dsts = sorted(
+        (i * sy + int(offs[i, j]) // sx) * w + j * sx + int(offs[i, j]) % sx
+        for i in range(h // sy)
+        for j in range(w // sx)
+    )
     dset = set(dsts)
     srcs = [t for t in range(N) if t not in dset]
     ns = len(srcs)
@@ -76,7 +86,7 @@ def reference_agentsd(attn, x, y, hw, sx, sy, offs, ratio, agent_ratio, k_scale2
         score, best = S.max(dim=1)
         ranked = sorted(range(ns), key=lambda i: (-float(score[i]), i))
 
-        def merged(rr):
+        def merged(rr, b=b, ranked=ranked, best=best):
             rows = [y[b, srcs[i]] for i in ranked[rr:]]
             for j, t in enumerate(dsts):
                 group = [y[b, t]] + [y[b, srcs[i]] for i in ranked[:rr] if int(best[i]) == j]
@@ -87,11 +97,11 @@ def reference_agentsd(attn, x, y, hw, sx, sy, offs, ratio, agent_ratio, k_scale2
         q, k, v = (lin(feats, p).reshape(-1, H, D).transpose(0, 1) for p in (attn.to_q, attn.to_k, attn.to_v))
         if use_agents:
             a = lin(merged(ra), attn.to_q).reshape(-1, H, D).transpose(0, 1)
-            s = D ** -0.5
+            s = D**-0.5
             va = _softmax(a @ k.transpose(1, 2) * s) @ v
-            o = _softmax(q @ a.transpose(1, 2) * s ** k_scale2) @ va + k_shortcut * v
+            o = _softmax(q @ a.transpose(1, 2) * s**k_scale2) @ va + k_shortcut * v
         else:
-            o = _softmax(q @ k.transpose(1, 2) * D ** -0.5) @ v
+            o = _softmax(q @ k.transpose(1, 2) * D**-0.5) @ v
         o = lin(o.transpose(0, 1).reshape(-1, C), attn.to_out[0])
         full = torch.empty(N, C, dtype=torch.float64)
         for p, i in enumerate(ranked):
@@ -105,17 +115,24 @@ def reference_agentsd(attn, x, y, hw, sx, sy, offs, ratio, agent_ratio, k_scale2
 def _proc(cfg, latent_hw, key="down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", step=None):
     ctx = AttnContext(latent_hw={"unet": latent_hw}, step_index=step)
     ctx.stats.enabled = True
-    return AgentUNetAttnProcessor(cfg, original=AttnProcessor2_0(), key=key, block_index=0, context=ctx,
-                                  component="unet")
+    return AgentUNetAttnProcessor(
+        cfg, original=AttnProcessor2_0(), key=key, block_index=0, context=ctx, component="unet"
+    )
 
 
 # (where, latent size, grid at the block, config fields, expected path)
 REF_CASES = [
     ("down", (12, 16), (12, 16), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95), "agent"),
     ("down", (12, 16), (12, 16), dict(sx=2, sy=2, ratio=0.5, agent_ratio=0.5), "agent: tome only"),
-    ("down", (11, 13), (11, 13), dict(sx=2, sy=3, ratio=0.3, agent_ratio=0.9), "agent"),   # leftover rows/cols
+    ("down", (11, 13), (11, 13), dict(sx=2, sy=3, ratio=0.3, agent_ratio=0.9), "agent"),  # leftover rows/cols
     ("down", (12, 16), (12, 16), dict(sx=4, sy=4, ratio=0.0, agent_ratio=0.95), "agent"),  # agents, no merge
-    ("mid", (24, 32), (12, 16), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, max_downsample=2), "agent"),  # 2 heads
+    (
+        "mid",
+        (24, 32),
+        (12, 16),
+        dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, max_downsample=2),
+        "agent",
+    ),  # 2 heads
 ]
 
 
@@ -134,8 +151,9 @@ def test_processor_matches_float64_reference(unet64, where, latent, grid, fields
         out = proc(attn, y)
     gen = torch.Generator().manual_seed(_stream_seed(5, 3, proc.key))
     offs = dst_offsets(*grid, cfg.sx, cfg.sy, generator=gen, use_rand=use_rand)
-    ref, used_agents = reference_agentsd(attn, x, y, grid, cfg.sx, cfg.sy, offs, cfg.ratio, cfg.agent_ratio,
-                                         cfg.k_scale2, cfg.k_shortcut)
+    ref, used_agents = reference_agentsd(
+        attn, x, y, grid, cfg.sx, cfg.sy, offs, cfg.ratio, cfg.agent_ratio, cfg.k_scale2, cfg.k_shortcut
+    )
     assert used_agents == (path == "agent")
     assert proc.context.stats.calls[path] == 1
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -151,7 +169,9 @@ def test_metric_attn_input_and_missing_block_input(unet64):
         out_attn = _proc(AgentSDConfig(metric="attn_input", **cfg), (12, 16))(attn, y)
         p = _proc(AgentSDConfig(**cfg), (12, 16))
         out_missing = p(attn, y)  # no pre-hook ran: the attention input is the metric, counted
-    ref, _ = reference_agentsd(attn, y, y, (12, 16), 4, 4, torch.zeros(3, 4, dtype=torch.int64), 0.4, 0.95, 0.3, 0.075)
+    ref, _ = reference_agentsd(
+        attn, y, y, (12, 16), 4, 4, torch.zeros(3, 4, dtype=torch.int64), 0.4, 0.95, 0.3, 0.075
+    )
     torch.testing.assert_close(out_attn, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out_missing, ref, rtol=1e-10, atol=1e-10)
     assert sum(p.context.stats.fallbacks.values()) == 1
@@ -168,8 +188,19 @@ def test_fp32_precision_matches_reference():
         p = _proc(cfg, (12, 16))
         p.set_block_input(x)
         out = p(block.attn1, y)
-    ref, _ = reference_agentsd(block.attn1, x.double(), y.double(), (12, 16), 4, 4,
-                               torch.zeros(3, 4, dtype=torch.int64), 0.4, 0.95, 0.3, 0.075)
+    ref, _ = reference_agentsd(
+        block.attn1,
+        x.double(),
+        y.double(),
+        (12, 16),
+        4,
+        4,
+        torch.zeros(3, 4, dtype=torch.int64),
+        0.4,
+        0.95,
+        0.3,
+        0.075,
+    )
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -336,7 +367,11 @@ def _phase_trace(unet, cfg, *, batched: bool, bare: bool, steps: int = 4):
             else:
                 unc = unet(latents, t, encoder_hidden_states=text[:1], return_dict=False)[0]
                 cond = unet(latents, t, encoder_hidden_states=text[1:], return_dict=False)[0]
-            calls = {k: v - before.get(k, 0) for k, v in handle.context.stats.calls.items() if v != before.get(k, 0)}
+            calls = {
+                k: v - before.get(k, 0)
+                for k, v in handle.context.stats.calls.items()
+                if v != before.get(k, 0)
+            }
             trace.append((handle.context.step_index, calls))
             latents = pipe.scheduler.step(unc + 3.0 * (cond - unc), t, latents, return_dict=False)[0]
     return trace
@@ -347,18 +382,40 @@ def test_phases_follow_the_real_step_index(unet, batched, bare):
     # 16x16 latent, ds = 1 (256 tokens): sx = 4 -> 16 agents vs 154 features (agent path); from step 2
     # (the fraction 0.5 of 4 steps, or the index 2 without a scheduler) sx = 2, agent_ratio 0.5 -> 128
     # agents: ToMe only
-    cfg = AgentSDConfig(sx=4, sy=4, ratio=0.4, agent_ratio=0.95,
-                        phases=(AgentSDPhase(start=2 if bare else 0.5, sx=2, sy=2, agent_ratio=0.5),))
+    cfg = AgentSDConfig(
+        sx=4,
+        sy=4,
+        ratio=0.4,
+        agent_ratio=0.95,
+        phases=(AgentSDPhase(start=2 if bare else 0.5, sx=2, sy=2, agent_ratio=0.5),),
+    )
     calls = 3 * (1 if batched else 2)  # three qualifying attn1 per UNet call
     trace = _phase_trace(unet, cfg, batched=batched, bare=bare)
-    assert trace == [(0, {"agent": calls}), (1, {"agent": calls}),
-                     (2, {"agent: tome only": calls}), (3, {"agent: tome only": calls})]
+    assert trace == [
+        (0, {"agent": calls}),
+        (1, {"agent": calls}),
+        (2, {"agent: tome only": calls}),
+        (3, {"agent: tome only": calls}),
+    ]
+
+
+def test_dense_steps_of_the_schedule_run_the_original_attention(unet):
+    inputs = tiny_inputs("unet", batch=2, size=16)
+    ref = _run(unet, inputs)
+    with vp.apply(unet, "agent", preset="agentsd_sd15", dense_steps=(0,), stats=True) as handle:
+        out = _run(unet, inputs)  # a bare UNet's first timestep is step 0
+        assert handle.context.step_index == 0
+        assert handle.stats()["calls"] == {"dense_by_schedule": 3}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sdxl_like_unet_needs_max_downsample_2():
     # SDXL-like: no transformer blocks at ds = 1
-    unet = tiny_model("unet", down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    unet = tiny_model(
+        "unet",
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
     before = dict(unet.attn_processors)
     with pytest.raises(ValueError, match="max_downsample"):
         vp.apply(unet, "agent", preset="agentsd_sd15")
@@ -378,12 +435,15 @@ CUDA_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("where,latent,grid,fields", [
-    ("down", (32, 32), (32, 32), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95)),
-    ("down", (32, 32), (32, 32), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, precision="fp32")),
-    ("down", (32, 32), (32, 32), dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)),
-    ("mid", (30, 34), (15, 17), dict(sx=2, sy=3, ratio=0.3, agent_ratio=0.9, max_downsample=2)),
-])
+@pytest.mark.parametrize(
+    "where,latent,grid,fields",
+    [
+        ("down", (32, 32), (32, 32), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95)),
+        ("down", (32, 32), (32, 32), dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95, precision="fp32")),
+        ("down", (32, 32), (32, 32), dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)),
+        ("mid", (30, 34), (15, 17), dict(sx=2, sy=3, ratio=0.3, agent_ratio=0.9, max_downsample=2)),
+    ],
+)
 def test_cuda_processor_matches_reference(dtype, where, latent, grid, fields):
     torch.manual_seed(0)
     block = _block(UNet2DConditionModel(**UNET_KWARGS).eval(), where)
@@ -391,9 +451,19 @@ def test_cuda_processor_matches_reference(dtype, where, latent, grid, fields):
     x = torch.randn(2, grid[0] * grid[1], block.attn1.to_q.in_features, dtype=torch.float64)
     with torch.no_grad():
         y = block.double().norm1(x)
-        ref, _ = reference_agentsd(block.attn1, x, y, grid, cfg.sx, cfg.sy,
-                                   torch.zeros(grid[0] // cfg.sy, grid[1] // cfg.sx, dtype=torch.int64),
-                                   cfg.ratio, cfg.agent_ratio, cfg.k_scale2, cfg.k_shortcut)
+        ref, _ = reference_agentsd(
+            block.attn1,
+            x,
+            y,
+            grid,
+            cfg.sx,
+            cfg.sy,
+            torch.zeros(grid[0] // cfg.sy, grid[1] // cfg.sx, dtype=torch.int64),
+            cfg.ratio,
+            cfg.agent_ratio,
+            cfg.k_scale2,
+            cfg.k_shortcut,
+        )
         block = block.to("cuda", dtype)
         p = _proc(cfg, latent)
         p.set_block_input(x.to("cuda", dtype))
@@ -403,8 +473,9 @@ def test_cuda_processor_matches_reference(dtype, where, latent, grid, fields):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fields", [dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95),
-                                    dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)])
+@pytest.mark.parametrize(
+    "fields", [dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95), dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)]
+)
 def test_cuda_processor_has_no_host_sync(fields):
     torch.manual_seed(0)
     block = _block(UNet2DConditionModel(**UNET_KWARGS).eval(), "down").to("cuda", torch.float16)

@@ -30,8 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["agentsd_grid", "agentsd_counts", "dst_offsets", "dst_partition", "bipartite_soft_matching",
-           "TokenMerge"]
+__all__ = [
+    "agentsd_grid",
+    "agentsd_counts",
+    "dst_offsets",
+    "dst_partition",
+    "bipartite_soft_matching",
+    "TokenMerge",
+]
 
 
 def agentsd_grid(latent_hw: tuple[int, int], num_tokens: int) -> tuple[int, int, int]:
@@ -44,13 +50,17 @@ def agentsd_grid(latent_hw: tuple[int, int], num_tokens: int) -> tuple[int, int,
     """
     H0, W0 = (int(x) for x in latent_hw)
     if H0 < 1 or W0 < 1 or num_tokens < 1:
-        raise ValueError(f"expected a positive latent size and token count, got latent_hw={latent_hw}, "
-                         f"num_tokens={num_tokens}")
+        raise ValueError(
+            f"expected a positive latent size and token count, got latent_hw={latent_hw}, "
+            f"num_tokens={num_tokens}"
+        )
     ds = max(1, math.ceil(math.sqrt((H0 * W0) // num_tokens)))
     h, w = -(-H0 // ds), -(-W0 // ds)
     if h * w != num_tokens:
-        raise ValueError(f"expected num_tokens to be the latent grid {H0}x{W0} downsampled by ds={ds} "
-                         f"({h}x{w}={h * w} tokens), got num_tokens={num_tokens}")
+        raise ValueError(
+            f"expected num_tokens to be the latent grid {H0}x{W0} downsampled by ds={ds} "
+            f"({h}x{w}={h * w} tokens), got num_tokens={num_tokens}"
+        )
     return ds, h, w
 
 
@@ -65,8 +75,16 @@ def agentsd_counts(num_tokens: int, num_src: int, ratio: float, agent_ratio: flo
     return r, r_a, 2 * (num_tokens - r_a) < num_tokens - r
 
 
-def dst_offsets(h: int, w: int, sx: int, sy: int, *, generator: torch.Generator | None = None,
-                use_rand: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
+def dst_offsets(
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    *,
+    generator: torch.Generator | None = None,
+    use_rand: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Flat offset ``o`` in ``[0, sx·sy)`` of the dst token of each ``sy × sx`` cell: ``[h//sy, w//sx]``.
 
     Drawn with ``torch.randint`` from ``generator`` (on the generator's device; the default CPU
@@ -80,7 +98,9 @@ def dst_offsets(h: int, w: int, sx: int, sy: int, *, generator: torch.Generator 
     return torch.randint(sx * sy, shape, generator=generator, dtype=torch.int64, device=gen_device)
 
 
-def dst_partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dst_partition(
+    h: int, w: int, sx: int, sy: int, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(src_idx, dst_idx)``: raster indices of the src and dst tokens of an ``h × w`` grid, each sorted.
 
     Cell ``(i, j)`` covers rows ``[i·sy, (i+1)·sy)`` and columns ``[j·sx, (j+1)·sx)``; its dst token sits
@@ -95,8 +115,10 @@ def dst_partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor) -> tu
             raise ValueError(f"expected {name} to be a positive int, got {name}={s!r}")
     hs, ws = h // sy, w // sx
     if tuple(offsets.shape) != (hs, ws):
-        raise ValueError(f"expected offsets of shape [h // sy, w // sx] = [{hs}, {ws}], got "
-                         f"offsets.shape={tuple(offsets.shape)}")
+        raise ValueError(
+            f"expected offsets of shape [h // sy, w // sx] = [{hs}, {ws}], got "
+            f"offsets.shape={tuple(offsets.shape)}"
+        )
     dev = offsets.device
     offsets = offsets.long()
     rows = torch.arange(hs, device=dev)[:, None] * sy + offsets // sx  # [hs, ws]
@@ -133,8 +155,10 @@ class TokenMerge:
     def _merge(self, x: torch.Tensor, r: int) -> torch.Tensor:
         B, N, C = x.shape
         if N != self.num_tokens or B != self.rank.shape[0]:
-            raise ValueError(f"expected x of shape [B={self.rank.shape[0]}, N={self.num_tokens}, C], got "
-                             f"x.shape={tuple(x.shape)}")
+            raise ValueError(
+                f"expected x of shape [B={self.rank.shape[0]}, N={self.num_tokens}, C], got "
+                f"x.shape={tuple(x.shape)}"
+            )
         src = x.index_select(1, self.src_idx)  # [B, n_s, C]
         dst = x.index_select(1, self.dst_idx)  # [B, n_d, C]
         ranked = torch.gather(src, 1, self.rank[..., None].expand(-1, -1, C))  # [B, n_s, C], rank order
@@ -169,12 +193,15 @@ class TokenMerge:
         """Feature rows ``[B, N − r, C]`` -> ``[B, N, C]``; a merged src receives its dst's row."""
         B, M, C = x.shape
         if M != self.num_tokens - self.r:
-            raise ValueError(f"expected x with N - r = {self.num_tokens - self.r} tokens, got x.shape={tuple(x.shape)}")
+            raise ValueError(
+                f"expected x with N - r = {self.num_tokens - self.r} tokens, got x.shape={tuple(x.shape)}"
+            )
         return torch.gather(x, 1, self.source_rows()[..., None].expand(-1, -1, C))
 
 
-def bipartite_soft_matching(metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-                            r: int, agent_r: int = 0) -> TokenMerge:
+def bipartite_soft_matching(
+    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, r: int, agent_r: int = 0
+) -> TokenMerge:
     """Match every src token to its most similar dst token (cosine of ``metric``) and rank the srcs.
 
     Args:
@@ -197,7 +224,9 @@ def bipartite_soft_matching(metric: torch.Tensor, src_idx: torch.Tensor, dst_idx
     with torch.no_grad():
         m = metric.float() if metric.dtype in (torch.float16, torch.bfloat16) else metric
         m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # an all-zero token scores 0, not NaN
-        scores = torch.bmm(m.index_select(1, src_idx), m.index_select(1, dst_idx).transpose(1, 2))  # [B, n_s, n_d]
+        scores = torch.bmm(
+            m.index_select(1, src_idx), m.index_select(1, dst_idx).transpose(1, 2)
+        )  # [B, n_s, n_d]
         node_max, node_idx = scores.max(dim=-1)  # first maximal index on ties
         rank = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [B, n_s]
         best = torch.gather(node_idx, 1, rank)

@@ -21,14 +21,20 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from diffusers.hooks import ModelHook
 
 from ..ops.agent import agent_attention
-from ..ops.agent_merge import agentsd_counts, agentsd_grid, bipartite_soft_matching, dst_offsets, dst_partition
+from ..ops.agent_merge import (
+    agentsd_counts,
+    agentsd_grid,
+    bipartite_soft_matching,
+    dst_offsets,
+    dst_partition,
+)
 from ._base import VisattnProcessor
 from ._config import PipelineConfig
 from ._context import AttnContext
@@ -42,7 +48,9 @@ def _check_num(name: str, value, lo: float, hi: float, *, hi_open: bool = False,
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not (lo <= value and (value < hi if hi_open else value <= hi)):
         kind = "an int" if integer else "a number"
-        raise ValueError(f"expected {name} to be {kind} in [{lo}, {hi}{')' if hi_open else ']'}, got {name}={value!r}")
+        raise ValueError(
+            f"expected {name} to be {kind} in [{lo}, {hi}{')' if hi_open else ']'}, got {name}={value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -60,18 +68,26 @@ class AgentSDPhase:
     sy: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)) or self.start < 0 or (
-                isinstance(self.start, float) and self.start > 1):
-            raise ValueError(f"expected a phase start to be a step index >= 0 or a fraction in [0, 1], got "
-                             f"start={self.start!r}")
+        if (
+            isinstance(self.start, bool)
+            or not isinstance(self.start, (int, float))
+            or self.start < 0
+            or (isinstance(self.start, float) and self.start > 1)
+        ):
+            raise ValueError(
+                f"expected a phase start to be a step index >= 0 or a fraction in [0, 1], got "
+                f"start={self.start!r}"
+            )
         _check_settings(self.ratio, self.agent_ratio, self.sx, self.sy)
 
     def start_step(self, num_steps: int | None) -> int:
         if isinstance(self.start, int):
             return self.start
         if num_steps is None:
-            raise ValueError(f"a phase starting at the fraction {self.start} of the steps needs the step count: "
-                             "the pipeline reported none; set AgentSDConfig.num_steps or start phases at step indices")
+            raise ValueError(
+                f"a phase starting at the fraction {self.start} of the steps needs the step count: "
+                "the pipeline reported none; set AgentSDConfig.num_steps or start phases at step indices"
+            )
         return math.ceil(self.start * num_steps - 1e-9)
 
 
@@ -153,7 +169,9 @@ class AgentSDConfig(PipelineConfig):
                 try:
                     p = AgentSDPhase(**p)
                 except TypeError as e:
-                    raise TypeError(f"a phase takes the fields start, ratio, agent_ratio, sx, sy; got {p!r}") from e
+                    raise TypeError(
+                        f"a phase takes the fields start, ratio, agent_ratio, sx, sy; got {p!r}"
+                    ) from e
             if not isinstance(p, AgentSDPhase):
                 raise TypeError(f"expected phases to hold AgentSDPhase or dicts, got {type(p).__name__}")
             phases.append(p)
@@ -167,8 +185,12 @@ class AgentSDConfig(PipelineConfig):
         steps = num_steps if num_steps is not None else self.num_steps
         started = [(p.start_step(steps), i, p) for i, p in enumerate(self.phases)]
         for _, _, p in sorted(x for x in started if x[0] <= step_index):
-            s = _Settings(*(getattr(s, f) if getattr(p, f) is None else getattr(p, f)
-                            for f in ("ratio", "agent_ratio", "sx", "sy")))
+            s = _Settings(
+                *(
+                    getattr(s, f) if getattr(p, f) is None else getattr(p, f)
+                    for f in ("ratio", "agent_ratio", "sx", "sy")
+                )
+            )
         return s
 
 
@@ -211,8 +233,11 @@ def _block_of(key: str) -> str | None:
 
 def _stream_seed(seed: int, step_index: int | None, key: str) -> int:
     """A 63-bit seed for one call's dst offsets, from (seed, step, key); stable across runs."""
-    mix = (seed * 0x9E3779B97F4A7C15 + ((step_index if step_index is not None else -1) + 2) * 0xBF58476D1CE4E5B9
-           + zlib.crc32(key.encode()) * 0x94D049BB133111EB)
+    mix = (
+        seed * 0x9E3779B97F4A7C15
+        + ((step_index if step_index is not None else -1) + 2) * 0xBF58476D1CE4E5B9
+        + zlib.crc32(key.encode()) * 0x94D049BB133111EB
+    )
     return mix % (1 << 63)
 
 
@@ -240,24 +265,47 @@ class AgentUNetAttnProcessor(VisattnProcessor):
 
     method = "agent"
 
-    def __init__(self, config: AgentSDConfig | None = None, *, original=None, key: str = "",
-                 block_index: int | None = None, context: AttnContext | None = None, component: str = "unet",
-                 module=None, **kwargs) -> None:
+    def __init__(
+        self,
+        config: AgentSDConfig | None = None,
+        *,
+        original=None,
+        key: str = "",
+        block_index: int | None = None,
+        context: AttnContext | None = None,
+        component: str = "unet",
+        module=None,
+        **kwargs,
+    ) -> None:
         config = AgentSDConfig() if config is None else config
         if not isinstance(config, AgentSDConfig):
             raise TypeError(f"expected an AgentSDConfig, got config={type(config).__name__}")
-        super().__init__(config, original=original, key=key, block_index=block_index,
-                         context=context if context is not None else AttnContext(), component=component,
-                         module=module, **kwargs)
+        super().__init__(
+            config,
+            original=original,
+            key=key,
+            block_index=block_index,
+            context=context if context is not None else AttnContext(),
+            component=component,
+            module=module,
+            **kwargs,
+        )
         self._block_input: torch.Tensor | None = None  # set by the parent block's pre-hook, used once
 
     # the pre-hook on the parent BasicTransformerBlock hands over the block input (the metric)
     def set_block_input(self, x: torch.Tensor | None) -> None:
         self._block_input = x
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         block_input, self._block_input = self._block_input, None
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -270,10 +318,10 @@ class AgentUNetAttnProcessor(VisattnProcessor):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         plan = self._plan(hidden_states, encoder_hidden_states, attention_mask)
-        if plan is None:
-            out = self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, plan_reason=None)
-        elif isinstance(plan, str):
-            out = self._dense(attn, hidden_states, encoder_hidden_states, attention_mask, plan_reason=plan)
+        if plan is None or isinstance(plan, str):  # dense: by design (None) or a counted fallback (reason)
+            out = self._dense(
+                attn, hidden_states, encoder_hidden_states, attention_mask, fallback_reason=plan
+            )
         else:
             out = self._merged(attn, hidden_states, block_input, *plan)
 
@@ -285,7 +333,7 @@ class AgentUNetAttnProcessor(VisattnProcessor):
 
     # ------------------------------------------------------------------ decisions (Python ints only)
     def _plan(self, x, encoder_hidden_states, attention_mask):
-        """``None`` (dense, not a fallback), a fallback reason, or ``(settings, (ds, h, w), r, r_a, agents)``."""
+        """``None`` (dense, not a fallback), a fallback reason, or ``(settings, (h, w), r, r_a, agents)``."""
         if self._parallel_config is not None:
             return "context parallelism (_parallel_config is set)"
         if self.dense_now():
@@ -310,11 +358,12 @@ class AgentUNetAttnProcessor(VisattnProcessor):
             name = "attention_mask" if attention_mask is not None else "encoder_hidden_states"
             raise NotImplementedError(
                 f"AgentUNetAttnProcessor merges self-attention tokens and cannot use {name} (got a tensor); "
-                "remove it, or run this block dense (AgentSDConfig.dense_blocks)")
+                "remove it, or run this block dense (AgentSDConfig.dense_blocks)"
+            )
         return s, (h, w), r, r_a, agents
 
     # ------------------------------------------------------------------ dense (original) attention
-    def _dense(self, attn, x, encoder_hidden_states, attention_mask, plan_reason):
+    def _dense(self, attn, x, encoder_hidden_states, attention_mask, fallback_reason):
         cross = encoder_hidden_states is not None
         batch, seq_len, _ = (encoder_hidden_states if cross else x).shape
         if attention_mask is not None:
@@ -325,14 +374,17 @@ class AgentUNetAttnProcessor(VisattnProcessor):
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
         elif cross:
             context = encoder_hidden_states
-        q, k, v = self._heads(attn, attn.to_q(x)), self._heads(attn, attn.to_k(context)), \
-            self._heads(attn, attn.to_v(context))
+        q, k, v = (
+            self._heads(attn, attn.to_q(x)),
+            self._heads(attn, attn.to_k(context)),
+            self._heads(attn, attn.to_v(context)),
+        )
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if plan_reason is not None:
-            out = self.fallback(plan_reason, q, k, v, attention_mask)
+        if fallback_reason is not None:
+            out = self.fallback(fallback_reason, q, k, v, attention_mask)
         else:
             out = self.dispatch(q, k, v, attention_mask)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(q.dtype)))
@@ -356,7 +408,9 @@ class AgentUNetAttnProcessor(VisattnProcessor):
         self.context.stats.add_call("agent" if agents else "agent: tome only")
         use_rand = cfg.use_rand and x.shape[0] % 2 == 0  # odd batch: cond/uncond not paired (upstream)
         # a generator on x's device: the draw and the partition stay there (no copy, no stream sync)
-        gen = torch.Generator(device=x.device).manual_seed(_stream_seed(cfg.seed, self.context.step_index, self.key))
+        gen = torch.Generator(device=x.device).manual_seed(
+            _stream_seed(cfg.seed, self.context.step_index, self.key)
+        )
         offsets = dst_offsets(h, w, s.sx, s.sy, generator=gen, use_rand=use_rand, device=x.device)
         src_idx, dst_idx = dst_partition(h, w, s.sx, s.sy, offsets)
         tm = bipartite_soft_matching(self._metric(x, block_input), src_idx, dst_idx, r, r_a if agents else 0)
@@ -386,14 +440,21 @@ class AgentUNetAttnProcessor(VisattnProcessor):
         dtype = q.dtype
         if cfg.precision == "fp32" and dtype != torch.float64:
             q, k, v, a = q.float(), k.float(), v.float(), a.float()
-        out = agent_attention(q, k, v, agents=a, scale=(scale, scale ** cfg.k_scale2), backend=cfg.backend)
+        out = agent_attention(q, k, v, agents=a, scale=(scale, scale**cfg.k_scale2), backend=cfg.backend)
         return (out + cfg.k_shortcut * v).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------ registry
 def _factory(config, *, original, key, block_index, context, component, module):
-    return AgentUNetAttnProcessor(config, original=original, key=key, block_index=block_index,
-                                  context=context, component=component, module=module)
+    return AgentUNetAttnProcessor(
+        config,
+        original=original,
+        key=key,
+        block_index=block_index,
+        context=context,
+        component=component,
+        module=module,
+    )
 
 
 class _BlockInputHook(ModelHook):
@@ -438,15 +499,19 @@ def _install(model: torch.nn.Module, handle) -> None:
     if kept == 0 and levels:
         raise ValueError(
             f"AgentSD found no BasicTransformerBlock at a downsampling level <= max_downsample="
-            f"{handle.config.max_downsample} in {type(model).__name__} (levels: {sorted(set(levels.values()))}); "
-            "raise max_downsample (SDXL: preset agentsd_sdxl)")
+            f"{handle.config.max_downsample} in {type(model).__name__} "
+            f"(levels: {sorted(set(levels.values()))}); "
+            "raise max_downsample (SDXL: preset agentsd_sdxl)"
+        )
 
 
-register_method(MethodSpec(
-    slug="agent",
-    config_cls=AgentSDConfig,
-    processors={("Attention", "AttnProcessor2_0"): _factory},
-    default_targets=lambda key, module: _block_of(key) is not None,
-    install=_install,
-    description="AgentSD: token merging + agent attention on SD UNet self-attention (attn1)",
-))
+register_method(
+    MethodSpec(
+        slug="agent",
+        config_cls=AgentSDConfig,
+        processors={("Attention", "AttnProcessor2_0"): _factory},
+        default_targets=lambda key, module: _block_of(key) is not None,
+        install=_install,
+        description="AgentSD: token merging + agent attention on SD UNet self-attention (attn1)",
+    )
+)
