@@ -420,11 +420,20 @@ def test_sdxl_like_unet_needs_max_downsample_2():
     with pytest.raises(ValueError, match="max_downsample"):
         vp.apply(unet, "agent", preset="agentsd_sd15")
     assert all(unet.attn_processors[k] is p for k, p in before.items())
-    inputs = tiny_inputs("unet", batch=2)
+    inputs = tiny_inputs("unet", batch=2, size=16)  # ds = 2 blocks see 8x8 tokens
     with vp.apply(unet, "agent", preset="agentsd_sdxl", stats=True) as handle:
         assert len(handle.processors) == 4  # down_blocks.1, mid_block, up_blocks.0 (x2) attn1 at ds = 2
         out = _run(unet, inputs)
         assert handle.stats()["calls"].get("agent") == 4 and bool(torch.isfinite(out).all())
+
+
+def test_non_unet_models_are_refused_and_left_untouched():
+    dit = tiny_model("dit")  # BasicTransformerBlocks with AttnProcessor2_0, but no UNet levels
+    attn = dit.transformer_blocks[0].attn1
+    before = attn.processor
+    with pytest.raises(ValueError, match="UNet2DConditionModel"):
+        vp.apply(dit, "agent")
+    assert attn.processor is before
 
 
 # ---------------------------------------------------------------------------------------------

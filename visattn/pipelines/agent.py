@@ -474,35 +474,50 @@ class _BlockInputHook(ModelHook):
 
 
 def _install(model: torch.nn.Module, handle) -> None:
-    """Keep AgentSD only on blocks at ``ds <= max_downsample``; hook the metric capture on their blocks.
+    """Keep AgentSD only on UNet blocks at ``ds <= max_downsample``; hook the metric capture on them.
 
-    ``default_targets`` sees a key and a module, not the UNet, so the downsampling level of a block
-    can only be read here: processors of deeper blocks are put back to their originals (they would
-    only run dense attention) and dropped from ``handle.processors``.
+    ``default_targets`` sees a key and a module, not the model, so the model type and the
+    downsampling level of a block can only be read here: processors on other models (PixArt and DiT
+    also have ``BasicTransformerBlock``s) or on deeper blocks (which would only run dense attention)
+    are put back to their originals and dropped from ``handle.processors``.
+
+    Raises:
+        ValueError: no processor is left on this model (the message says why).
     """
-    levels = unet_downsample_levels(model)
+    comps = {c for c, m in handle.components.items() if m is model}
+    ours = [
+        (c, k)
+        for (c, k), p in handle.processors.items()
+        if c in comps and isinstance(p, AgentUNetAttnProcessor)
+    ]
+    if not ours:
+        return
+    is_unet = hasattr(model, "down_blocks") and hasattr(model, "up_blocks")
+    levels = unet_downsample_levels(model) if is_unet else {}
     modules = dict(model.named_modules())
-    kept = 0
-    for (comp, key), proc in list(handle.processors.items()):
-        if not isinstance(proc, AgentUNetAttnProcessor) or modules.get(key[: -len(".processor")]) is None:
-            continue
-        if modules.get(key[: -len(".processor")]).processor is not proc:
-            continue  # another component's processor
+    kept = []
+    for comp, key in ours:
+        proc = handle.processors[(comp, key)]
         block = _block_of(key)
-        if block in levels and levels[block] > proc.config.max_downsample:
+        if not is_unet or block not in levels or levels[block] > proc.config.max_downsample:
             modules[key[: -len(".processor")]].set_processor(proc.original)
             del handle.processors[(comp, key)]
-            continue
-        kept += 1
-        if block in modules and proc.config.metric == "block_input":
-            handle.add_hook(modules[block], _BlockInputHook(proc), "visattn_agent_metric")
-    if kept == 0 and levels:
+        else:
+            kept.append((block, proc))
+    if not is_unet:
+        raise ValueError(
+            f"AgentSD runs on UNet2DConditionModel (SD 1.x, 2.x, SDXL), got {type(model).__name__}; "
+            "pass components=['unet'] or a UNet"
+        )
+    if not kept:
         raise ValueError(
             f"AgentSD found no BasicTransformerBlock at a downsampling level <= max_downsample="
             f"{handle.config.max_downsample} in {type(model).__name__} "
-            f"(levels: {sorted(set(levels.values()))}); "
-            "raise max_downsample (SDXL: preset agentsd_sdxl)"
+            f"(levels: {sorted(set(levels.values()))}); raise max_downsample (SDXL: preset agentsd_sdxl)"
         )
+    for block, proc in kept:
+        if proc.config.metric == "block_input":
+            handle.add_hook(modules[block], _BlockInputHook(proc), "visattn_agent_metric")
 
 
 register_method(
