@@ -120,7 +120,8 @@ class AgentSDConfig(PipelineConfig):
         max_downsample: only blocks at latent downsampling ``ds <= max_downsample`` are merged.
         k_scale2: ``κ``; the second softmax uses ``attn.scale ** κ``.
         k_shortcut: weight of the ``+ k_shortcut · v`` term of the agent path.
-        precision: ``"fp32"`` upcasts q, k, v and the agents before both products (SD 2.x, AA#26).
+        precision: ``"fp32"`` upcasts q, k, v and the agents before both products (SD 2.x, AA#26);
+            ``"auto"`` keeps the input dtype (SDPA kernels accumulate the logits in fp32 anyway).
         use_rand: random dst offsets per cell (forced off for odd batches, as upstream).
         seed: seed of the dst offsets; each call draws from a generator seeded by (seed, step index,
             processor key), so runs are reproducible and independent of call order.
@@ -499,7 +500,9 @@ def _install(model: torch.nn.Module, handle) -> None:
     for comp, key in ours:
         proc = handle.processors[(comp, key)]
         block = _block_of(key)
-        if not is_unet or block not in levels or levels[block] > proc.config.max_downsample:
+        deeper = block not in levels or levels[block] > proc.config.max_downsample
+        # only_cross_attention blocks feed attn1 the text states: nothing to merge
+        if not is_unet or deeper or getattr(modules.get(block), "only_cross_attention", False):
             modules[key[: -len(".processor")]].set_processor(proc.original)
             del handle.processors[(comp, key)]
         else:
