@@ -100,6 +100,7 @@ class AttnContext:
         step_source: which source gave ``step_index`` (``"cache_context"``, ``"scheduler"``,
             ``"timestep"``, ``"callback"``).
         stats: :class:`AttnStats`.
+        extras: method-specific data that a method's own hooks fill (keyed ``"<slug>.<name>"``).
     """
 
     step_index: int | None = None
@@ -113,6 +114,7 @@ class AttnContext:
     timestep: float | None = None
     callback_step: int | None = None
     stats: AttnStats = field(default_factory=AttnStats)
+    extras: dict = field(default_factory=dict)
     # step tracking state (the timestep source): last timestep seen and its running index
     _last_t: float | None = None
     _t_index: int = -1
