@@ -88,6 +88,8 @@ def test_merge_matches_brute_force(h, w, sx, sy, ratio, agent_ratio, use_rand):
     torch.testing.assert_close(tm.merge(y), f, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tm.merge_agents(y), a, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tm.unmerge(tm.merge(y)), u, rtol=1e-12, atol=1e-12)
+    both = tm.merge_both(y)
+    assert torch.equal(both[0], tm.merge(y)) and torch.equal(both[1], tm.merge_agents(y))
 
 
 def test_ratio_zero_is_identity():

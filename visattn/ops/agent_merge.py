@@ -142,6 +142,7 @@ class TokenMerge:
         src_idx: ``[n_s]`` raster indices of the src tokens; ``dst_idx``: ``[n_d]`` of the dst tokens.
         rank: ``[B, n_s]`` src positions (into ``src_idx``) by best score, descending (stable).
         best: ``[B, n_s]`` the best dst (position into ``dst_idx``) of each src, in rank order.
+        ranked_tokens: ``[B, n_s]`` raster index of the src at each rank (``src_idx[rank]``).
     """
 
     num_tokens: int
@@ -151,30 +152,39 @@ class TokenMerge:
     dst_idx: torch.Tensor
     rank: torch.Tensor
     best: torch.Tensor
+    ranked_tokens: torch.Tensor
 
-    def _merge(self, x: torch.Tensor, r: int) -> torch.Tensor:
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``'s src tokens in rank order ``[B, n_s, C]`` and its dst tokens ``[B, n_d, C]``."""
         B, N, C = x.shape
         if N != self.num_tokens or B != self.rank.shape[0]:
             raise ValueError(
                 f"expected x of shape [B={self.rank.shape[0]}, N={self.num_tokens}, C], got "
                 f"x.shape={tuple(x.shape)}"
             )
-        src = x.index_select(1, self.src_idx)  # [B, n_s, C]
-        dst = x.index_select(1, self.dst_idx)  # [B, n_d, C]
-        ranked = torch.gather(src, 1, self.rank[..., None].expand(-1, -1, C))  # [B, n_s, C], rank order
+        ranked = torch.gather(x, 1, self.ranked_tokens[..., None].expand(-1, -1, C))
+        return ranked, x.index_select(1, self.dst_idx)
+
+    def _combine(self, ranked: torch.Tensor, dst: torch.Tensor, r: int) -> torch.Tensor:
         if r == 0:
             return torch.cat([ranked, dst], dim=1)
+        C = ranked.shape[-1]
         # each dst becomes the mean of itself and the srcs assigned to it (include_self=True)
         dst = dst.scatter_reduce(1, self.best[:, :r, None].expand(-1, -1, C), ranked[:, :r], reduce="mean")
         return torch.cat([ranked[:, r:], dst], dim=1)
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, C]`` -> feature tokens ``[B, N − r, C]``: unmerged srcs in rank order, then dsts."""
-        return self._merge(x, self.r)
+        return self._combine(*self._parts(x), self.r)
 
     def merge_agents(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, C]`` -> agents ``[B, N − agent_r, C]``: srcs ranked after ``agent_r``, then dsts."""
-        return self._merge(x, self.agent_r)
+        return self._combine(*self._parts(x), self.agent_r)
+
+    def merge_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(merge(x), merge_agents(x))`` sharing one gather of ``x``."""
+        ranked, dst = self._parts(x)
+        return self._combine(ranked, dst, self.r), self._combine(ranked, dst, self.agent_r)
 
     def source_rows(self) -> torch.Tensor:
         """``[B, N]`` int64: the row of the merged features that every original token reads back."""
@@ -183,7 +193,7 @@ class TokenMerge:
         rows = torch.empty(B, self.num_tokens, dtype=torch.int64, device=self.rank.device)
         dst_rows = torch.arange(n_s - r, self.num_tokens - r, device=rows.device)
         rows.scatter_(1, self.dst_idx.expand(B, -1), dst_rows.expand(B, -1))
-        ranked_tokens = self.src_idx.expand(B, -1).gather(1, self.rank)  # [B, n_s] token of each rank
+        ranked_tokens = self.ranked_tokens
         unm_rows = torch.arange(n_s - r, device=rows.device).expand(B, -1)
         rows.scatter_(1, ranked_tokens[:, r:], unm_rows)
         rows.scatter_(1, ranked_tokens[:, :r], self.best[:, :r] + (n_s - r))
@@ -230,4 +240,5 @@ def bipartite_soft_matching(
         node_max, node_idx = scores.max(dim=-1)  # first maximal index on ties
         rank = torch.sort(node_max, dim=-1, descending=True, stable=True).indices  # [B, n_s]
         best = torch.gather(node_idx, 1, rank)
-    return TokenMerge(N, r, agent_r, src_idx, dst_idx, rank, best)
+        ranked_tokens = src_idx.expand(rank.shape[0], -1).gather(1, rank)
+    return TokenMerge(N, r, agent_r, src_idx, dst_idx, rank, best, ranked_tokens)

@@ -416,7 +416,10 @@ class AgentUNetAttnProcessor(VisattnProcessor):
         src_idx, dst_idx = dst_partition(h, w, s.sx, s.sy, offsets)
         tm = bipartite_soft_matching(self._metric(x, block_input), src_idx, dst_idx, r, r_a if agents else 0)
 
-        feats = tm.merge(x)  # [B, N - r, C]
+        if agents:  # [B, N - r, C] features and [B, N - r_a, C] agent tokens
+            feats, agent_tokens = tm.merge_both(x)
+        else:
+            feats = tm.merge(x)
         q = self._heads(attn, attn.to_q(feats))
         k = self._heads(attn, attn.to_k(feats))
         v = self._heads(attn, attn.to_v(feats))
@@ -425,7 +428,7 @@ class AgentUNetAttnProcessor(VisattnProcessor):
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         if agents:
-            a = self._heads(attn, attn.to_q(tm.merge_agents(x)))  # [B, N - r_a, H, D]
+            a = self._heads(attn, attn.to_q(agent_tokens))  # [B, N - r_a, H, D]
             if attn.norm_q is not None:
                 a = attn.norm_q(a)
             with self.timed(x.device):
