@@ -205,6 +205,16 @@ def test_fp32_precision_matches_reference():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_fp32_precision_is_not_undone_by_autocast():
+    q, k, v = (torch.randn(2, 150, 2, 64) for _ in range(3))
+    a = torch.randn(2, 12, 2, 64)
+    p = _proc(AgentSDConfig(precision="fp32", backend="sdpa"), (10, 15))
+    plain = p._agent_attention(q, k, v, a, 0.125)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = p._agent_attention(q, k, v, a, 0.125)
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("fields", [dict(ratio=0.0, agent_ratio=0.0), dict(ratio=0.5, max_downsample=1)])
 def test_degenerate_configs_equal_attn_processor(fields):
     """ratio 0 with agents off, and a block deeper than max_downsample, are AttnProcessor2_0 (fp32, 1e-5)."""

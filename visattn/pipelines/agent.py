@@ -444,6 +444,12 @@ class AgentUNetAttnProcessor(VisattnProcessor):
         dtype = q.dtype
         if cfg.precision == "fp32" and dtype != torch.float64:
             q, k, v, a = q.float(), k.float(), v.float(), a.float()
+            # autocast would cast SDPA's inputs back to half precision (upstream disables it too)
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                out = agent_attention(
+                    q, k, v, agents=a, scale=(scale, scale**cfg.k_scale2), backend=cfg.backend
+                )
+                return (out + cfg.k_shortcut * v).to(dtype)
         out = agent_attention(q, k, v, agents=a, scale=(scale, scale**cfg.k_scale2), backend=cfg.backend)
         return (out + cfg.k_shortcut * v).to(dtype)
 
