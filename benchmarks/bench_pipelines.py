@@ -38,23 +38,47 @@ def wan_1p3b(layers: int = 30):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+        patch_size=(1, 2, 2),
+        num_attention_heads=12,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=8960,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=1024,
+    )
 
 
 def sd15_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
 
 
-def _inputs(model_name, device, dtype, frames, height, width):
+def _inputs(model_name, device, dtype, frames, height, width, text_len):
     g = torch.Generator().manual_seed(0)
 
     def r(*s):
@@ -62,10 +86,18 @@ def _inputs(model_name, device, dtype, frames, height, width):
 
     if model_name == "wan":
         lf, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
-        return dict(hidden_states=r(1, 16, lf, lh, lw), encoder_hidden_states=r(1, 512, 4096),
-                    timestep=torch.tensor([500], device=device), return_dict=False)
-    return dict(sample=r(2, 4, height // 8, width // 8), encoder_hidden_states=r(2, 77, 768),
-                timestep=torch.tensor([500], device=device), return_dict=False)
+        return dict(
+            hidden_states=r(1, 16, lf, lh, lw),
+            encoder_hidden_states=r(1, text_len or 512, 4096),
+            timestep=torch.tensor([500], device=device),
+            return_dict=False,
+        )
+    return dict(
+        sample=r(2, 4, height // 8, width // 8),
+        encoder_hidden_states=r(2, text_len or 77, 768),
+        timestep=torch.tensor([500], device=device),
+        return_dict=False,
+    )
 
 
 def _time(fn, device, warmup, rep):
@@ -97,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--layers", type=int, default=30, help="Wan layers (30 = the real model)")
+    p.add_argument("--text-len", type=int, help="text tokens (default: Wan 512, SD 1.5 77)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=2)
@@ -130,7 +163,7 @@ def main(argv=None) -> int:
             if any(k in name.split(".") for k in keep):
                 mod.float()
     model = model.eval()
-    inputs = _inputs(args.model, device, dtype, args.frames, height, width)
+    inputs = _inputs(args.model, device, dtype, args.frames, height, width, args.text_len)
 
     def fwd():
         with torch.no_grad():
@@ -161,32 +194,57 @@ def main(argv=None) -> int:
             if hasattr(cfg, "density") and h.context.layouts:
                 density = cfg.density(next(iter(h.context.layouts.values())).video_grid)
         attn_ms = st["attention_time_s"] * 1e3
-        row = {"method": m, "preset": pre, "forward_ms": ms, "speedup": base_ms / ms,
-               "attention_ms": attn_ms, "attention_share": attn_ms / wall if wall else None,
-               "calls": st["total_calls"], "fallbacks": st["fallbacks"], "density": density,
-               "config": {k: v for k, v in cfg.to_dict().items()}, "layouts": layouts}
+        row = {
+            "method": m,
+            "preset": pre,
+            "forward_ms": ms,
+            "speedup": base_ms / ms,
+            "attention_ms": attn_ms,
+            "attention_share": attn_ms / wall if wall else None,
+            "calls": st["total_calls"],
+            "fallbacks": st["fallbacks"],
+            "density": density,
+            "config": {k: v for k, v in cfg.to_dict().items()},
+            "layouts": layouts,
+        }
         rows.append(row)
-        print(f"{m}: {ms:.1f} ms / forward ({base_ms / ms:.2f}x), attention {attn_ms:.1f} ms "
-              f"({row['attention_share']:.1%} of a stats forward), fallbacks {st['fallbacks']}")
+        print(
+            f"{m}: {ms:.1f} ms / forward ({base_ms / ms:.2f}x), attention {attn_ms:.1f} ms "
+            f"({row['attention_share']:.1%} of a stats forward), fallbacks {st['fallbacks']}"
+        )
 
     gpu = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu").split()[-1].lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"pipelines_{args.model}_{gpu}"
-    env = {**versions(), "device": str(device), "dtype": args.dtype, "model": args.model, "frames": args.frames,
-           "height": height, "width": width, "layers": args.layers if args.model == "wan" else None,
-           "visattn_backend": visattn.ops._dispatch.current_backend()}
+    env = {
+        **versions(),
+        "device": str(device),
+        "dtype": args.dtype,
+        "model": args.model,
+        "frames": args.frames,
+        "height": height,
+        "width": width,
+        "layers": args.layers if args.model == "wan" else None,
+        "visattn_backend": visattn.ops._dispatch.current_backend(),
+    }
     (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2, default=str) + "\n")
-    lines = [f"# {args.model} forward, {height}x{width}" + (f"x{args.frames}" if args.model == "wan" else "")
-             + f", {args.dtype}, {env['gpu'] or 'cpu'}", "",
-             "| method | preset | forward ms | speedup | attention ms | attention share | density | fallbacks |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {args.model} forward, {height}x{width}"
+        + (f"x{args.frames}" if args.model == "wan" else "")
+        + f", {args.dtype}, {env['gpu'] or 'cpu'}",
+        "",
+        "| method | preset | forward ms | speedup | attention ms | attention share | density | fallbacks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         share, dens = r.get("attention_share"), r.get("density")
-        lines.append(f"| {r['method']} | {r.get('preset') or ''} | {r['forward_ms']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r.get('attention_ms', float('nan')):.1f} | "
-                     f"{'' if share is None else f'{share:.1%}'} | "
-                     f"{'' if dens is None else f'{dens:.3f}'} | {r.get('fallbacks', '')} |")
+        lines.append(
+            f"| {r['method']} | {r.get('preset') or ''} | {r['forward_ms']:.1f} | {r['speedup']:.2f}x | "
+            f"{r.get('attention_ms', float('nan')):.1f} | "
+            f"{'' if share is None else f'{share:.1%}'} | "
+            f"{'' if dens is None else f'{dens:.3f}'} | {r.get('fallbacks', '')} |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json and .md")
     return 0

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn
 import visattn.pipelines as vp
 from visattn.ops import neighborhood_mask
@@ -77,11 +79,12 @@ def _oracle(base):
             m[:, vs, vs] = neighborhood_mask(grid, ks, st, dl)
             valid = seq.valid_text(B).tolist()
             for b, n in enumerate(valid):
-                m[b, vs, ts.start:ts.start + n] = True  # video queries: valid text as extra keys
-                m[b, ts, vs] = True                      # text queries: dense over valid keys
-                m[b, ts, ts.start:ts.start + n] = True
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=m[:, None])
+                m[b, vs, ts.start : ts.start + n] = True  # video queries: valid text as extra keys
+                m[b, ts, vs] = True  # text queries: dense over valid keys
+                m[b, ts, ts.start : ts.start + n] = True
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m[:, None]
+            )
             return out.transpose(1, 2)
 
     return Oracle
@@ -92,18 +95,27 @@ def _with_oracle(model, cfg, base):
     h = vp.apply(model, "dense", replace=True)  # installs hooks + dense processors we then swap
     procs = {}
     for (comp, key), p in h.processors.items():
-        procs[key] = _oracle(base)(cfg, original=p.original, key=key, block_index=p.block_index,
-                                   context=h.context, component=comp)
+        procs[key] = _oracle(base)(
+            cfg, original=p.original, key=key, block_index=p.block_index, context=h.context, component=comp
+        )
     full = {k: procs.get(k, p) for k, (_, p) in enumerate_processors(model).items()}
     model.set_attn_processor(full)
     return h
 
 
-@pytest.mark.parametrize("name,base,size,cfg", [
-    ("flux", FluxAttnBase, 16, dict(kernel_size=(5, 7), stride=(2, 3), dilation=(2, 1))),
-    ("wan", WanAttnBase, 8, dict(kernel_size=(1, 3, 2), stride=(1, 1, 2))),
-    ("hunyuanvideo", HunyuanVideoAttnBase, 8, dict(kernel_size=(2, 3, 5), stride=(1, 3, 1), dilation=(1, 2, 1))),
-])
+@pytest.mark.parametrize(
+    "name,base,size,cfg",
+    [
+        ("flux", FluxAttnBase, 16, dict(kernel_size=(5, 7), stride=(2, 3), dilation=(2, 1))),
+        ("wan", WanAttnBase, 8, dict(kernel_size=(1, 3, 2), stride=(1, 1, 2))),
+        (
+            "hunyuanvideo",
+            HunyuanVideoAttnBase,
+            8,
+            dict(kernel_size=(2, 3, 5), stride=(1, 3, 1), dilation=(1, 2, 1)),
+        ),
+    ],
+)
 def test_window_matches_masked_sdpa(name, base, size, cfg):
     model = tiny_model(name)
     inputs = tiny_inputs(name, size=size, batch=2)
@@ -139,11 +151,15 @@ def test_config_and_presets():
         NeighborhoodConfig(backend="cuda")
     with pytest.raises(ValueError, match="dense_steps as a fraction"):
         NeighborhoodConfig(dense_steps=2.0)
-    with pytest.raises(TypeError, match=r"unknown NeighborhoodConfig field.*window.*valid fields: \['kernel_size'"):
+    with pytest.raises(
+        TypeError, match=r"unknown NeighborhoodConfig field.*window.*valid fields: \['kernel_size'"
+    ):
         vp.parse_assignment(NeighborhoodConfig, "window=3")
     with pytest.raises(TypeError, match="kernel_size='big' does not match"):
         vp.parse_assignment(NeighborhoodConfig, "kernel_size=big")
-    with pytest.raises(ValueError, match=r"unknown preset 'nope' for method 'neighborhood'; supported presets: \["):
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'nope' for method 'neighborhood'; supported presets: \["
+    ):
         NeighborhoodConfig.from_preset("nope")
 
 
@@ -154,8 +170,9 @@ def test_fallbacks_reach_the_dispatcher_backend(tiny, monkeypatch):
     name = AttentionBackendName._NATIVE_MATH
     calls = []
     real = _AttentionBackendRegistry._backends[name]
-    monkeypatch.setitem(_AttentionBackendRegistry._backends, name,
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setitem(
+        _AttentionBackendRegistry._backends, name, lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     model = tiny("flux")
     inputs = tiny_inputs("flux", size=8)
     ref = _run(model, inputs)

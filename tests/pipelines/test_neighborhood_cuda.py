@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
 import visattn
 import visattn.pipelines as vp
 from visattn.pipelines.tiny import tiny_inputs, tiny_model
@@ -84,24 +86,41 @@ def _module(family, heads, head_dim, dtype):
     if family == "flux":
         from diffusers.models.transformers.transformer_flux import FluxAttention
 
-        return FluxAttention(query_dim=heads * head_dim, heads=heads, dim_head=head_dim, added_kv_proj_dim=heads *
-                             head_dim, bias=True, eps=1e-6).to(DEV, dtype)
+        return FluxAttention(
+            query_dim=heads * head_dim,
+            heads=heads,
+            dim_head=head_dim,
+            added_kv_proj_dim=heads * head_dim,
+            bias=True,
+            eps=1e-6,
+        ).to(DEV, dtype)
     from diffusers.models.attention_processor import Attention
-
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-    return Attention(query_dim=heads * head_dim, heads=heads, dim_head=head_dim, added_kv_proj_dim=heads * head_dim,
-                     out_dim=heads * head_dim, context_pre_only=False, bias=True, qk_norm="rms_norm", eps=1e-6,
-                     processor=HunyuanVideoAttnProcessor2_0()).to(DEV, dtype)
+    return Attention(
+        query_dim=heads * head_dim,
+        heads=heads,
+        dim_head=head_dim,
+        added_kv_proj_dim=heads * head_dim,
+        out_dim=heads * head_dim,
+        context_pre_only=False,
+        bias=True,
+        qk_norm="rms_norm",
+        eps=1e-6,
+        processor=HunyuanVideoAttnProcessor2_0(),
+    ).to(DEV, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("family,heads,grid,text,ks,st", [
-    # grids are slices of the real ones, sized so the "torch" reference fits in memory
-    ("wan", 12, (3, 30, 52), 0, (3, 16, 32), (1, 8, 8)),
-    ("flux", 8, (1, 48, 48), 512, (32, 32), (8, 8)),
-    ("hunyuanvideo", 8, (2, 24, 40), 256, (2, 16, 24), (1, 8, 8)),
-])
+@pytest.mark.parametrize(
+    "family,heads,grid,text,ks,st",
+    [
+        # grids are slices of the real ones, sized so the "torch" reference fits in memory
+        ("wan", 12, (3, 30, 52), 0, (3, 16, 32), (1, 8, 8)),
+        ("flux", 8, (1, 48, 48), 512, (32, 32), (8, 8)),
+        ("hunyuanvideo", 8, (2, 24, 40), 256, (2, 16, 24), (1, 8, 8)),
+    ],
+)
 def test_real_head_dim_module(family, heads, grid, text, ks, st, dtype):
     """One attention call at head dim 128 on a real-resolution slice of each model's grid."""
     from visattn.ops import SequenceLayout
@@ -113,8 +132,11 @@ def test_real_head_dim_module(family, heads, grid, text, ks, st, dtype):
         NeighborhoodWanAttnProcessor,
     )
 
-    cls = {"wan": NeighborhoodWanAttnProcessor, "flux": NeighborhoodFluxAttnProcessor,
-           "hunyuanvideo": NeighborhoodHunyuanVideoAttnProcessor}[family]
+    cls = {
+        "wan": NeighborhoodWanAttnProcessor,
+        "flux": NeighborhoodFluxAttnProcessor,
+        "hunyuanvideo": NeighborhoodHunyuanVideoAttnProcessor,
+    }[family]
     torch.manual_seed(0)
     mod32 = _module(family, heads, 128, torch.float32)
     n_vid = grid[0] * grid[1] * grid[2]
@@ -130,13 +152,19 @@ def test_real_head_dim_module(family, heads, grid, text, ks, st, dtype):
         ctx.extras["neighborhood.text_valid"] = {"transformer": (valid,)}
         lay = lay.replace(text_valid_len=torch.tensor([valid], device=DEV))
         mask = torch.ones(1, 1, 1, n_vid + text, dtype=torch.bool, device=DEV)
-        mask[..., n_vid + valid:] = False
+        mask[..., n_vid + valid :] = False
     ctx.layouts["transformer"] = lay
 
     def call(mod, backend, dtype):
         cfg = NeighborhoodConfig(kernel_size=ks, stride=st, backend=backend)
-        proc = cls(cfg, original=mod.processor, key="blocks.0.attn1.processor", block_index=0, context=ctx,
-                   component="transformer")
+        proc = cls(
+            cfg,
+            original=mod.processor,
+            key="blocks.0.attn1.processor",
+            block_index=0,
+            context=ctx,
+            component="transformer",
+        )
         args = dict(hidden_states=hs.to(dtype), encoder_hidden_states=None if ehs is None else ehs.to(dtype))
         if mask is not None:
             args["attention_mask"] = mask

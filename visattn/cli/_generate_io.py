@@ -46,7 +46,9 @@ def load_pipeline(args, dtype: torch.dtype, device: torch.device):
         pipe = DiffusionPipeline.from_pretrained(args.model, **kw)
     except (ImportError, AttributeError) as e:
         if "transformers" in str(e).lower():
-            raise ImportError(f"loading {args.model!r} needs the text encoders: pip install transformers") from e
+            raise ImportError(
+                f"loading {args.model!r} needs the text encoders: pip install transformers"
+            ) from e
         raise
     if isinstance(type(pipe), DummyObject) or isinstance(pipe, DummyObject):
         raise ImportError(f"{type(pipe).__name__} needs missing packages (pip install transformers)")
@@ -72,8 +74,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_pipeline(pipe, args, steps: int, device: torch.device, clock: StepClock | None,
-                 progress: bool) -> tuple[np.ndarray, dict[str, float | None], bool]:
+def run_pipeline(
+    pipe, args, steps: int, device: torch.device, clock: StepClock | None, progress: bool
+) -> tuple[np.ndarray, dict[str, float | None], bool]:
     """One generation: ``(array, times, is_video)``; the array is ``[N, H, W, 3]`` (images) or
     ``[F, H, W, 3]`` (video frames) in [0, 1]."""
     _sync(device)
@@ -81,15 +84,29 @@ def run_pipeline(pipe, args, steps: int, device: torch.device, clock: StepClock 
     if clock is not None:
         clock.last = None
     if hasattr(pipe, "generate"):  # tiny pipelines
-        arr = pipe.generate(steps=steps, guidance=args.guidance if args.guidance is not None else 4.0,
-                            seed=args.seed, height=args.height, width=args.width, frames=args.frames,
-                            progress=progress, class_label=args.class_label, callback=clock)
+        arr = pipe.generate(
+            steps=steps,
+            guidance=args.guidance if args.guidance is not None else 4.0,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            frames=args.frames,
+            progress=progress,
+            class_label=args.class_label,
+            callback=clock,
+        )
         video = getattr(pipe, "kind", "image") == "video"
     else:
         params = inspect.signature(pipe.__call__).parameters
         kw: dict[str, Any] = dict(num_inference_steps=steps, output_type="np")
-        opt = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance,
-                   height=args.height, width=args.width, num_frames=args.frames)
+        opt = dict(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+        )
         kw.update({k: v for k, v in opt.items() if v is not None and k in params})
         if "class_labels" in params:
             kw["class_labels"] = [args.class_label]
@@ -106,8 +123,11 @@ def run_pipeline(pipe, args, steps: int, device: torch.device, clock: StepClock 
     _sync(device)
     t1 = time.perf_counter()
     denoise = None if clock is None or clock.last is None else clock.last - t0
-    times = {"generate_s": t1 - t0, "denoise_s": denoise,
-             "decode_s": None if denoise is None else t1 - clock.last}
+    times = {
+        "generate_s": t1 - t0,
+        "denoise_s": denoise,
+        "decode_s": None if denoise is None else t1 - clock.last,
+    }
     return np.asarray(arr, dtype=np.float32), times, video
 
 

@@ -27,18 +27,30 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub id or local directory with model_index.json")
-    src.add_argument("--tiny", choices=["dit", "wan", "flux", "unet"], help="tiny random-weight pipeline (offline)")
+    src.add_argument(
+        "--tiny", choices=["dit", "wan", "flux", "unet"], help="tiny random-weight pipeline (offline)"
+    )
     p.add_argument("--method", default="dense", help="attention method slug (dense, neighborhood, ...)")
     p.add_argument("--preset", help="preset in configs/pipelines/<method>/ (or a YAML path)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config field override, typed against the method config (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config field override, typed against the method config (repeatable)",
+    )
     p.add_argument("--revision")
     p.add_argument("--offline", action="store_true", help="no network (also HF_HUB_OFFLINE=1)")
-    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", choices=["auto", *_DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--prompt", default="a corgi surfing a wave at sunset")
     p.add_argument("--negative-prompt")
-    p.add_argument("--class-label", type=int, default=207, help="class id for class-conditional pipelines (DiT)")
+    p.add_argument(
+        "--class-label", type=int, default=207, help="class id for class-conditional pipelines (DiT)"
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float)
     p.add_argument("--height", type=int)
@@ -48,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/generate", help="output folder")
     p.add_argument("--format", choices=["auto", "png", "mp4", "npy"], default="auto")
     p.add_argument("--warmup", type=int, default=0, help="untimed warm-up generations of --steps steps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (wall times only)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the repeated blocks (wall times only)"
+    )
     p.add_argument("--compare-dense", action="store_true", help="rerun dense with the same seed and compare")
     p.add_argument("--no-progress", action="store_true")
 
@@ -94,9 +108,11 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
         clock = StepClock(handle)
         if args.compile:
             _compile(pipe)
+        warmup_s = []  # the first includes Triton JIT / autotune: reported apart from the timed run
         for _ in range(args.warmup):
             handle.reset()
-            run_pipeline(pipe, args, args.steps, device, clock, progress=False)
+            _, times, _ = run_pipeline(pipe, args, args.steps, device, clock, progress=False)
+            warmup_s.append(times["generate_s"])
         handle.reset()
         handle.context.stats.reset()
         if device.type == "cuda":
@@ -115,6 +131,7 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
             "config": dataclasses.asdict(cfg),
             "layouts": layouts,
             "apply_s": apply_s,
+            "warmup_s": warmup_s,
             **times,
             "attention_time_s": st["attention_time_s"] if stats else None,
             "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,
@@ -123,7 +140,9 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
             "fallbacks": st["fallbacks"],
             "density": density,
             "step_source": handle.context.step_source,
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
         }
         return arr, video, record
     finally:
@@ -157,16 +176,25 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     progress = not args.no_progress
     stats = not args.compile  # per-call events distort compiled graphs: wall times only
-    arr, video, rec = _one_method(pipe, spec.slug, args, device, preset=args.preset, overrides=overrides,
-                                  progress=progress, stats=stats)
+    arr, video, rec = _one_method(
+        pipe, spec.slug, args, device, preset=args.preset, overrides=overrides, progress=progress, stats=stats
+    )
     stem = f"{spec.slug}_seed{args.seed}"
     rec["files"] = save_output(arr, out, stem, video, args.format)
-    report = {"versions": versions(), "source": args.model or f"tiny:{args.tiny}", "device": str(device),
-              "dtype": str(dtype).replace("torch.", ""), "steps": args.steps, "seed": args.seed,
-              "load_s": load_s, **rec}
+    report = {
+        "versions": versions(),
+        "source": args.model or f"tiny:{args.tiny}",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "steps": args.steps,
+        "seed": args.seed,
+        "load_s": load_s,
+        **rec,
+    }
     if args.compare_dense and spec.slug != "dense":
-        darr, _, drec = _one_method(pipe, "dense", args, device, preset=None, overrides={}, progress=progress,
-                                    stats=stats)
+        darr, _, drec = _one_method(
+            pipe, "dense", args, device, preset=None, overrides={}, progress=progress, stats=stats
+        )
         drec["files"] = save_output(darr, out, f"dense_seed{args.seed}", video, args.format)
         speed = {"speedup": drec["generate_s"] / rec["generate_s"]}
         if rec["attention_time_s"] and drec["attention_time_s"]:
@@ -175,11 +203,18 @@ def run(args: argparse.Namespace) -> int:
         report["compare_dense"] = {**speed, **compare(arr, darr)}
     report["total_s"] = time.perf_counter() - t_start
     path = write_report(out, report)
-    rows = [("method", spec.slug), ("source", report["source"]), ("device", report["device"]),
-            ("generate_s", rec["generate_s"]), ("denoise_s", rec["denoise_s"]),
-            ("attention_time_s", rec["attention_time_s"]), ("attention_share", rec["attention_share"]),
-            ("calls", rec["total_calls"]), ("fallbacks", sum(rec["fallbacks"].values())),
-            ("density", rec["density"])]
+    rows = [
+        ("method", spec.slug),
+        ("source", report["source"]),
+        ("device", report["device"]),
+        ("generate_s", rec["generate_s"]),
+        ("denoise_s", rec["denoise_s"]),
+        ("attention_time_s", rec["attention_time_s"]),
+        ("attention_share", rec["attention_share"]),
+        ("calls", rec["total_calls"]),
+        ("fallbacks", sum(rec["fallbacks"].values())),
+        ("density", rec["density"]),
+    ]
     for k, v in report.get("compare_dense", {}).items():
         rows.append((k, v))
     rows.append(("report", str(path)))

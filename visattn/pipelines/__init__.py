@@ -11,9 +11,7 @@ Needs ``pip install "visattn[diffusers]"``; ``import visattn`` never imports thi
 try:
     import diffusers  # noqa: F401
 except ImportError as e:  # a clear message naming the extra, raised on use of visattn.pipelines
-    raise ImportError(
-        'visattn.pipelines needs diffusers: pip install "visattn[diffusers]"'
-    ) from e
+    raise ImportError('visattn.pipelines needs diffusers: pip install "visattn[diffusers]"') from e
 
 from ._base import VisattnProcessor
 from ._config import PipelineConfig, parse_assignment, resolve_config
@@ -21,6 +19,7 @@ from ._context import AttnContext, AttnStats
 from ._registry import MethodSpec, get_method, list_methods, register_method
 from .apply import ApplyHandle, apply, remove
 from .schedule import Schedule
+from .sdpa import sdpa_override
 
 __all__ = [
     "apply",
@@ -36,5 +35,6 @@ __all__ = [
     "resolve_config",
     "parse_assignment",
     "Schedule",
+    "sdpa_override",
     "VisattnProcessor",
 ]

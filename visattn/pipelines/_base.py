@@ -28,7 +28,9 @@ def dispatch_dense(q, k, v, attn_mask=None, scale=None, *, backend=None, paralle
     kwargs = {"backend": backend}
     if _HAS_PARALLEL_CONFIG:
         kwargs["parallel_config"] = parallel_config
-    return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale, **kwargs)
+    return dispatch_attention_fn(
+        q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale, **kwargs
+    )
 
 
 class VisattnProcessor:
@@ -50,8 +52,18 @@ class VisattnProcessor:
     #: the method slug, set by subclasses
     method: str = ""
 
-    def __init__(self, config, *, original, key: str, block_index: int | None, context: AttnContext,
-                 component: str, module=None, schedule: Schedule | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        *,
+        original,
+        key: str,
+        block_index: int | None,
+        context: AttnContext,
+        component: str,
+        module=None,
+        schedule: Schedule | None = None,
+    ) -> None:
         self.config = config
         self.original = original
         self.key = key
@@ -86,8 +98,15 @@ class VisattnProcessor:
     def dispatch(self, q, k, v, attn_mask=None, scale=None):
         """Timed dense attention through diffusers' dispatcher; ``[B, S, H, D]`` in and out."""
         with self.timed(q.device):
-            return dispatch_dense(q, k, v, attn_mask, scale, backend=self._attention_backend,
-                                  parallel_config=self._parallel_config)
+            return dispatch_dense(
+                q,
+                k,
+                v,
+                attn_mask,
+                scale,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
 
     def fallback(self, reason: str, q, k, v, attn_mask=None, scale=None):
         """Dense attention through the dispatcher for inputs the method cannot run, counted by reason."""

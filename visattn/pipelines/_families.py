@@ -7,8 +7,8 @@ applies QK-norm and RoPE exactly where the default does, and calls ``self._core(
 on post-RoPE ``[B, S, H, D]`` tensors with the call's :class:`SequenceLayout` (``None`` if unknown).
 diffusers' private ``_get_qkv_projections`` is not used (it has changed between releases).
 
-Families: Flux (``FluxAttnProcessor``), Wan (``WanAttnProcessor``), LTX (``LTXVideoAttnProcessor``), HunyuanVideo
-(``HunyuanVideoAttnProcessor2_0``), CogVideoX (``CogVideoXAttnProcessor2_0``), SD3
+Families: Flux (``FluxAttnProcessor``), Wan (``WanAttnProcessor``), LTX (``LTXVideoAttnProcessor``),
+HunyuanVideo (``HunyuanVideoAttnProcessor2_0``), CogVideoX (``CogVideoXAttnProcessor2_0``), SD3
 (``JointAttnProcessor2_0``) and legacy self/cross attention (``AttnProcessor2_0``: UNet, DiT, PixArt).
 """
 
@@ -40,8 +40,14 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class FluxAttnBase(VisattnProcessor):
     """``FluxAttnProcessor`` (double blocks: joint ``[text, image]``; single blocks: pre-concatenated)."""
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -66,8 +72,11 @@ class FluxAttnBase(VisattnProcessor):
 
         ctx = self.layout()
         # single blocks see one tensor; the text length comes from the layout hook
-        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else (
-            ctx.text_len if ctx is not None else 0)
+        text_len = (
+            encoder_hidden_states.shape[1]
+            if encoder_hidden_states is not None
+            else (ctx.text_len if ctx is not None else 0)
+        )
         seq = _layout_if(ctx, query.shape[1], text_len, "start")
         out = self._core(query, key, value, attention_mask, seq)
         out = out.flatten(2, 3).to(query.dtype)
@@ -94,9 +103,14 @@ def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 class WanAttnBase(VisattnProcessor):
     """``WanAttnProcessor``: ``attn1`` self-attention over the video grid; ``attn2`` cross-attention."""
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
-                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         encoder_img = None
         if attn.add_k_proj is not None:  # I2V: image context precedes the 512 text tokens
             n_img = encoder_hidden_states.shape[1] - 512
@@ -139,11 +153,41 @@ class WanAttnBase(VisattnProcessor):
 
 
 # ------------------------------------------------------------------------------------- HunyuanVideo
-class HunyuanVideoAttnBase(VisattnProcessor):
-    """``HunyuanVideoAttnProcessor2_0``: ``[video, text]``, RoPE on video only, boolean text mask."""
+def _diffusers_at_least(version: str) -> bool:
+    import re
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+    import diffusers
+
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+    return parts(diffusers.__version__) >= parts(version)
+
+
+class HunyuanVideoAttnBase(VisattnProcessor):
+    """``HunyuanVideoAttnProcessor2_0``: ``[video, text]``, RoPE on video only, boolean text mask.
+
+    Needs diffusers >= 0.36 (earlier releases call SDPA on ``[B, H, S, D]`` in this processor).
+    """
+
+    def __init__(self, config, **kw) -> None:
+        if not _diffusers_at_least("0.36"):
+            import diffusers
+
+            raise NotImplementedError(
+                f"visattn's HunyuanVideo processors need diffusers >= 0.36, "
+                f"got diffusers=={diffusers.__version__}"
+            )
+        super().__init__(config, **kw)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
         pre_concat = attn.add_q_proj is None and encoder_hidden_states is not None  # single blocks
         if pre_concat:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
@@ -159,10 +203,17 @@ class HunyuanVideoAttnBase(VisattnProcessor):
         if image_rotary_emb is not None:
             if pre_concat:
                 n_txt = encoder_hidden_states.shape[1]
-                query = torch.cat([apply_rotary_emb(query[:, :-n_txt], image_rotary_emb, sequence_dim=1),
-                                   query[:, -n_txt:]], dim=1)
-                key = torch.cat([apply_rotary_emb(key[:, :-n_txt], image_rotary_emb, sequence_dim=1),
-                                 key[:, -n_txt:]], dim=1)
+                query = torch.cat(
+                    [
+                        apply_rotary_emb(query[:, :-n_txt], image_rotary_emb, sequence_dim=1),
+                        query[:, -n_txt:],
+                    ],
+                    dim=1,
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :-n_txt], image_rotary_emb, sequence_dim=1), key[:, -n_txt:]],
+                    dim=1,
+                )
             else:
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -194,8 +245,14 @@ class HunyuanVideoAttnBase(VisattnProcessor):
 class CogVideoXAttnBase(VisattnProcessor):
     """``CogVideoXAttnProcessor2_0``: ``[text, video]``, QK-norm per head, RoPE on video when given."""
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
         n_txt = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch, seq_len, _ = hidden_states.shape
@@ -213,11 +270,15 @@ class CogVideoXAttnBase(VisattnProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
-            query = torch.cat([query[:, :n_txt], apply_rotary_emb(query[:, n_txt:], image_rotary_emb,
-                                                                  sequence_dim=1)], dim=1)
+            query = torch.cat(
+                [query[:, :n_txt], apply_rotary_emb(query[:, n_txt:], image_rotary_emb, sequence_dim=1)],
+                dim=1,
+            )
             if not attn.is_cross_attention:
-                key = torch.cat([key[:, :n_txt], apply_rotary_emb(key[:, n_txt:], image_rotary_emb,
-                                                                  sequence_dim=1)], dim=1)
+                key = torch.cat(
+                    [key[:, :n_txt], apply_rotary_emb(key[:, n_txt:], image_rotary_emb, sequence_dim=1)],
+                    dim=1,
+                )
         seq = _layout_if(self.layout(), seq_len, n_txt, "start")
         out = self._core(query, key, value, attention_mask, seq)
         out = out.flatten(2, 3).to(query.dtype)
@@ -230,8 +291,15 @@ class CogVideoXAttnBase(VisattnProcessor):
 class JointAttnBase(VisattnProcessor):
     """``JointAttnProcessor2_0`` (SD3 / SD3.5): ``[image, text]``; the default ignores ``attention_mask``."""
 
-    def __call__(self, attn, hidden_states: torch.FloatTensor, encoder_hidden_states: torch.FloatTensor = None,
-                 attention_mask: torch.FloatTensor | None = None, *args, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.FloatTensor,
+        encoder_hidden_states: torch.FloatTensor = None,
+        attention_mask: torch.FloatTensor | None = None,
+        *args,
+        **kwargs,
+    ):
         n_img = hidden_states.shape[1]
         if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -281,8 +349,14 @@ def _ltx_rope(x: torch.Tensor, freqs) -> torch.Tensor:
 class LTXAttnBase(VisattnProcessor):
     """``LTXVideoAttnProcessor``: ``attn1`` video self-attention, ``attn2`` masked cross-attention."""
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
         cross = encoder_hidden_states is not None
         batch, seq_len, _ = encoder_hidden_states.shape if cross else hidden_states.shape
         if attention_mask is not None:
@@ -297,7 +371,9 @@ class LTXAttnBase(VisattnProcessor):
         if cross:
             out = self.fallback("cross-attention runs dense", query, key, value, attention_mask)
         else:
-            out = self._core(query, key, value, attention_mask, _layout_if(self.layout(), query.shape[1], 0, "end"))
+            out = self._core(
+                query, key, value, attention_mask, _layout_if(self.layout(), query.shape[1], 0, "end")
+            )
         out = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -317,8 +393,16 @@ class LegacyAttnBase(VisattnProcessor):
     """``AttnProcessor2_0`` in its drop-in order (spatial norm, 4-D input, mask, group norm, norm_cross,
     projections, QK-norm, attention, output projection, residual, rescale)."""
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -357,7 +441,11 @@ class LegacyAttnBase(VisattnProcessor):
             out = self.fallback("cross-attention runs dense", query, key, value, attention_mask)
         else:
             n = query.shape[1]
-            seq = _layout_if(self.layout(), n, 0, "end")
+            ctx = self.layout()
+            # self-attention over the image tokens only (PixArt's text goes through attn2)
+            seq = (
+                SequenceLayout(video_grid=ctx.video_grid) if ctx is not None and ctx.num_video == n else None
+            )
             if seq is None:
                 grid = grid or grid_from_latent(self.context.latent_hw.get(self.component), n)
                 seq = SequenceLayout(video_grid=grid) if grid is not None else None
@@ -391,5 +479,15 @@ def processor_table(classes: dict[type, type]) -> dict[tuple[str, str], type]:
     return {pair: classes[base] for pair, base in FAMILIES.items() if base in classes}
 
 
-__all__ = ["FluxAttnBase", "WanAttnBase", "LTXAttnBase", "HunyuanVideoAttnBase", "CogVideoXAttnBase", "JointAttnBase",
-           "LegacyAttnBase", "FAMILIES", "processor_table", "grid_from_latent"]
+__all__ = [
+    "FluxAttnBase",
+    "WanAttnBase",
+    "LTXAttnBase",
+    "HunyuanVideoAttnBase",
+    "CogVideoXAttnBase",
+    "JointAttnBase",
+    "LegacyAttnBase",
+    "FAMILIES",
+    "processor_table",
+    "grid_from_latent",
+]

@@ -42,23 +42,32 @@ def _is_model(obj) -> bool:
 def _components(pipe_or_model, components) -> dict[str, torch.nn.Module]:
     if _is_model(pipe_or_model):
         if components is not None:
-            raise ValueError(f"components={components!r} applies to pipelines; got a model "
-                             f"({type(pipe_or_model).__name__})")
+            raise ValueError(
+                f"components={components!r} applies to pipelines; got a model "
+                f"({type(pipe_or_model).__name__})"
+            )
         name = "unet" if type(pipe_or_model).__name__.startswith("UNet") else "transformer"
         return {name: pipe_or_model}
-    names = DEFAULT_COMPONENTS if components is None else tuple([components] if isinstance(components, str)
-                                                                else components)
+    names = (
+        DEFAULT_COMPONENTS
+        if components is None
+        else tuple([components] if isinstance(components, str) else components)
+    )
     found = {}
     for n in names:
         m = getattr(pipe_or_model, n, None)
         if _is_model(m):
             found[n] = m
         elif components is not None:
-            raise ValueError(f"pipeline {type(pipe_or_model).__name__} has no model component {n!r}; "
-                             f"components given: {list(names)}")
+            raise ValueError(
+                f"pipeline {type(pipe_or_model).__name__} has no model component {n!r}; "
+                f"components given: {list(names)}"
+            )
     if not found:
-        raise ValueError(f"found no denoiser in {type(pipe_or_model).__name__}: looked for components "
-                         f"{list(names)}; pass a model or components=[...]")
+        raise ValueError(
+            f"found no denoiser in {type(pipe_or_model).__name__}: looked for components "
+            f"{list(names)}; pass a model or components=[...]"
+        )
     return found
 
 
@@ -91,8 +100,9 @@ def block_indices(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, int 
     n_double = len(getattr(model, "transformer_blocks", ()) or ())
     unet = [k for k in keys if k.split(".")[0] in _UNET_SECTIONS]
     if unet:
-        prefixes = sorted({k.rsplit(".", 2)[0] for k in unet},
-                          key=lambda p: (_UNET_SECTIONS[p.split(".")[0]], _natural(p)))
+        prefixes = sorted(
+            {k.rsplit(".", 2)[0] for k in unet}, key=lambda p: (_UNET_SECTIONS[p.split(".")[0]], _natural(p))
+        )
         rank = {p: i for i, p in enumerate(prefixes)}
         for k in unet:
             out[k] = rank[k.rsplit(".", 2)[0]]
@@ -195,8 +205,10 @@ class ApplyHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return (f"ApplyHandle(method={self.method!r}, components={list(self.components)}, "
-                f"processors={len(self.processors)}, active={self.active})")
+        return (
+            f"ApplyHandle(method={self.method!r}, components={list(self.components)}, "
+            f"processors={len(self.processors)}, active={self.active})"
+        )
 
 
 def _install(model: torch.nn.Module, procs: dict[str, object]) -> None:
@@ -208,8 +220,19 @@ def _install(model: torch.nn.Module, procs: dict[str, object]) -> None:
         mods[key[: -len(".processor")]].set_processor(p)
 
 
-def apply(pipe_or_model, method: str, config=None, *, preset: str | None = None, components=None, targets=None,
-          stats: bool = False, strict: bool = False, replace: bool = False, **overrides) -> ApplyHandle:
+def apply(
+    pipe_or_model,
+    method: str,
+    config=None,
+    *,
+    preset: str | None = None,
+    components=None,
+    targets=None,
+    stats: bool = False,
+    strict: bool = False,
+    replace: bool = False,
+    **overrides,
+) -> ApplyHandle:
     """Install ``method``'s processors on a diffusers pipeline or model.
 
     Args:
@@ -240,8 +263,10 @@ def apply(pipe_or_model, method: str, config=None, *, preset: str | None = None,
         prev = getattr(obj, _HANDLE_ATTR, None)
         if prev is not None and prev.active:
             if not replace:
-                raise ValueError(f"visattn method {prev.method!r} is already applied to {type(obj).__name__}; "
-                                 "call handle.remove() / visattn.pipelines.remove(...) first or pass replace=True")
+                raise ValueError(
+                    f"visattn method {prev.method!r} is already applied to {type(obj).__name__}; "
+                    "call handle.remove() / visattn.pipelines.remove(...) first or pass replace=True"
+                )
             prev.remove()
     if targets is not None and (isinstance(targets, (str, int)) and not isinstance(targets, bool)):
         targets = [targets]
@@ -264,19 +289,32 @@ def apply(pipe_or_model, method: str, config=None, *, preset: str | None = None,
             factory = spec.processors.get(pair)
             if factory is None:
                 if strict:
-                    raise ValueError(f"method {spec.slug!r} does not support {pair} at {comp}.{key}; "
-                                     f"supported (module, processor) pairs: {sorted(spec.processors)}")
+                    raise ValueError(
+                        f"method {spec.slug!r} does not support {pair} at {comp}.{key}; "
+                        f"supported (module, processor) pairs: {sorted(spec.processors)}"
+                    )
                 skipped.append(f"{comp}.{key} {pair}")
                 continue
-            new = factory(cfg, original=proc, key=key, block_index=blocks[key], context=handle.context,
-                          component=comp, module=module)
+            new = factory(
+                cfg,
+                original=proc,
+                key=key,
+                block_index=blocks[key],
+                context=handle.context,
+                component=comp,
+                module=module,
+            )
             full[key] = new
             handle.processors[(comp, key)] = new
         handle.originals[comp] = {k: p for k, (_, p) in procs.items()}
         plans[comp] = full
     if skipped:
-        logger.info("visattn %s: skipped %d processor(s) it does not support: %s", spec.slug, len(skipped),
-                    "; ".join(skipped[:8]))
+        logger.info(
+            "visattn %s: skipped %d processor(s) it does not support: %s",
+            spec.slug,
+            len(skipped),
+            "; ".join(skipped[:8]),
+        )
     if not handle.processors:
         names = {c: type(m).__name__ for c, m in comps.items()}
         raise ValueError(
@@ -307,7 +345,7 @@ def apply(pipe_or_model, method: str, config=None, *, preset: str | None = None,
 
 
 def remove(pipe_or_model) -> bool:
-    """Undo ``apply`` on ``pipe_or_model`` (or one of its components). Returns whether anything was removed."""
+    """Undo ``apply`` on ``pipe_or_model`` or one of its components; returns whether anything was removed."""
     objs = [pipe_or_model]
     if not _is_model(pipe_or_model):
         objs += [getattr(pipe_or_model, n, None) for n in DEFAULT_COMPONENTS]
@@ -320,5 +358,12 @@ def remove(pipe_or_model) -> bool:
     return removed
 
 
-__all__ = ["apply", "remove", "ApplyHandle", "enumerate_processors", "block_indices",
-           "default_self_attention_targets", "DEFAULT_COMPONENTS"]
+__all__ = [
+    "apply",
+    "remove",
+    "ApplyHandle",
+    "enumerate_processors",
+    "block_indices",
+    "default_self_attention_targets",
+    "DEFAULT_COMPONENTS",
+]

@@ -42,7 +42,9 @@ class DenseConfig(PipelineConfig):
 
             names = [b.value for b in AttentionBackendName]
             if self.dispatch_backend not in names:
-                raise ValueError(f"dispatch_backend must be one of {names}, got dispatch_backend={self.dispatch_backend!r}")
+                raise ValueError(
+                    f"dispatch_backend must be one of {names}, got dispatch_backend={self.dispatch_backend!r}"
+                )
 
 
 class _Dense:
@@ -77,21 +79,32 @@ class DenseAttnProcessor(_Dense, LegacyAttnBase):
     """Dense legacy ``Attention`` (UNet, DiT, PixArt) through the dispatcher, timed."""
 
 
-SPEC = register_method(MethodSpec(
-    slug="dense",
-    config_cls=DenseConfig,
-    processors=processor_table({
-        FluxAttnBase: DenseFluxAttnProcessor,
-        WanAttnBase: DenseWanAttnProcessor,
-        LTXAttnBase: DenseLTXAttnProcessor,
-        HunyuanVideoAttnBase: DenseHunyuanVideoAttnProcessor,
-        CogVideoXAttnBase: DenseCogVideoXAttnProcessor,
-        JointAttnBase: DenseJointAttnProcessor,
-        LegacyAttnBase: DenseAttnProcessor,
-    }),
-    description="the models' own attention math, timed (baseline)",
-))
+SPEC = register_method(
+    MethodSpec(
+        slug="dense",
+        config_cls=DenseConfig,
+        processors=processor_table(
+            {
+                FluxAttnBase: DenseFluxAttnProcessor,
+                WanAttnBase: DenseWanAttnProcessor,
+                LTXAttnBase: DenseLTXAttnProcessor,
+                HunyuanVideoAttnBase: DenseHunyuanVideoAttnProcessor,
+                CogVideoXAttnBase: DenseCogVideoXAttnProcessor,
+                JointAttnBase: DenseJointAttnProcessor,
+                LegacyAttnBase: DenseAttnProcessor,
+            }
+        ),
+        description="the models' own attention math, timed (baseline)",
+    )
+)
 
-__all__ = ["DenseConfig", "DenseFluxAttnProcessor", "DenseWanAttnProcessor", "DenseLTXAttnProcessor",
-           "DenseHunyuanVideoAttnProcessor",
-           "DenseCogVideoXAttnProcessor", "DenseJointAttnProcessor", "DenseAttnProcessor"]
+__all__ = [
+    "DenseConfig",
+    "DenseFluxAttnProcessor",
+    "DenseWanAttnProcessor",
+    "DenseLTXAttnProcessor",
+    "DenseHunyuanVideoAttnProcessor",
+    "DenseCogVideoXAttnProcessor",
+    "DenseJointAttnProcessor",
+    "DenseAttnProcessor",
+]

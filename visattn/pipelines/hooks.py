@@ -80,12 +80,15 @@ class LayoutHook(ModelHook):
 
     def _layout(self, grid, text_len=0, position="end", valid=None) -> SequenceLayout:
         if valid is not None:  # tensors never key the cache
-            return SequenceLayout(video_grid=tuple(grid), text_len=text_len, text_position=position,
-                                  text_valid_len=valid)
+            return SequenceLayout(
+                video_grid=tuple(grid), text_len=text_len, text_position=position, text_valid_len=valid
+            )
         k = (tuple(grid), text_len, position)
         lay = self._layouts.get(k)
         if lay is None:
-            lay = self._layouts[k] = SequenceLayout(video_grid=tuple(grid), text_len=text_len, text_position=position)
+            lay = self._layouts[k] = SequenceLayout(
+                video_grid=tuple(grid), text_len=text_len, text_position=position
+            )
         return lay
 
     def _flux_grid(self, img_ids: torch.Tensor, n: int):
@@ -116,7 +119,9 @@ class LayoutHook(ModelHook):
             p, pt = cfg.patch_size, cfg.patch_size_t
             mask = a.get("encoder_attention_mask")
             valid = mask.sum(dim=1, dtype=torch.int32) if isinstance(mask, torch.Tensor) else None
-            return self._layout((x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p), _text_len(a), "end", valid)
+            return self._layout(
+                (x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p), _text_len(a), "end", valid
+            )
         if name.startswith("CogVideoX") and x.dim() == 5:  # (B, F, C, H, W)
             p, pt = cfg.patch_size, cfg.patch_size_t or 1
             frames = -(-x.shape[1] // pt)

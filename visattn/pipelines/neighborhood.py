@@ -52,7 +52,9 @@ _BACKENDS = ("auto", "triton", "torch", "flex", "natten")
 def _per_axis(value, name: str) -> tuple[int, ...]:
     t = (value,) if isinstance(value, int) else tuple(value)
     if not 1 <= len(t) <= 3:
-        raise ValueError(f"{name} must be an int or 1 to 3 per-axis ints over (T, H, W) / (H, W), got {name}={value!r}")
+        raise ValueError(
+            f"{name} must be an int or 1 to 3 per-axis ints over (T, H, W) / (H, W), got {name}={value!r}"
+        )
     return t
 
 
@@ -115,6 +117,7 @@ class NeighborhoodConfig(PipelineConfig):
     def geometry(self, grid: tuple[int, int, int]):
         """``(op grid, kernel, stride, dilation)`` for a ``(T, H, W)`` grid (2-D when ``T == 1``),
         or ``None`` when the window exceeds the grid and ``clamp`` is off."""
+
         def full(v, fill):
             t = _per_axis(v, "")
             if len(t) == 1:
@@ -129,7 +132,6 @@ class NeighborhoodConfig(PipelineConfig):
                 return None
             ks, st, dl = clamp_neighborhood(grid, ks, st, dl)
         return tuple(grid), tuple(ks), tuple(st), tuple(dl)
-
 
     def density(self, grid: tuple[int, int, int]) -> float:
         """Fraction of video-video query/key pairs computed on a ``(T, H, W)`` grid (non-causal GNA)."""
@@ -158,21 +160,28 @@ class _Neighborhood(VisattnProcessor):
 
     def _na(self, q, k, v, geom, extra):
         grid, ks, st, dl = geom
-        return neighborhood_attention(q, k, v, ks, stride=st, dilation=dl, extra_kv=extra,
-                                      backend=self.config.backend)
+        return neighborhood_attention(
+            q, k, v, ks, stride=st, dilation=dl, extra_kv=extra, backend=self.config.backend
+        )
 
     def attend(self, q, k, v, *, attn_mask=None, seq: SequenceLayout | None = None):
         if seq is None:
-            return self.fallback("neighborhood: no token grid for this call (layout unknown)", q, k, v, attn_mask)
+            return self.fallback(
+                "neighborhood: no token grid for this call (layout unknown)", q, k, v, attn_mask
+            )
         if seq.token_order is not None:
-            return self.fallback("neighborhood: video tokens are permuted (token_order set)", q, k, v, attn_mask)
+            return self.fallback(
+                "neighborhood: video tokens are permuted (token_order set)", q, k, v, attn_mask
+            )
         if q.shape[1] < self.config.min_seq_len:
             return self.fallback("neighborhood: sequence shorter than min_seq_len", q, k, v, attn_mask)
         if attn_mask is not None and seq.text_valid_len is None:
             return self.fallback("neighborhood: attention mask is not text padding", q, k, v, attn_mask)
         geom = self._geometry(seq.video_grid)
         if not geom:
-            return self.fallback("neighborhood: window larger than the grid (clamp=False)", q, k, v, attn_mask)
+            return self.fallback(
+                "neighborhood: window larger than the grid (clamp=False)", q, k, v, attn_mask
+            )
         grid = geom[0]
         vs = seq.video_slice
         qv, kv, vv = (t[:, vs].unflatten(1, grid) for t in (q, k, v))  # [B, *grid, H, D] views
@@ -195,11 +204,22 @@ class _Neighborhood(VisattnProcessor):
                 n = valid[0]
                 out_v = self._na(qv, kv, vv, geom, (kt[:, :n], vt[:, :n]))
             else:  # different valid lengths per batch element: one call each (B is small)
-                out_v = torch.cat([self._na(qv[b:b + 1], kv[b:b + 1], vv[b:b + 1], geom,
-                                            (kt[b:b + 1, :n], vt[b:b + 1, :n])) for b, n in enumerate(valid)])
+                out_v = torch.cat(
+                    [
+                        self._na(
+                            qv[b : b + 1],
+                            kv[b : b + 1],
+                            vv[b : b + 1],
+                            geom,
+                            (kt[b : b + 1, :n], vt[b : b + 1, :n]),
+                        )
+                        for b, n in enumerate(valid)
+                    ]
+                )
             # text queries attend densely to every valid key, as in the default processor
-            out_t = dispatch_dense(q[:, ts], k, v, attn_mask, backend=self._attention_backend,
-                                   parallel_config=None)
+            out_t = dispatch_dense(
+                q[:, ts], k, v, attn_mask, backend=self._attention_backend, parallel_config=None
+            )
         out_v = out_v.flatten(1, len(grid)).to(out_t.dtype)
         parts = [out_t, out_v] if seq.text_position == "start" else [out_v, out_t]
         return torch.cat(parts, dim=1)
@@ -207,8 +227,9 @@ class _Neighborhood(VisattnProcessor):
     def _unlocked_fallback(self, q, k, v, attn_mask):
         # runs inside timed(): count and dispatch without a second timer
         self.context.stats.add_fallback("neighborhood: valid text lengths unknown (no text hook)")
-        return dispatch_dense(q, k, v, attn_mask, backend=self._attention_backend,
-                              parallel_config=self._parallel_config)
+        return dispatch_dense(
+            q, k, v, attn_mask, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
 
 
 class NeighborhoodFluxAttnProcessor(_Neighborhood, FluxAttnBase):
@@ -268,22 +289,33 @@ def _forward_params(model) -> set[str]:
     return set(inspect.signature(type(model).forward).parameters)
 
 
-SPEC = register_method(MethodSpec(
-    slug="neighborhood",
-    config_cls=NeighborhoodConfig,
-    processors=processor_table({
-        FluxAttnBase: NeighborhoodFluxAttnProcessor,
-        WanAttnBase: NeighborhoodWanAttnProcessor,
-        HunyuanVideoAttnBase: NeighborhoodHunyuanVideoAttnProcessor,
-        LTXAttnBase: NeighborhoodLTXAttnProcessor,
-        CogVideoXAttnBase: NeighborhoodCogVideoXAttnProcessor,
-        JointAttnBase: NeighborhoodJointAttnProcessor,
-        LegacyAttnBase: NeighborhoodAttnProcessor,
-    }),
-    install=_install,
-    description="GNA over the token grid, text as extra keys",
-))
+SPEC = register_method(
+    MethodSpec(
+        slug="neighborhood",
+        config_cls=NeighborhoodConfig,
+        processors=processor_table(
+            {
+                FluxAttnBase: NeighborhoodFluxAttnProcessor,
+                WanAttnBase: NeighborhoodWanAttnProcessor,
+                HunyuanVideoAttnBase: NeighborhoodHunyuanVideoAttnProcessor,
+                LTXAttnBase: NeighborhoodLTXAttnProcessor,
+                CogVideoXAttnBase: NeighborhoodCogVideoXAttnProcessor,
+                JointAttnBase: NeighborhoodJointAttnProcessor,
+                LegacyAttnBase: NeighborhoodAttnProcessor,
+            }
+        ),
+        install=_install,
+        description="GNA over the token grid, text as extra keys",
+    )
+)
 
-__all__ = ["NeighborhoodConfig", "NeighborhoodFluxAttnProcessor", "NeighborhoodWanAttnProcessor",
-           "NeighborhoodHunyuanVideoAttnProcessor", "NeighborhoodLTXAttnProcessor",
-           "NeighborhoodCogVideoXAttnProcessor", "NeighborhoodJointAttnProcessor", "NeighborhoodAttnProcessor"]
+__all__ = [
+    "NeighborhoodConfig",
+    "NeighborhoodFluxAttnProcessor",
+    "NeighborhoodWanAttnProcessor",
+    "NeighborhoodHunyuanVideoAttnProcessor",
+    "NeighborhoodLTXAttnProcessor",
+    "NeighborhoodCogVideoXAttnProcessor",
+    "NeighborhoodJointAttnProcessor",
+    "NeighborhoodAttnProcessor",
+]

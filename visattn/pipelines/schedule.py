@@ -23,7 +23,9 @@ def _check_steps(dense_steps):
     if dense_steps is None:
         return None
     if isinstance(dense_steps, bool):
-        raise ValueError(f"dense_steps must be indices or a fraction in [0, 1], got dense_steps={dense_steps!r}")
+        raise ValueError(
+            f"dense_steps must be indices or a fraction in [0, 1], got dense_steps={dense_steps!r}"
+        )
     if isinstance(dense_steps, float):
         if not 0.0 <= dense_steps <= 1.0:
             raise ValueError(f"dense_steps as a fraction must lie in [0, 1], got dense_steps={dense_steps}")
@@ -33,7 +35,9 @@ def _check_steps(dense_steps):
     if not isinstance(dense_steps, (tuple, list)) or any(
         not isinstance(s, int) or isinstance(s, bool) for s in dense_steps
     ):
-        raise ValueError(f"dense_steps must be a tuple of step indices or a fraction, got dense_steps={dense_steps!r}")
+        raise ValueError(
+            f"dense_steps must be a tuple of step indices or a fraction, got dense_steps={dense_steps!r}"
+        )
     return tuple(dense_steps)
 
 
