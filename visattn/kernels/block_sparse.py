@@ -18,6 +18,8 @@ or entries naming blocks out of range) are masked, so a bad plan cannot read out
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -44,20 +46,45 @@ def _entry_start(blk, seq_k, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc, sm_scale_log2,
+def _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
+                 BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Token range ``[start, end)`` of the block a list entry names (``blk`` scalar or vector).
+
+    Without segments blocks are cut from 0 over ``seq_k``. With segments ids ``< n_vk`` are video
+    blocks (from ``video_start``, ending at the video end) and ids ``n_vk + t`` are text blocks (from
+    ``text_start``, ending at the first ``text_valid`` text tokens). Ids out of range give an empty
+    range, decided before ``blk * BLOCK_K`` could wrap around in int32.
+    """
+    if SEGMENTS:
+        is_text = blk >= n_vk
+        ok = (blk >= 0) & (blk < n_vk + n_tk)
+        local = tl.where(ok, tl.where(is_text, blk - n_vk, blk), 0)
+        start = tl.where(is_text, text_start, video_start) + local * BLOCK_K
+        seg_end = tl.where(is_text, text_start + text_valid, video_start + num_video)
+        end = tl.where(ok, tl.minimum(start + BLOCK_K, seg_end), start)
+    else:
+        ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
+        start = tl.where(ok, blk * BLOCK_K, seq_k)
+        end = tl.minimum(start + BLOCK_K, seq_k)
+    return start, end
+
+
+@triton.jit
+def _attend_tile(q, k_base, v_base, start_n, key_end, stride_kn, stride_vn, m_i, l_i, acc, sm_scale_log2,
                  offs_n, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, TAIL_BRANCH: tl.constexpr):
-    """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``."""
+    """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``;
+    keys at or past ``key_end`` (the end of the entry's block) are masked."""
     keys = start_n + offs_n
-    valid = keys < seq_k
+    valid = keys < key_end
     kv_mask = _tile_mask(valid, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     k = _load_tile(k_base, start_n, stride_kn, offs_n, offs_d, kv_mask)
     v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if TAIL_BRANCH:
-        # only a tile reaching past seq_k (the partial last block, invalid entries) pays for the mask;
+        # only a tile reaching past key_end (partial blocks, invalid entries) pays for the mask;
         # full tiles run the plain FMA + exp2 of the online softmax
-        if start_n + BLOCK_N > seq_k:
+        if start_n + BLOCK_N > key_end:
             qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet: no NaN
@@ -74,31 +101,45 @@ def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv", "video_start", "num_video", "text_start", "text_len",
+                               "n_vq", "n_vk", "n_tk"])
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, LSE, KV_INDEX, KV_COUNT,
+    Q, K, V, O, LSE, KV_INDEX, KV_COUNT, TEXT_VALID, RECT_SCALE, RECT_BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ih, stride_ii, stride_ij,
     stride_cb, stride_ch, stride_ci,
+    stride_rsb, stride_rsh, stride_rsi, stride_rbb, stride_rbh, stride_rbi,
     seq_q, seq_k, n_heads, kv_group, max_kv, sm_scale_log2,
+    video_start, num_video, text_start, text_len, n_vq, n_vk, n_tk,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  # plan granularity: shapes the index arithmetic
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # kernel tile: divides BLOCK_Q / BLOCK_K
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TAIL_BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
+    SEGMENTS: tl.constexpr, RECT: tl.constexpr,  # features off by default: the plain path is unchanged
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
-    start_m = pid_m * BLOCK_M
-    tile = start_m // BLOCK_Q
-
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = (start_m + offs_m) < seq_q
+    SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
+    tile = pid_m // SUBQ
+    if SEGMENTS:
+        # video query tiles first, then text tiles; each segment is cut into tiles from its start
+        text_valid = tl.load(TEXT_VALID + b)
+        is_text = tile >= n_vq
+        seg_start = tl.where(is_text, text_start + (tile - n_vq) * BLOCK_Q, video_start + tile * BLOCK_Q)
+        seg_end = tl.where(is_text, text_start + text_len, video_start + num_video)
+        start_m = seg_start + (pid_m % SUBQ) * BLOCK_M
+        row_ok = (start_m + offs_m) < seg_end
+    else:
+        text_valid = 0
+        start_m = pid_m * BLOCK_M
+        row_ok = (start_m + offs_m) < seq_q
     q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
 
@@ -123,12 +164,24 @@ def _block_sparse_fwd_kernel(
             blk = tl.load(idx_row + ((t + 1) // SUB) * stride_ij, mask=t + 1 < total, other=0)
         else:
             cur = tl.load(idx_row + (t // SUB) * stride_ij)
-        start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
-        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc,
+        if SEGMENTS:
+            blk_start, blk_end = _entry_range(cur, seq_k, text_valid, video_start, num_video, text_start,
+                                              n_vk, n_tk, BLOCK_K, SEGMENTS)
+            start_n = blk_start + (t % SUB) * BLOCK_N
+        else:
+            start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
+            blk_end = seq_k
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, blk_end, stride_kn, stride_vn, m_i, l_i, acc,
                                      sm_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
                                      DOT_PRECISION, TAIL_BRANCH)
 
     out, lse = _fwd_epilogue(acc, m_i, l_i)
+    if RECT:
+        # Rectified SpaAttn epilogue: out = R * out + C, per query tile (fp32 before the cast)
+        r = tl.load(RECT_SCALE + b * stride_rsb + h * stride_rsh + tile * stride_rsi)
+        c = tl.load(RECT_BIAS + b * stride_rbb + h * stride_rbh + tile.to(tl.int64) * stride_rbi + offs_d,
+                    mask=offs_d < HEAD_DIM, other=0.0)
+        out = out * r + c[None, :]
     o_ptrs = O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
     tl.store(o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
     lse_ptrs = LSE + pid_bh.to(tl.int64) * seq_q + start_m + offs_m
@@ -306,23 +359,98 @@ def _plan_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim()))
 
 
-def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, scale: float):
-    """Forward launcher. q/k/v: [B, N, H, D] views; returns ``(out, lse)``, lse fp32 [B, H, N_q] (ln)."""
+class Segments(NamedTuple):
+    """Video and text segments of a joint sequence, as the kernels read them.
+
+    ``video_start``, ``num_video``, ``text_start``, ``text_len`` are python ints (shapes, not data);
+    ``text_valid`` is an int32 device tensor ``[B]`` of valid text lengths (padding at the end of the
+    text segment never attends) or None (all text valid).
+    """
+
+    video_start: int
+    num_video: int
+    text_start: int
+    text_len: int
+    text_valid: torch.Tensor | None = None
+
+    @classmethod
+    def from_layout(cls, seq_layout, batch: int, device) -> Segments:
+        """From a :class:`visattn.ops.SequenceLayout` (``text_valid`` clamped on the device)."""
+        return cls(seq_layout.video_start, seq_layout.num_video, seq_layout.text_start, seq_layout.text_len,
+                   seq_layout.valid_text(batch, device))
+
+    def num_q_tiles(self, block_q: int) -> int:
+        return triton.cdiv(self.num_video, block_q) + triton.cdiv(self.text_len, block_q)
+
+    def num_kv_blocks(self, block_k: int) -> int:
+        return triton.cdiv(self.num_video, block_k) + triton.cdiv(self.text_len, block_k)
+
+
+def _segment_args(segments: Segments | None, batch: int, block_q: int, block_k: int, device):
+    """(TEXT_VALID tensor, the 7 scalar segment arguments, number of query tiles or None)."""
+    if segments is None:
+        return torch.zeros(1, dtype=torch.int32, device=device), (0, 0, 0, 0, 0, 0, 0), None
+    vs, nv, ts, tlen, tv = segments
+    if tv is None:
+        tv = torch.full((batch,), tlen, dtype=torch.int32, device=device)
+    tv = tv.to(device=device, dtype=torch.int32).clamp(0, tlen).contiguous()
+    n_vq, n_tq = triton.cdiv(nv, block_q), triton.cdiv(tlen, block_q)
+    return tv, (vs, nv, ts, tlen, n_vq, triton.cdiv(nv, block_k), triton.cdiv(tlen, block_k)), n_vq + n_tq
+
+
+def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, scale: float, *,
+                     segments: Segments | None = None, level_ptr=None, pyramid=None,
+                     rect_scale: torch.Tensor | None = None, rect_bias: torch.Tensor | None = None):
+    """Forward launcher. q/k/v: [B, N, H, D] views; returns ``(out, lse)``, lse fp32 [B, H, N_q] (ln).
+
+    Optional features (each off by default, each a constexpr flag, so the plain path is unchanged):
+
+    - ``segments``: a :class:`Segments` of a joint self-attention sequence (``N_q == N_k``). Query
+      tiles are the video tiles then the text tiles (``segments.num_q_tiles(block_q)`` rows of the
+      plan); KV block ids ``< ceil(num_video / block_k)`` are video blocks, later ids text blocks.
+      Rows of padded text queries produce finite output that callers ignore.
+    - ``level_ptr`` int32 ``[B|1, H|1, n_q_tiles, 5]`` and ``pyramid`` (:class:`Pyramid`, from
+      ``kernels.pyramid.pyramid_pool``): PSA's per-entry pool factors; entries
+      ``[level_ptr[l], level_ptr[l+1])`` of a row use factor ``2**l``; ``kv_count`` is ignored.
+    - ``rect_scale`` fp32 ``[B|1, H|1, n_q_tiles]`` and ``rect_bias`` fp32 ``[B|1, H|1, n_q_tiles, D]``:
+      Rectified's epilogue ``out_row = rect_scale * out_row + rect_bias`` (the LSE is the sparse one).
+    """
+    if level_ptr is not None or pyramid is not None:
+        from .pyramid import pyramid_fwd  # PSA's multi-level walk shares this file's helpers
+
+        return pyramid_fwd(q, k, v, kv_index, level_ptr, pyramid, block_q, block_k, scale,
+                           segments=segments, rect_scale=rect_scale, rect_bias=rect_bias)
     B, Nq, H, D = q.shape
     Nk, Hk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    if segments is not None:
+        # rows not covered by a tile do not exist when the segments tile the sequence; padded
+        # layouts (N > segments) leave them untouched, so start from finite values
+        out.zero_()
+        lse.fill_(float("-inf"))
     dpad = head_dim_pad(D)
     cfg = _configs.fwd_config(q.device, D, block_q, block_k, q.dtype)
-    grid = (triton.cdiv(Nq, cfg.block_m), B * H)
-    _block_sparse_fwd_kernel[grid](
-        q, k, v, out, lse, kv_index, kv_count,
+    text_valid, seg, n_tiles = _segment_args(segments, B, block_q, block_k, q.device)
+    rect = rect_scale is not None or rect_bias is not None
+    if rect:
+        rs = rect_scale if rect_scale is not None else torch.ones(1, 1, 1, device=q.device)
+        rb = rect_bias if rect_bias is not None else torch.zeros(1, 1, 1, D, device=q.device)
+        rs, rb = rs.float(), rb.float()
+        if rb.stride(-1) != 1:
+            rb = rb.contiguous()
+    else:
+        rs = rb = lse  # never read
+    grid_m = triton.cdiv(Nq, cfg.block_m) if n_tiles is None else n_tiles * (block_q // cfg.block_m)
+    _block_sparse_fwd_kernel[(grid_m, B * H)](
+        q, k, v, out, lse, kv_index, kv_count, text_valid, rs, rb,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
         *_plan_strides(kv_index), *_plan_strides(kv_count),
-        Nq, Nk, H, H // Hk, kv_index.shape[-1], scale * LOG2E,
+        *(_plan_strides(rs) if rect else (0, 0, 0)), *(_plan_strides(rb)[:3] if rect else (0, 0, 0)),
+        Nq, Nk, H, H // Hk, kv_index.shape[-1], scale * LOG2E, *seg,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=dot_precision(q.dtype),
-        TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch,
+        TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch, SEGMENTS=segments is not None, RECT=rect,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
