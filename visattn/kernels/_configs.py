@@ -108,6 +108,20 @@ def _pyramid_fwd_config(device, head_dim, block_q, block_k, dtype) -> TileConfig
     return TileConfig(min(128, block_q), min(128, max(64, block_k)), 8, 3, True, True, 64)
 
 
+def pyramid_bwd_config(device: torch.device, head_dim: int, block_q: int, block_k: int,
+                       dtype: torch.dtype) -> TileConfig:
+    """PSA backward: ``block_m`` query rows per step, ``pool_n`` gathered lanes in the dQ walk, dK/dV
+    programs of ``min(block_n, block_k / m)`` pooled keys (at least 16)."""
+    if "pyramid_bwd" in OVERRIDES:
+        c = OVERRIDES["pyramid_bwd"]
+        return TileConfig(min(c.block_m, block_q), c.block_n, c.num_warps, c.num_stages, True, True, c.pool_n)
+    if INTERPRET or device.type != "cuda":
+        return TileConfig(min(16, block_q), 32, 4, 1, True, True, 16)
+    if dtype == torch.float32 or head_dim > 128:
+        return TileConfig(min(32, block_q), 32, 4, 1, True, True, 32)
+    return TileConfig(min(64, block_q), 64, 4, 2, True, True, 64)
+
+
 @dataclass(frozen=True)
 class NATileConfig:
     """Neighborhood kernels: Q box and KV box extents per axis (3-D; 1-D/2-D use leading 1s)."""
