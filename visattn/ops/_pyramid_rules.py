@@ -189,12 +189,16 @@ def build_plan(scores: torch.Tensor, config: PyramidConfig, *, seq_len: int, seq
             raise ValueError("expected k for the similarity cap (config.sim_thresholds is set)")
         cap = similarity_cap(k, config, seq_layout)
         lv = torch.minimum(lv, cap[:, :, None, :])
-    if config.causal:
-        lv = lv.masked_fill(future, 0)
+    if config.causal or config.mode == "energybound":
+        first = torch.arange(nq, device=dev) * bq
+        last_row = (first + bq).clamp(max=nv) - 1
+        kstart = torch.arange(nk, device=dev) * bk
         diag = (kstart[None, :] <= last_row[:, None]) & (kstart[None, :] + bk > first[:, None])
-        lv = torch.where(diag, 1, lv)
-        if config.mode == "energybound":
-            lv[..., 0] = 1  # the sink block
+        if config.causal:
+            lv = lv.masked_fill(kstart[None, :] > last_row[:, None], 0)  # blocks fully in the future
+        if config.mode == "energybound":  # the sink block (KV block 0) at m = 1
+            lv = torch.where(torch.arange(nk, device=dev) == 0, 1, lv)
+        lv = torch.where(diag, 1, lv)  # the diagonal block at m = 1
     if seq_layout is not None and seq_layout.text_len > 0:
         ntq, ntk = _cdiv(seq_layout.text_len, bq), _cdiv(seq_layout.text_len, bk)
         lv = torch.cat([lv, torch.ones((B, H, nq, ntk), dtype=lv.dtype, device=dev)], -1)  # text keys at m = 1
