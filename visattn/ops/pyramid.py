@@ -213,10 +213,12 @@ def pyramid_attention_ref(q, k, v, plan: PyramidPlan, *, scale: float | None = N
         vals = []
         for m, km, vm, bias, g_last, P in levels:
             s = torch.matmul(qc, km.transpose(-1, -2)) * scale + bias[:, None, None, :]
-            allowed = (dense[:, :, t0:t1] == m).repeat_interleave(P, -1).repeat_interleave(bq, 2)
+            # [B, H, tiles, 1, groups]: broadcast over the rows of each tile
+            allowed = (dense[:, :, t0:t1] == m).repeat_interleave(P, -1)[:, :, :, None, :]
+            s = s.view(B, H, t1 - t0, bq, -1).masked_fill(~allowed, float("-inf")).flatten(2, 3)
             if plan.causal:
-                allowed = allowed & (g_last[:, None, None, :] <= rows[None, None, :, None])
-            logits.append(s.masked_fill(~allowed, float("-inf")))
+                s = s.masked_fill(g_last[:, None, None, :] > rows[None, None, :, None], float("-inf"))
+            logits.append(s)
             vals.append(vm)
         s = torch.cat(logits, -1)
         lse = torch.logsumexp(s, -1)
