@@ -256,8 +256,8 @@ def _pyramid_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index:
     segments = _segments(*seg, text_valid, use_segments)
     pyr = pyramid_pool(k, v, block_k, segments=segments)
     # heavy tiles first: FLOP-equivalent work per tile, sum of entries / factor
-    lp = level_ptr.float()
-    work = (lp[..., 1:] - lp[..., :-1]) @ torch.tensor([1.0, 0.5, 0.25, 0.125], device=lp.device)
+    n = (level_ptr[..., 1:] - level_ptr[..., :-1]).float()
+    work = n[..., 0] + 0.5 * n[..., 1] + 0.25 * n[..., 2] + 0.125 * n[..., 3]  # no host tensor: graph-safe
     order = work.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
     return block_sparse_fwd(q, k, v, kv_index, level_ptr[..., 4], block_q, block_k, scale, segments=segments,
                             level_ptr=level_ptr, pyramid=pyr, causal=causal, tile_order=order)
