@@ -58,10 +58,8 @@ def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
     B, H, grid, D = SHAPES[shape]
     N = math.prod(grid)
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
     # structured inputs so threshold presets see realistic score distributions
     q, k, v = local_qkv(grid, heads=H, head_dim=D, order="raster", device=dev, dtype=torch.bfloat16)
-    del g
     warm, rep = (10, 30) if quick else (25, 100)
     t = lambda fn: time_ms(fn, dev, warmup=warm, rep=rep)  # noqa: E731
     rows = []

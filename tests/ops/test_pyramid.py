@@ -264,3 +264,40 @@ def test_presets_load():
     assert PyramidConfig.from_preset("wan21_14b").level_ends == (0.4, 0.5, 0.6, 0.8)
     with pytest.raises(ValueError, match="preset"):
         PyramidConfig.from_preset("nope")
+
+
+def test_sampled_estimator_matches_naive_definition():
+    from visattn.ops._pyramid_rules import sample_offsets, sampled_scores
+
+    g = torch.Generator().manual_seed(1)
+    B, N, H, D, bq, bk = 1, 75, 2, 8, 16, 16
+    q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    cfg = PyramidConfig(block_q=bq, block_k=bk)
+    S = sampled_scores(q, k, cfg, None, D**-0.5)
+    qo, ko = sample_offsets(B, H, bq, 4, "cpu", None), sample_offsets(B, H, bk, 4, "cpu", None)
+    nq, nk = cdiv(N, bq), cdiv(N, bk)
+    for h in range(H):
+        assert len(set(qo[0, h].tolist())) == 4
+        krow = [[min(j * bk + o, min(N, (j + 1) * bk) - 1) for o in ko[0, h].tolist()] for j in range(nk)]
+        want = torch.zeros(nq, nk)
+        for i in range(nq):
+            for o in qo[0, h].tolist():
+                r = min(i * bq + o, min(N, (i + 1) * bq) - 1)
+                m = torch.tensor([max((q[0, h, r] @ k[0, h, t]).item() * D**-0.5 for t in krow[j]) for j in range(nk)])
+                want[i] = torch.maximum(want[i], torch.exp(m - m.max()))
+        want = want / want.sum(-1, keepdim=True)
+        assert torch.allclose(S[0, h], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator, reduce, causal", [("sampled_max", "max", False),
+                                                       ("sampled_softmax_max", "mean", True)])
+def test_triton_estimator_matches_torch(estimator, reduce, causal, device):
+    g = torch.Generator().manual_seed(2)
+    lay = SequenceLayout((3, 5, 7), text_len=20, text_position="start") if not causal else None
+    N = 150 if lay is None else lay.seq_len
+    q, k = (torch.randn(2, N, 2, 16, generator=g).to(device) for _ in range(2))
+    cfg = PyramidConfig(block_q=32, block_k=16, estimator=estimator, reduce=reduce, causal=causal)
+    a = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="torch", seq_layout=lay)
+    b = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="triton", seq_layout=lay)
+    assert torch.allclose(a.scores, b.scores, atol=1e-5)
+    assert torch.equal(a.to_dense(), b.to_dense())

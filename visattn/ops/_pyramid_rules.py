@@ -49,8 +49,11 @@ def _sample_rows(x: torch.Tensor, start: int, length: int, block: int, off: torc
 
 
 def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | None, scale: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sampled max-attention scores ``S [B, H, n_q, n_k]`` (float32, rows sum to 1), spec §2.4."""
+                   generator: torch.Generator | None = None, use_triton: bool = False) -> torch.Tensor:
+    """Sampled max-attention scores ``S [B, H, n_q, n_k]`` (float32, rows sum to 1), spec §2.4.
+
+    ``use_triton`` runs the two-pass Triton kernel (sample counts must be powers of two), else a
+    chunked torch path (same arithmetic)."""
     B, H, N, _ = q.shape
     bq, bk = config.block_q, config.block_k
     sq, sk = int(bq * config.sample_fraction), int(bk * config.sample_fraction)
@@ -58,6 +61,13 @@ def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | Non
     nq, nk = _cdiv(nv, bq), _cdiv(nv, bk)
     qo = sample_offsets(B, H, bq, sq, q.device, generator)
     ko = sample_offsets(B, H, bk, sk, q.device, generator)
+    if use_triton and sq & (sq - 1) == 0 and sk & (sk - 1) == 0:
+        from ..kernels.pyramid import sampled_scores as _kernel
+
+        s = _kernel(q.transpose(1, 2), k.transpose(1, 2), qo, ko, bq, bk, scale, video_start=vs, num_video=nv,
+                    softmax=config.estimator == "sampled_softmax_max", mean=config.reduce == "mean",
+                    causal=config.causal)
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
     qs, qrows = _sample_rows(q, vs, nv, bq, qo)
     ks, krows = _sample_rows(k, vs, nv, bk, ko)
     qs, ks = qs.float(), ks.float()
@@ -75,7 +85,8 @@ def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | Non
         m_row = torch.where(torch.isfinite(m_row), m_row, torch.zeros_like(m_row))
         e = torch.exp(m_blk - m_row)
         if config.estimator == "sampled_softmax_max":
-            e = e / torch.exp(lg - m_row).sum(-1, keepdim=True)
+            den = torch.exp(lg - m_row).sum(-1, keepdim=True)
+            e = e / torch.where(den > 0, den, torch.ones_like(den))  # rows with no visible key: 0
         e = e.view(B, H, i1 - i0, sq, nk)
         out.append(e.amax(3) if config.reduce == "max" else e.mean(3))
     s = torch.cat(out, 2)

@@ -42,22 +42,24 @@ def local_qkv(grid: tuple[int, int, int], heads: int = 4, head_dim: int = 64, *,
     t, y, x = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     pos = torch.stack([t, y, x], -1).reshape(N, 3).double()
     alpha = math.sqrt(gain * math.sqrt(D))
-    qs, ks = [], []
-    for h in range(heads):
-        ell = torch.tensor(KINDS[kinds[h % len(kinds)]], dtype=torch.float64)
-        w = torch.randn(D, 3, generator=g, dtype=torch.float64) / ell  # inf length scale -> 0 frequency
-        c = torch.rand(D, generator=g, dtype=torch.float64) * 2 * math.pi
-        phi = math.sqrt(2.0 / D) * torch.cos(pos @ w.T + c)  # [N, D]
-        qs.append(alpha * phi + sigma * torch.randn(batch, N, D, generator=g, dtype=torch.float64))
-        ks.append(alpha * phi + sigma * torch.randn(batch, N, D, generator=g, dtype=torch.float64))
-    q, k = torch.stack(qs, 2), torch.stack(ks, 2)
-    v = torch.randn(batch, N, heads, D, generator=g, dtype=torch.float64)
+    perm = None
     if order == "gilbert":
         from ._token_order import gilbert_order  # owned by the token-order module (specs/rectified.md §2.2)
 
         perm = gilbert_order(tuple(grid), axis_order="largest").perm
-        q, k, v = q[:, perm], k[:, perm], v[:, perm]
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))  # type: ignore[return-value]
+    out = [torch.empty(batch, N, heads, D, dtype=dtype, device=device) for _ in range(3)]
+    for h in range(heads):  # one head at a time in float64, stored in the target dtype (bounded memory)
+        ell = torch.tensor(KINDS[kinds[h % len(kinds)]], dtype=torch.float64)
+        w = torch.randn(D, 3, generator=g, dtype=torch.float64) / ell  # inf length scale -> 0 frequency
+        c = torch.rand(D, generator=g, dtype=torch.float64) * 2 * math.pi
+        phi = math.sqrt(2.0 / D) * torch.cos(pos @ w.T + c)  # [N, D]
+        for i in range(2):
+            x = alpha * phi + sigma * torch.randn(batch, N, D, generator=g, dtype=torch.float64)
+            out[i][:, :, h] = (x if perm is None else x[:, perm]).to(device=device, dtype=dtype)
+    for h in range(heads):
+        x = torch.randn(batch, N, D, generator=g, dtype=torch.float64)
+        out[2][:, :, h] = (x if perm is None else x[:, perm]).to(device=device, dtype=dtype)
+    return tuple(out)  # type: ignore[return-value]
 
 
 def neighbourhood_mass(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], head: int = 0,

@@ -50,6 +50,12 @@ def _check_inputs(q, k, v, layout, seq_layout):
     return layout, B, Nq, H, D
 
 
+def _triton_interpreted() -> bool:
+    from ..kernels._common import INTERPRET
+
+    return INTERPRET
+
+
 def _plan_layout(config: PyramidConfig, seq_layout: SequenceLayout | None) -> SequenceLayout | None:
     # text_keys="as_video": the whole sequence is one segment (upstream's new format, parity only)
     return None if config.text_keys == "as_video" else seq_layout
@@ -67,7 +73,8 @@ def pyramid_plan(q: torch.Tensor, k: torch.Tensor, *, config: PyramidConfig | No
         seq_layout: where video and text tokens sit (None: one segment).
         scores: caller-supplied importance ``[B, H, n_q, n_k]`` over video blocks (skips estimation).
         generator: draws the sampled offsets (default: a fixed device-side hash, reproducible).
-        backend: accepted for symmetry with the attention op (planning is device-side torch).
+        backend: ``"triton"`` runs the sampled estimator as a Triton kernel (default on CUDA),
+            ``"torch"`` as chunked torch ops (default on the CPU); the level rules are device-side torch.
         keep_scores: keep the scores on the plan.
 
     Returns:
@@ -96,7 +103,14 @@ def pyramid_plan(q: torch.Tensor, k: torch.Tensor, *, config: PyramidConfig | No
         elif config.estimator == "antidiagonal":
             s = antidiagonal_scores(qb, kb, config, lay)
         else:
-            s = sampled_scores(qb, kb, config, lay, D**-0.5, generator)
+            use_triton = backend == "triton" or (backend in (None, "auto") and q.device.type == "cuda"
+                                                 and _dispatch.current_backend() in ("auto", "triton")
+                                                 and q.dtype in _TRITON_DTYPES)
+            if (use_triton and q.dtype not in _TRITON_DTYPES) or (use_triton and q.device.type == "cpu" and not
+                                                                 _triton_interpreted()):
+                raise NotImplementedError(f"the Triton estimator cannot run {q.dtype} on {q.device}; "
+                                          "use backend='torch'")
+            s = sampled_scores(qb, kb, config, lay, D**-0.5, generator, use_triton=use_triton)
         return build_plan(s, config, seq_len=N, seq_layout=lay, k=kb, keep_scores=keep_scores)
 
 
