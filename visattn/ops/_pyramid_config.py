@@ -141,7 +141,7 @@ class PyramidConfig:
     def replace(self, **changes) -> PyramidConfig:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         kw.update(changes)
-        return PyramidConfig(**kw)
+        return type(self)(**kw)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> PyramidConfig:
@@ -153,7 +153,7 @@ class PyramidConfig:
             known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
             raise ValueError(f"expected a preset name in {known}, got name={name!r}")
         data = yaml.safe_load(path.read_text()) or {}
-        data = {k: v for k, v in data.items() if k not in ("description", "upstream")}
+        data = {k: v for k, v in data.items() if k != "description"}
         if "levels" in data:
             data["levels"] = {int(k): float(v) for k, v in data["levels"].items()}
         data.update(overrides)

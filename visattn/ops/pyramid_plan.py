@@ -245,7 +245,7 @@ class PyramidPlan:
         lay = None if L is None else dict(video_grid=L.video_grid, text_len=L.text_len, text_position=L.text_position,
                                            text_valid_len=L.text_valid_len if not isinstance(L.text_valid_len, torch.Tensor)
                                            else L.text_valid_len.cpu(), token_order=L.token_order)
-        cfg = None if self.config is None else {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
+        cfg = None if self.config is None else {k: getattr(self.config, k) for k in PyramidConfig.__dataclass_fields__}
         torch.save(dict(kv_index=self.kv_index.cpu(), level_ptr=self.level_ptr.cpu(), block_q=self.block_q,
                         block_k=self.block_k, seq_len=self.seq_len, seq_layout=lay, config=cfg,
                         scores=None if self.scores is None else self.scores.cpu()), path)
