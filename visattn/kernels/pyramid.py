@@ -370,55 +370,54 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
 
 
 @triton.jit
-def _sampled_logits(q, k_base, stride_kn, koff, c, offs_t, offs_d, video_start, num_video, n_vk,
-                    BLOCK_K: tl.constexpr, SK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Logits of the sampled queries against the sampled keys of chunk ``c`` (``KC // SK`` blocks)."""
+def _sampled_chunk(q, ks_base, stride_ksn, c, offs_t, offs_d, n_keys, qpos, KPOS, CAUSAL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """log2-domain logits (unscaled) of the sampled rows against sampled keys ``[c*KC, (c+1)*KC)``."""
     KC: tl.constexpr = offs_t.shape[0]
-    blk = c * (KC // SK) + offs_t // SK
-    blen = tl.minimum(num_video - blk * BLOCK_K, BLOCK_K)
-    ok = blk < n_vk
-    rows = video_start + blk * BLOCK_K + tl.minimum(koff, tl.maximum(blen, 1) - 1)
-    mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    k = tl.load(k_base + tl.where(ok, rows, 0).to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=mask,
-                other=0.0)
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), ok, rows
+    t = c * KC + offs_t
+    ok = t < n_keys
+    k = tl.load(ks_base + t.to(tl.int64)[:, None] * stride_ksn + offs_d[None, :],
+                mask=_tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
+    lg = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    valid = ok[None, :]
+    if CAUSAL:
+        kpos = tl.load(KPOS + t, mask=ok, other=0)
+        valid = valid & (kpos[None, :] <= qpos[:, None])
+    return lg, valid
 
 
-@triton.jit(do_not_specialize=["video_start", "num_video", "n_vq", "n_vk"])
+@triton.jit(do_not_specialize=["n_vq", "n_vk"])
 def _sampled_scores_kernel(
-    Q, K, QOFF, KOFF, S,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_kob, stride_koh, stride_sb, stride_sh, stride_si,
-    n_heads, sm_scale_log2, video_start, num_video, n_vq, n_vk,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SQ: tl.constexpr, SQ_PAD: tl.constexpr, SK: tl.constexpr,
-    KC: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QS, KS, QPOS, KPOS, S,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_si,
+    n_heads, sm_scale_log2, n_vq, n_vk,
+    QB: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, KC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SOFTMAX: tl.constexpr, MEAN: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    I = tl.program_id(0)
+    """``QB`` query blocks (``QB * SQ`` sampled rows) of one head against all sampled keys."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    offs_r = tl.arange(0, SQ_PAD)
+    ROWS: tl.constexpr = QB * SQ
+    offs_r = tl.arange(0, ROWS)
     offs_t = tl.arange(0, KC)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    r_ok = offs_r < SQ
-    qoff = tl.load(QOFF + b * stride_ob + h * stride_oh + offs_r, mask=r_ok, other=0)
-    qlen = tl.minimum(num_video - I * BLOCK_Q, BLOCK_Q)
-    qrows = video_start + I * BLOCK_Q + tl.minimum(qoff, qlen - 1)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qrows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+    row = pid * ROWS + offs_r
+    r_ok = row < n_vq * SQ
+    q = tl.load(QS + b * stride_qb + h * stride_qh + row.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=_tile_mask(r_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
-    koff = tl.load(KOFF + b * stride_kob + h * stride_koh + offs_t % SK)
-    k_base = K + b * stride_kb + h * stride_kh
-    n_chunks = (n_vk * SK + KC - 1) // KC
-    m_r = tl.full([SQ_PAD], float("-inf"), dtype=tl.float32)
-    l_r = tl.zeros([SQ_PAD], dtype=tl.float32)
+    qpos = tl.load(QPOS + pid_bh.to(tl.int64) * n_vq * SQ + row, mask=r_ok, other=0) if CAUSAL else row
+    kpos_base = KPOS + pid_bh.to(tl.int64) * n_vk * SK
+    ks_base = KS + b * stride_kb + h * stride_kh
+    n_keys = n_vk * SK
+    n_chunks = (n_keys + KC - 1) // KC
+    m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_r = tl.zeros([ROWS], dtype=tl.float32)
     for c in range(0, n_chunks):  # pass 1: row max (and the softmax denominator)
-        lg, ok, krows = _sampled_logits(q, k_base, stride_kn, koff, c, offs_t, offs_d, video_start, num_video, n_vk,
-                                        BLOCK_K, SK, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-        valid = ok[None, :]
-        if CAUSAL:
-            valid = valid & (krows[None, :] <= qrows[:, None])
+        lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
+                                   HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
         lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_r, tl.max(lg, 1))
         if SOFTMAX:
@@ -428,44 +427,49 @@ def _sampled_scores_kernel(
     m_shift = tl.where(m_r == float("-inf"), 0.0, m_r)
     BPC: tl.constexpr = KC // SK
     offs_j = tl.arange(0, BPC)
-    for c in range(0, n_chunks):  # pass 2: per-block max, exp(m_rJ - M_r), reduced over the rows
-        lg, ok, krows = _sampled_logits(q, k_base, stride_kn, koff, c, offs_t, offs_d, video_start, num_video, n_vk,
-                                        BLOCK_K, SK, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-        valid = ok[None, :]
-        if CAUSAL:
-            valid = valid & (krows[None, :] <= qrows[:, None])
+    offs_i = pid * QB + tl.arange(0, QB)
+    for c in range(0, n_chunks):  # pass 2: per-block max, exp(m_rJ - M_r), reduced over each block's rows
+        lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
+                                   HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
         lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
-        m_blk = tl.max(tl.reshape(lg, (SQ_PAD, BPC, SK)), 2)  # [rows, blocks]
+        m_blk = tl.max(tl.reshape(lg, (ROWS, BPC, SK)), 2)  # [rows, blocks of the chunk]
         e = tl.math.exp2(m_blk - m_shift[:, None])
         if SOFTMAX:
             e = e / tl.where(l_r == 0.0, 1.0, l_r)[:, None]
-        e = tl.where(r_ok[:, None], e, 0.0)
+        e = tl.reshape(tl.where(r_ok[:, None], e, 0.0), (QB, SQ, BPC))
         if MEAN:
-            s = tl.sum(e, 0) / SQ
+            s = tl.sum(e, 1) / SQ
         else:
-            s = tl.max(e, 0)
+            s = tl.max(e, 1)  # [QB, BPC]
         j = c * BPC + offs_j
-        tl.store(S + b * stride_sb + h * stride_sh + I * stride_si + j, s, mask=j < n_vk)
+        ptr = S + b * stride_sb + h * stride_sh + offs_i.to(tl.int64)[:, None] * stride_si + j[None, :]
+        tl.store(ptr, s, mask=(offs_i < n_vq)[:, None] & (j < n_vk)[None, :])
 
 
-def sampled_scores(q, k, qoff, koff, block_q: int, block_k: int, scale: float, *, video_start: int, num_video: int,
-                   softmax: bool = False, mean: bool = False, causal: bool = False) -> torch.Tensor:
-    """Unnormalised sampled scores ``[B, H, n_q, n_k]`` fp32; q/k ``[B, N, H, D]`` views, offsets int
-    ``[B, H, s]`` (``s_q``, ``s_k``: powers of two)."""
+def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, softmax: bool = False,
+                   mean: bool = False, causal: bool = False) -> torch.Tensor:
+    """Unnormalised sampled scores ``[B, H, n_q, n_k]`` fp32 from pre-gathered samples.
+
+    ``qs`` ``[B, H, n_q * s_q, D]`` and ``ks`` ``[B, H, n_k * s_k, D]`` (the sampled rows of every block,
+    block-major; unit stride on D); ``qpos``/``kpos`` int ``[B, H, rows]`` token positions (causal only).
+    ``s_q`` and ``s_k`` are powers of two.
+    """
     from ._common import LOG2E, dot_precision
 
-    B, N, H, D = q.shape
-    sq, sk = qoff.shape[-1], koff.shape[-1]
-    n_vq, n_vk = triton.cdiv(num_video, block_q), triton.cdiv(num_video, block_k)
-    out = torch.empty((B, H, n_vq, n_vk), device=q.device, dtype=torch.float32)
-    qoff, koff = qoff.to(torch.int32).contiguous(), koff.to(torch.int32).contiguous()
-    kc = max(sk, 64 if q.device.type == "cuda" else 32)
-    _sampled_scores_kernel[(n_vq, B * H)](
-        q, k, qoff, koff, out, *_bhn_strides(q), *_bhn_strides(k), qoff.stride(0), qoff.stride(1),
-        koff.stride(0), koff.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        H, scale * LOG2E, video_start, num_video, n_vq, n_vk,
-        BLOCK_Q=block_q, BLOCK_K=block_k, SQ=sq, SQ_PAD=max(16, sq), SK=sk, KC=kc, HEAD_DIM=D,
-        HEAD_DIM_PAD=head_dim_pad(D), DOT_PRECISION=dot_precision(q.dtype), SOFTMAX=softmax, MEAN=mean,
-        CAUSAL=causal, num_warps=4,
+    B, H, _, D = qs.shape
+    sq, sk = qs.shape[2] // n_vq, ks.shape[2] // n_vk
+    out = torch.empty((B, H, n_vq, n_vk), device=qs.device, dtype=torch.float32)
+    gpu = qs.device.type == "cuda"
+    qb = max(1, (128 if gpu else 16) // sq)  # rows per program: one M=128 dot on the GPU
+    kc = max(sk, 64 if gpu else 32)
+    if causal:
+        qpos, kpos = qpos.to(torch.int32).contiguous(), kpos.to(torch.int32).contiguous()
+    else:
+        qpos = kpos = out  # never read
+    _sampled_scores_kernel[(triton.cdiv(n_vq, qb), B * H)](
+        qs, ks, qpos, kpos, out, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, scale * LOG2E, n_vq, n_vk,
+        QB=qb, SQ=sq, SK=sk, KC=kc, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), DOT_PRECISION=dot_precision(qs.dtype),
+        SOFTMAX=softmax, MEAN=mean, CAUSAL=causal, num_warps=8 if gpu and qb * sq >= 128 else 4,
     )
     return out

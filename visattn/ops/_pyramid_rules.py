@@ -61,15 +61,14 @@ def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | Non
     nq, nk = _cdiv(nv, bq), _cdiv(nv, bk)
     qo = sample_offsets(B, H, bq, sq, q.device, generator)
     ko = sample_offsets(B, H, bk, sk, q.device, generator)
+    qs, qrows = _sample_rows(q, vs, nv, bq, qo)
+    ks, krows = _sample_rows(k, vs, nv, bk, ko)
     if use_triton and sq & (sq - 1) == 0 and sk & (sk - 1) == 0:
         from ..kernels.pyramid import sampled_scores as _kernel
 
-        s = _kernel(q.transpose(1, 2), k.transpose(1, 2), qo, ko, bq, bk, scale, video_start=vs, num_video=nv,
-                    softmax=config.estimator == "sampled_softmax_max", mean=config.reduce == "mean",
-                    causal=config.causal)
+        s = _kernel(qs, ks, qrows, krows, nq, nk, scale, softmax=config.estimator == "sampled_softmax_max",
+                    mean=config.reduce == "mean", causal=config.causal)
         return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
-    qs, qrows = _sample_rows(q, vs, nv, bq, qo)
-    ks, krows = _sample_rows(k, vs, nv, bk, ko)
     qs, ks = qs.float(), ks.float()
     per_block = B * H * sq * nk * sk * 4
     step = max(1, _CHUNK_BYTES // max(per_block, 1))
