@@ -473,3 +473,88 @@ def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, so
         SOFTMAX=softmax, MEAN=mean, CAUSAL=causal, num_warps=8 if gpu and qb * sq >= 128 else 4,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# planner (spec §2.5): one program per (b, h, query tile); sort, cumulative mass, level ends, lists
+
+
+@triton.jit
+def _level_end(e_prev, C, rank, n_vk, tau, e_topk, a, min_full, IS_L1: tl.constexpr, MODE: tl.constexpr):
+    if MODE == 0:  # topk: quantile ends computed on the host (shapes only)
+        e = tl.maximum(e_prev, e_topk)
+    else:  # thresholdbound: the crossing block is included
+        c = tl.sum(((C <= tau + 1e-6) & (rank < n_vk)).to(tl.int32), 0)
+        e = tl.where(c > 0, c + 1, e_prev)
+        e = tl.minimum(tl.maximum(e, e_prev), n_vk)
+        if IS_L1:
+            e = tl.maximum(e, min_full)
+    # upstream alignment: the level's length rounded up to a multiple of a (down at the end of the row)
+    up = e_prev + (e - e_prev + a - 1) // a * a
+    end = tl.minimum(up, n_vk)
+    aligned = tl.where(end == n_vk, e_prev + (end - e_prev) // a * a, end)
+    return tl.where(a > 1, aligned, e)
+
+
+@triton.jit(do_not_specialize=["n_vq", "n_vk", "n_tk"])
+def _pyramid_plan_kernel(
+    S, KV_INDEX, LEVEL_PTR, stride_sb, stride_sh, stride_si, stride_ib, stride_ih, stride_ii,
+    stride_lb, stride_lh, stride_li, n_heads, n_vq, n_vk, n_tk,
+    tau1, tau2, tau4, tau8, k1, k2, k4, k8, a1, a2, a4, a8, min_full,
+    NK_PAD: tl.constexpr, NT_PAD: tl.constexpr, MODE: tl.constexpr,
+):
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    idx_row = KV_INDEX + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
+    lp_row = LEVEL_PTR + b * stride_lb + h * stride_lh + i * stride_li
+    n_all = n_vk + n_tk
+    rank = tl.arange(0, NK_PAD)
+    offs_t = tl.arange(0, NT_PAD)
+    if i >= n_vq:  # text query tiles: every block at m = 1, in order
+        tl.store(idx_row + rank, rank, mask=rank < n_vk)
+        tl.store(idx_row + n_vk + offs_t, n_vk + offs_t, mask=offs_t < n_tk)
+        tl.store(lp_row + tl.arange(0, 8), tl.where(tl.arange(0, 8) == 0, 0, n_all), mask=tl.arange(0, 8) < 5)
+    else:
+        ok = rank < n_vk
+        s = tl.load(S + b * stride_sb + h * stride_sh + i * stride_si + rank, mask=ok, other=0.0)
+        s = tl.maximum(s, 0.0)
+        # one sortable key: score bits (non-negative floats order like their bits), then lower index first
+        bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(ok, (bits << 32) | (NK_PAD - 1 - rank).to(tl.int64), -1)
+        key = tl.sort(key, descending=True)
+        blk = (NK_PAD - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
+        vals = tl.where(rank < n_vk, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+        cum = tl.cumsum(vals, 0)
+        C = cum / tl.maximum(tl.max(cum, 0), 1e-30)  # the last cumulative value, as the torch rules
+        e1 = _level_end(0, C, rank, n_vk, tau1, k1, a1, min_full, True, MODE)
+        e2 = _level_end(e1, C, rank, n_vk, tau2, k2, a2, min_full, False, MODE)
+        e4 = _level_end(e2, C, rank, n_vk, tau4, k4, a4, min_full, False, MODE)
+        e8 = _level_end(e4, C, rank, n_vk, tau8, k8, a8, min_full, False, MODE)
+        # video ranks grouped by level; the text blocks (m = 1) follow the level-1 ranks
+        pos = rank + tl.where(rank >= e1, n_tk, 0)
+        tl.store(idx_row + pos, blk, mask=ok)
+        tl.store(idx_row + e1 + offs_t, n_vk + offs_t, mask=offs_t < n_tk)
+        lp = tl.arange(0, 8)
+        val = tl.where(lp == 0, 0, tl.where(lp == 1, e1, tl.where(lp == 2, e2, tl.where(lp == 3, e4, e8))) + n_tk)
+        tl.store(lp_row + lp, val.to(tl.int32), mask=lp < 5)
+
+
+def pyramid_plan_lists(scores: torch.Tensor, *, n_tq: int, n_tk: int, mode: str, ends, topk_ends, aligns,
+                       min_full: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_index, level_ptr)`` from video scores ``[B, H, n_q, n_k]`` (``n_k <= 2048``) by the topk or
+    thresholdbound rule; ``n_tq``/``n_tk`` text query tiles / KV blocks are appended (text at m = 1)."""
+    B, H, nq, nk = scores.shape
+    n_all = nk + n_tk
+    kv_index = torch.empty((B, H, nq + n_tq, n_all), device=scores.device, dtype=torch.int32)
+    level_ptr = torch.empty((B, H, nq + n_tq, 5), device=scores.device, dtype=torch.int32)
+    s = scores.float()
+    _pyramid_plan_kernel[(nq + n_tq, B * H)](
+        s, kv_index, level_ptr, s.stride(0), s.stride(1), s.stride(2), *kv_index.stride()[:3],
+        *level_ptr.stride()[:3], H, nq, nk, n_tk, *[float(t) for t in ends], *[int(k) for k in topk_ends],
+        *[int(a) for a in aligns], int(min_full),
+        NK_PAD=max(16, triton.next_power_of_2(nk)), NT_PAD=max(16, triton.next_power_of_2(max(n_tk, 1))),
+        MODE=0 if mode == "topk" else 1, num_warps=4 if nk <= 512 else 8,
+    )
+    return kv_index, level_ptr

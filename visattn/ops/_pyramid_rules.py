@@ -176,12 +176,33 @@ def similarity_cap(k, config: PyramidConfig, seq_layout: SequenceLayout | None) 
     return cap
 
 
+def _kernel_plan(scores, config: PyramidConfig, seq_len: int, seq_layout, keep_scores: bool) -> PyramidPlan:
+    from ..kernels.pyramid import pyramid_plan_lists
+
+    nk = scores.shape[-1]
+    bq, bk = config.block_q, config.block_k
+    ntq = _cdiv(seq_layout.text_len, bq) if seq_layout is not None else 0
+    ntk = _cdiv(seq_layout.text_len, bk) if seq_layout is not None else 0
+    aligns = [-(-m * config.align_tile // bk) if config.align == "upstream" else 1 for m in FACTORS]
+    kv_index, level_ptr = pyramid_plan_lists(
+        scores, n_tq=ntq, n_tk=ntk, mode=config.mode, ends=config.level_ends,
+        topk_ends=[min(nk, int(nk * t)) for t in config.level_ends], aligns=aligns,
+        min_full=min(nk, int(nk * config.min_full_fraction) + 1))
+    return PyramidPlan(kv_index, level_ptr, bq, bk, seq_len, seq_layout, config, scores if keep_scores else None)
+
+
 def build_plan(scores: torch.Tensor, config: PyramidConfig, *, seq_len: int, seq_layout: SequenceLayout | None,
-               k: torch.Tensor | None = None, keep_scores: bool = False) -> PyramidPlan:
-    """Level map from ``scores`` (video blocks) by the rules of ``config``, plus text rows and columns."""
+               k: torch.Tensor | None = None, keep_scores: bool = False, use_triton: bool = False) -> PyramidPlan:
+    """Level map from ``scores`` (video blocks) by the rules of ``config``, plus text rows and columns.
+
+    ``use_triton``: the one-kernel planner for topk / thresholdbound rows of at most 2048 blocks
+    without the similarity cap or causal masking (the same lists as the torch path)."""
     B, H, nq, nk = scores.shape
     dev = scores.device
     bq, bk = config.block_q, config.block_k
+    if (use_triton and config.mode in ("topk", "thresholdbound") and not config.causal
+            and config.sim_thresholds is None and nk <= 2048):
+        return _kernel_plan(scores, config, seq_len, seq_layout, keep_scores)
     vs, nv = _video_span(seq_len, seq_layout)
     if config.causal:  # blocks fully in the future never rank
         first = torch.arange(nq, device=dev) * bq

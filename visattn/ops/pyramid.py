@@ -95,6 +95,11 @@ def pyramid_plan(q: torch.Tensor, k: torch.Tensor, *, config: PyramidConfig | No
             raise ValueError(f"expected config.antidiagonal_stride to divide block_q and block_k, got {S}")
     with torch.no_grad():
         qb, kb = _bhnd(q, layout), _bhnd(k, layout)
+        use_triton = backend == "triton" or (backend in (None, "auto") and q.device.type == "cuda"
+                                             and _dispatch.current_backend() in ("auto", "triton")
+                                             and q.dtype in _TRITON_DTYPES)
+        if use_triton and q.device.type == "cpu" and not _triton_interpreted():
+            raise NotImplementedError("the Triton planner needs a CUDA GPU or TRITON_INTERPRET=1; use backend='torch'")
         if scores is not None:
             if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, H, nq, nk):
                 raise ValueError(f"expected scores of shape {(B, H, nq, nk)}, got scores.shape="
@@ -103,15 +108,10 @@ def pyramid_plan(q: torch.Tensor, k: torch.Tensor, *, config: PyramidConfig | No
         elif config.estimator == "antidiagonal":
             s = antidiagonal_scores(qb, kb, config, lay)
         else:
-            use_triton = backend == "triton" or (backend in (None, "auto") and q.device.type == "cuda"
-                                                 and _dispatch.current_backend() in ("auto", "triton")
-                                                 and q.dtype in _TRITON_DTYPES)
-            if (use_triton and q.dtype not in _TRITON_DTYPES) or (use_triton and q.device.type == "cpu" and not
-                                                                 _triton_interpreted()):
-                raise NotImplementedError(f"the Triton estimator cannot run {q.dtype} on {q.device}; "
-                                          "use backend='torch'")
+            if use_triton and q.dtype not in _TRITON_DTYPES:
+                raise NotImplementedError(f"the Triton estimator cannot run {q.dtype}; use backend='torch'")
             s = sampled_scores(qb, kb, config, lay, D**-0.5, generator, use_triton=use_triton)
-        return build_plan(s, config, seq_len=N, seq_layout=lay, k=kb, keep_scores=keep_scores)
+        return build_plan(s, config, seq_len=N, seq_layout=lay, k=kb, keep_scores=keep_scores, use_triton=use_triton)
 
 
 def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: PyramidPlan | None = None,
