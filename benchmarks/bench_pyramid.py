@@ -21,6 +21,7 @@ from visattn.bench._harness import environment, time_ms
 from visattn.ops import PyramidConfig, pyramid_attention, pyramid_attention_ref, pyramid_plan
 from visattn.testing import local_qkv
 
+
 def _order() -> str:
     """Gilbert token order when the shared token-order module is in the tree, else raster."""
     import importlib.util
@@ -62,12 +63,17 @@ def _flex_runner(plan, q):
     return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm)
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
     B, H, grid, D = SHAPES[shape]
     N = math.prod(grid)
-    dev = torch.device("cuda")
+    dev = _device()
     # structured inputs so threshold presets see realistic score distributions
-    q, k, v = local_qkv(grid, heads=H, head_dim=D, order=_order(), device=dev, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
+    q, k, v = local_qkv(grid, heads=H, head_dim=D, order=_order(), device=dev, dtype=dtype)
     warm, rep = (10, 30) if quick else (25, 100)
     t = lambda fn: time_ms(fn, dev, warmup=warm, rep=rep)  # noqa: E731
     rows = []
@@ -121,8 +127,10 @@ def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
 
 def error_table(quick: bool, log=print) -> list[dict]:
     """Relative L2 / cosine to dense on the synthetic generator, N = 16384 (16x32x32), H = 4, D = 128."""
-    dev = torch.device("cuda")
+    dev = _device()
     grid = (16, 32, 32) if not quick else (8, 32, 32)
+    if dev.type == "cpu":  # --smoke: exercise the script only
+        grid = (2, 8, 16)
     q, k, v = local_qkv(grid, heads=4, head_dim=128, order=_order(), device=dev, dtype=torch.float32)
     dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     rows = []
@@ -151,13 +159,13 @@ def error_table(quick: bool, log=print) -> list[dict]:
     for name, cfg in configs:
         plan = pyramid_plan(q, k, config=cfg)
         ref = pyramid_attention_ref(q, k, v, plan, upcast=False, chunk_rows=512)
-        lo = [t.bfloat16() for t in (q, k, v)]
+        lo = [t.to(torch.bfloat16 if dev.type == "cuda" else torch.float16) for t in (q, k, v)]
         out = pyramid_attention(*lo, plan=plan, backend="triton").float()
         # the kernel's own error: against the float64 reference on the same bf16-rounded inputs
         ref_lo = pyramid_attention_ref(*lo, plan, upcast=True, chunk_rows=256).float()
         rel = ((ref - dense).norm() / dense.norm()).item()
         cos = F.cosine_similarity(ref.flatten(), dense.flatten(), dim=0).item()
-        kerr = ((out - ref_lo).norm() / ref_lo.norm()).item()
+        kerr = ((out - ref_lo).norm() / ref_lo.norm().clamp_min(1e-30)).item()
         row = dict(
             config=name,
             order=_order(),
@@ -213,11 +221,15 @@ def main(argv=None) -> int:
     p.add_argument("--skip-error", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--presets", default="default,wan21_14b,wan21_1p3b_topk")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the script (TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_pyramid needs a CUDA GPU")
+    if a.smoke:
+        SHAPES["wan21_1p3b_480p"] = (1, 2, (2, 8, 16), 32)
+        a.quick = True
+    elif not torch.cuda.is_available():
+        print("bench_pyramid needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
         return 1
-    env = environment(torch.device("cuda"))
+    env = environment(_device())
     presets = a.presets.split(",")
     speed_rows = []
     if not a.skip_speed:
