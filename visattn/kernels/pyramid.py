@@ -10,8 +10,9 @@ holds what only PSA needs:
   tiles of the transposed plan (no atomics), and the scatter of pooled gradients to tokens;
 - ``sampled_max_scores``: the sampled max-attention estimator (two passes, no [rows x n_k] scratch).
 
-Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter). fp16, bf16, fp32; head dims up to
-256; ``block_k`` a power of two >= 16 (32, 64, 128 in the op). No GQA.
+Caution/limits: tested under the Triton 3.9 interpreter only (GPU tests: ``tests/ops/test_pyramid_cuda.py``,
+not yet run). fp16, bf16, fp32; head dims up to 256; ``block_k`` a power of two >= 16 (32, 64, 128 in
+the op). No GQA.
 """
 
 from __future__ import annotations
