@@ -275,8 +275,8 @@ def _block_sparse_fwd_kernel(
                         text_start, n_vk, n_tk, 0, BLOCK_K, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
                         SEGMENTS, CAUSAL)
             else:
-                MF: tl.constexpr = 1 << lvl
-                P: tl.constexpr = BLOCK_K // MF
+                MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
+                P = BLOCK_K // MF
                 m_i, l_i, acc = _attend_level(
                     q, KP + b * stride_kpb + hk * stride_kph, VP + b * stride_vpb + hk * stride_vph,
                     stride_kpn, stride_vpn, idx_row0, stride_ij, e_prev, e_next - e_prev, rows_q, m_i, l_i, acc,

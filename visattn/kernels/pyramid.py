@@ -334,8 +334,8 @@ def _pyramid_bwd_dq_kernel(
     offs_p = tl.arange(0, TN)
     e_prev = tl.minimum(tl.maximum(tl.load(lp_row), 0), max_kv)
     for lvl in tl.static_range(0, 4):
-        MF: tl.constexpr = 1 << lvl
-        P: tl.constexpr = BLOCK_K // MF
+        MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
+        P = BLOCK_K // MF
         e_next = tl.minimum(tl.maximum(tl.load(lp_row + (lvl + 1) * stride_lj), e_prev), max_kv)
         n_ent = e_next - e_prev
         if lvl == 0:
