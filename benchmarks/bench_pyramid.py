@@ -125,6 +125,36 @@ def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
     return rows
 
 
+def sweep(presets: list[str], log=print) -> list[dict]:
+    """Kernel-only time of the PSA forward under tile configurations (``_configs.OVERRIDES``), Wan shape."""
+    from visattn.kernels import _configs
+
+    B, H, grid, D = SHAPES["wan21_1p3b_480p"]
+    dev = _device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    q, k, v = local_qkv(grid, heads=H, head_dim=D, order=_order(), device=dev, dtype=dtype)
+    rows = []
+    for preset in presets:
+        cfg = PyramidConfig.from_preset(preset)
+        plan = pyramid_plan(q, k, config=cfg)
+        for bn in (64, 128):
+            for pool_n in (32, 64):
+                for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                    tc = _configs.TileConfig(128, bn, warps, stages, True, True, pool_n)
+                    _configs.OVERRIDES["pyramid_fwd"] = tc
+                    try:
+                        ms = time_ms(lambda plan=plan: pyramid_attention(q, k, v, plan=plan, backend="triton"), dev)
+                    except Exception as e:  # noqa: BLE001  (a config that does not fit is reported)
+                        ms = float("nan")
+                        log(f"  {tc}: {type(e).__name__}: {str(e)[:120]}")
+                    finally:
+                        _configs.OVERRIDES.pop("pyramid_fwd", None)
+                    row = dict(preset=preset, block_n=bn, pool_n=pool_n, num_warps=warps, num_stages=stages, ms=ms)
+                    log("  " + ", ".join(f"{k_}={v_}" for k_, v_ in row.items()))
+                    rows.append(row)
+    return rows
+
+
 def error_table(quick: bool, log=print) -> list[dict]:
     """Relative L2 / cosine to dense on the synthetic generator, N = 16384 (16x32x32), H = 4, D = 128."""
     dev = _device()
@@ -182,7 +212,7 @@ def error_table(quick: bool, log=print) -> list[dict]:
     return rows
 
 
-def _markdown(env, speed_rows, err_rows) -> str:
+def _markdown(env, speed_rows, err_rows, sweep_rows=()) -> str:
     out = [f"# PSA benchmark on {env['device_name']} (torch {env['torch']}, triton {env.get('triton')})", ""]
     if speed_rows:
         out += [
@@ -211,6 +241,10 @@ def _markdown(env, speed_rows, err_rows) -> str:
                 f"| {r['config']} | {r['density']:.3f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} | "
                 f"{r['kernel_vs_ref_rel_l2']:.2e} |"
             )
+    if sweep_rows:
+        out += ["", "| preset | block_n | pool_n | warps | stages | kernel ms |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['preset']} | {r['block_n']} | {r['pool_n']} | {r['num_warps']} | {r['num_stages']} | "
+                f"{r['ms']:.3f} |" for r in sweep_rows]
     return "\n".join(out) + "\n"
 
 
@@ -222,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--presets", default="default,wan21_14b,wan21_1p3b_topk")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the script (TRITON_INTERPRET=1)")
+    p.add_argument("--sweep", action="store_true", help="also time forward tile configurations (Wan shape)")
     a = p.parse_args(argv)
     if a.smoke:
         SHAPES["wan21_1p3b_480p"] = (1, 2, (2, 8, 16), 32)
@@ -236,13 +271,14 @@ def main(argv=None) -> int:
         for shape in ["wan21_1p3b_480p"] if a.quick else list(SHAPES):
             speed_rows += speed(shape, presets if shape == "wan21_1p3b_480p" else presets[:2], a.quick)
     err_rows = [] if a.skip_error else error_table(a.quick)
+    sweep_rows = sweep(presets) if a.sweep else []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "pyramid_" + env["device_name"].split()[-1].lower().replace("/", "_")
     (out / f"{stem}.json").write_text(
-        json.dumps({"environment": env, "speed": speed_rows, "error": err_rows}, indent=2)
+        json.dumps({"environment": env, "speed": speed_rows, "error": err_rows, "sweep": sweep_rows}, indent=2)
     )
-    (out / f"{stem}.md").write_text(_markdown(env, speed_rows, err_rows))
+    (out / f"{stem}.md").write_text(_markdown(env, speed_rows, err_rows, sweep_rows))
     print(f"wrote {out / stem}.json and .md")
     return 0
 
