@@ -1,0 +1,75 @@
+"""Compile PSA's Triton kernels for sm_90 without a GPU (run as a script, without TRITON_INTERPRET).
+
+The interpreter accepts code that the compiler rejects (e.g. constexprs rebound per ``static_range``
+iteration), so ``test_pyramid_compile.py`` runs this in a subprocess: frontend, TTGIR, LLVM and PTX.
+Prints one line per kernel: ``OK name shared_bytes local_decls`` or ``FAIL name error``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from visattn.kernels import block_sparse as bs
+from visattn.kernels import pyramid as pk
+
+PTRS = {n: "bf16" for n in ("Q", "K", "V", "O", "KP", "VP", "DO", "DQ", "QS", "KS")}
+PTRS.update({n: "fp32" for n in ("LSE", "RECT_SCALE", "RECT_BIAS", "LSE2", "DELTA", "DK", "DV", "S")})
+PTRS.update({n: "i32" for n in ("KV_INDEX", "KV_COUNT", "TEXT_VALID", "LEVEL_PTR", "TILE_ORDER", "Q_INDEX",
+                                "Q_COUNT", "QPOS", "KPOS")})
+
+
+def _signature(fn, consts):
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in PTRS:
+            sig[n] = "*" + PTRS[n]
+        elif n.startswith(("sm_scale", "tau")):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+def check(name, fn, consts, warps=8, stages=3) -> bool:
+    try:
+        k = triton.compile(ASTSource(fn, _signature(fn, consts), constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        print("OK", name, k.metadata.shared, k.asm["ptx"].count(".local"))
+        return True
+    except Exception as e:  # noqa: BLE001  (report every kernel, then fail)
+        print("FAIL", name, str(e).replace("\n", " | ")[-600:])
+        return False
+
+
+def main() -> int:
+    d = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, DOT_PRECISION="tf32")
+    ok = True
+    for bk, bn in ((64, 64), (32, 64), (128, 128)):
+        c = dict(d, BLOCK_Q=128, BLOCK_M=128, BLOCK_K=bk, BLOCK_N=bn, TAIL_BRANCH=True, PREFETCH=True, SEGMENTS=True,
+                 RECT=False, LEVELS=True, POOL_N=64, CAUSAL=bk == 32, ORDERED=True)
+        ok &= check(f"fwd_levels_bk{bk}", bs._block_sparse_fwd_kernel, c)
+    c = dict(d, BLOCK_Q=128, BLOCK_M=128, BLOCK_K=128, BLOCK_N=128, TAIL_BRANCH=True, PREFETCH=True, SEGMENTS=True,
+             RECT=True, LEVELS=False, POOL_N=64, CAUSAL=False, ORDERED=False)
+    ok &= check("fwd_segments_rect", bs._block_sparse_fwd_kernel, c)
+    ok &= check("pool", pk._pyramid_pool_kernel,
+                dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_K=64, SEGMENTS=True, DO2=True, DO4=True, DO8=True))
+    ok &= check("bwd_dq", pk._pyramid_bwd_dq_kernel,
+                dict(d, BLOCK_Q=128, BLOCK_K=32, BLOCK_M=64, TN=64, SEGMENTS=True, CAUSAL=True), warps=4, stages=2)
+    for lvl in range(4):
+        ok &= check(f"bwd_dkdv_l{lvl}", pk._pyramid_bwd_dkdv_kernel,
+                    dict(d, LVL=lvl, BLOCK_Q=128, BLOCK_K=32, BLOCK_M=64, TNB=max(16, 32 >> lvl), SEGMENTS=True,
+                         CAUSAL=True), warps=4, stages=2)
+    ok &= check("estimator", pk._sampled_scores_kernel,
+                dict(d, QB=4, SQ=32, SK=16, KC=64, SOFTMAX=True, MEAN=False, CAUSAL=True))
+    ok &= check("planner", pk._pyramid_plan_kernel, dict(NK_PAD=512, NT_PAD=16, MODE=1), warps=8)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
