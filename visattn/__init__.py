@@ -17,6 +17,7 @@ from .ops import (
 )
 from .ops import AgentBias, agent_attention, agent_attention_ref
 from .ops import bilevel_routing_attention, bilevel_routing_attention_ref, region_routing, routed_attention
+from .ops import pyramid_attention, pyramid_attention_ref
 from .ops._dispatch import list_backends, use_backend
 
 __version__ = "0.1.0.dev0"
@@ -31,6 +32,8 @@ __all__ = [
     "agent_attention",
     "agent_attention_ref",
     "AgentBias",
+    "pyramid_attention",
+    "pyramid_attention_ref",
     "list_backends",
     "use_backend",
     "__version__",

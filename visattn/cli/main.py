@@ -1,4 +1,4 @@
-"""Entry point of the ``visattn`` command: ``visattn {info,bench,train,validate,benchmark-models} ...``."""
+"""Entry point of the ``visattn`` command: ``visattn {info,bench,train,validate,benchmark-models,generate} ...``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, benchmark_models, info, train, validate
+    from . import bench, benchmark_models, generate, info, train, validate
 
     parser = argparse.ArgumentParser(prog="visattn", description="Efficient attention for vision models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (info, bench, train, validate, benchmark_models):
+    for mod in (info, bench, train, validate, benchmark_models, generate):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)

@@ -24,6 +24,7 @@ class TileConfig:
     num_stages: int
     tail_branch: bool = True  # forward: mask only tiles that reach past seq_k
     prefetch: bool = True  # forward: read the next block id one iteration ahead
+    pool_n: int = 32  # PSA: lanes of a pooled-level execution tile (general split/merge)
 
 
 # benchmarks/sweep_block_sparse.py sets these to time other tiles; empty in normal use
@@ -83,6 +84,42 @@ def _bwd_dq_config(device: torch.device, head_dim: int, block_q: int, block_k: i
     if dtype == torch.float32 or head_dim > 128:
         return _fit(TileConfig(64, 32, 4, 2), block_q, block_k)
     return _fit(TileConfig(128, 128, 8, 2), block_q, block_k)
+
+
+def pyramid_fwd_config(device: torch.device, head_dim: int, block_q: int, block_k: int,
+                       dtype: torch.dtype) -> TileConfig:
+    """PSA forward: level-1 tiles of ``block_n`` keys (wider than a 32-key block: entries are packed),
+    pooled levels in tiles of ``pool_n`` lanes; ``block_m`` divides ``block_q``."""
+    if "pyramid_fwd" in OVERRIDES:
+        c = OVERRIDES["pyramid_fwd"]
+        return TileConfig(min(c.block_m, block_q), c.block_n, c.num_warps, c.num_stages, c.tail_branch, c.prefetch,
+                          c.pool_n)
+    return _pyramid_fwd_config(device, head_dim, block_q, block_k, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _pyramid_fwd_config(device, head_dim, block_q, block_k, dtype) -> TileConfig:
+    if INTERPRET or device.type != "cuda":
+        return TileConfig(min(32, block_q), 32, 4, 1, True, True, 16)
+    if dtype == torch.float32 or head_dim > 128:
+        return TileConfig(min(64, block_q), 32, 4, 2, True, True, 32)
+    if head_dim <= 64:
+        return TileConfig(min(128, block_q), min(128, max(64, block_k)), 4, 3, True, True, 64)
+    return TileConfig(min(128, block_q), min(128, max(64, block_k)), 8, 3, True, True, 64)
+
+
+def pyramid_bwd_config(device: torch.device, head_dim: int, block_q: int, block_k: int,
+                       dtype: torch.dtype) -> TileConfig:
+    """PSA backward: ``block_m`` query rows per step, ``pool_n`` gathered lanes in the dQ walk, dK/dV
+    programs of ``min(block_n, block_k / m)`` pooled keys (at least 16)."""
+    if "pyramid_bwd" in OVERRIDES:
+        c = OVERRIDES["pyramid_bwd"]
+        return TileConfig(min(c.block_m, block_q), c.block_n, c.num_warps, c.num_stages, True, True, c.pool_n)
+    if INTERPRET or device.type != "cuda":
+        return TileConfig(min(16, block_q), 32, 4, 1, True, True, 16)
+    if dtype == torch.float32 or head_dim > 128:
+        return TileConfig(min(32, block_q), 32, 4, 1, True, True, 32)
+    return TileConfig(min(64, block_q), 64, 4, 2, True, True, 64)
 
 
 @dataclass(frozen=True)

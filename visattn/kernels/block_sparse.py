@@ -18,6 +18,8 @@ or entries naming blocks out of range) are masked, so a bad plan cannot read out
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -44,20 +46,45 @@ def _entry_start(blk, seq_k, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc, sm_scale_log2,
+def _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
+                 BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Token range ``[start, end)`` of the block a list entry names (``blk`` scalar or vector).
+
+    Without segments blocks are cut from 0 over ``seq_k``. With segments ids ``< n_vk`` are video
+    blocks (from ``video_start``, ending at the video end) and ids ``n_vk + t`` are text blocks (from
+    ``text_start``, ending at the first ``text_valid`` text tokens). Ids out of range give an empty
+    range, decided before ``blk * BLOCK_K`` could wrap around in int32.
+    """
+    if SEGMENTS:
+        is_text = blk >= n_vk
+        ok = (blk >= 0) & (blk < n_vk + n_tk)
+        local = tl.where(ok, tl.where(is_text, blk - n_vk, blk), 0)
+        start = tl.where(is_text, text_start, video_start) + local * BLOCK_K
+        seg_end = tl.where(is_text, text_start + text_valid, video_start + num_video)
+        end = tl.where(ok, tl.minimum(start + BLOCK_K, seg_end), start)
+    else:
+        ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
+        start = tl.where(ok, blk * BLOCK_K, seq_k)
+        end = tl.minimum(start + BLOCK_K, seq_k)
+    return start, end
+
+
+@triton.jit
+def _attend_tile(q, k_base, v_base, start_n, key_end, stride_kn, stride_vn, m_i, l_i, acc, sm_scale_log2,
                  offs_n, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, TAIL_BRANCH: tl.constexpr):
-    """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``."""
+    """Online-softmax update of one query tile with the ``BLOCK_N`` keys starting at ``start_n``;
+    keys at or past ``key_end`` (the end of the entry's block) are masked."""
     keys = start_n + offs_n
-    valid = keys < seq_k
+    valid = keys < key_end
     kv_mask = _tile_mask(valid, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     k = _load_tile(k_base, start_n, stride_kn, offs_n, offs_d, kv_mask)
     v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if TAIL_BRANCH:
-        # only a tile reaching past seq_k (the partial last block, invalid entries) pays for the mask;
+        # only a tile reaching past key_end (partial blocks, invalid entries) pays for the mask;
         # full tiles run the plain FMA + exp2 of the online softmax
-        if start_n + BLOCK_N > seq_k:
+        if start_n + BLOCK_N > key_end:
             qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet: no NaN
@@ -74,44 +101,139 @@ def _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv"])
+@triton.jit
+def _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, video_start, num_video, text_start,
+                 n_vk, n_tk, pool_off, BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr,
+                 SEGMENTS: tl.constexpr):
+    """Lanes of the t-th execution tile over entries ``[e0, e0 + n_ent)`` at pool factor ``MF``.
+
+    General split/merge: a block has ``P = BLOCK_K // MF`` pooled keys; lane ``l`` of tile ``t`` is
+    pooled key ``(t*TN + l) % P`` of entry ``e0 + (t*TN + l) // P``, so a tile covers part of one
+    entry (``P >= TN``) or packs ``TN // P`` consecutive entries (``P < TN``); lanes past the level's
+    end are masked. Returns (row in K/V (``MF == 1``) or in the pooled buffer, true group count
+    ``c`` (0 = masked lane), position of the group's last real token).
+    """
+    P: tl.constexpr = BLOCK_K // MF
+    lane = t * TN + offs_p
+    ent = e0 + lane // P
+    g = lane % P
+    blk = tl.load(idx_row + ent * stride_ij, mask=lane < n_ent * P, other=-1)
+    start, end = _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K,
+                              SEGMENTS)
+    tok0 = start + g * MF
+    cnt = tl.minimum(tl.maximum(end - tok0, 0), MF)
+    if MF == 1:
+        rows = tok0
+    else:
+        rows = pool_off + tl.where(cnt > 0, blk, 0) * P + g
+    return rows.to(tl.int64), cnt, tok0 + cnt - 1
+
+
+@triton.jit
+def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0, n_ent, rows_q, m_i, l_i, acc,
+                  sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
+                  BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENTS: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    """Online softmax over the entries ``[e0, e0 + n_ent)`` of one pool level, ``TN`` gathered lanes per
+    tile; each lane's logit gets ``+ln c`` (``log2 c`` in the exp2 domain), ``c`` its group's true count."""
+    P: tl.constexpr = BLOCK_K // MF
+    offs_p = tl.arange(0, TN)
+    for t in range(0, (n_ent * P + TN - 1) // TN):
+        rows, cnt, last = _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, video_start,
+                                       num_video, text_start, n_vk, n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
+        ok = cnt > 0
+        mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+        bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
+        if CAUSAL:
+            qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
+        p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv", "video_start", "num_video", "text_start", "text_len",
+                               "n_vq", "n_vk", "n_tk", "n_pool_blk"])
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, LSE, KV_INDEX, KV_COUNT,
+    Q, K, V, O, LSE, KV_INDEX, KV_COUNT, TEXT_VALID, RECT_SCALE, RECT_BIAS, LEVEL_PTR, KP, VP, TILE_ORDER,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ih, stride_ii, stride_ij,
     stride_cb, stride_ch, stride_ci,
+    stride_rsb, stride_rsh, stride_rsi, stride_rbb, stride_rbh, stride_rbi,
+    stride_lb, stride_lh, stride_li, stride_lj,
+    stride_kpb, stride_kph, stride_kpn, stride_vpb, stride_vph, stride_vpn,
+    stride_tb, stride_th,
     seq_q, seq_k, n_heads, kv_group, max_kv, sm_scale_log2,
+    video_start, num_video, text_start, text_len, n_vq, n_vk, n_tk, n_pool_blk,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,  # plan granularity: shapes the index arithmetic
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # kernel tile: divides BLOCK_Q / BLOCK_K
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TAIL_BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
+    SEGMENTS: tl.constexpr, RECT: tl.constexpr,  # features off by default: the plain path is unchanged
+    LEVELS: tl.constexpr = False, POOL_N: tl.constexpr = 32, CAUSAL: tl.constexpr = False,
+    ORDERED: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
-    start_m = pid_m * BLOCK_M
-    tile = start_m // BLOCK_Q
-
+    SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
+    if ORDERED:
+        # heavy tiles first: grid (B*H, tiles), so the k-th heaviest tile of every head is scheduled
+        # before the (k+1)-th; TILE_ORDER[b, h, k] names the tile
+        pid_bh = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
+        tile = tl.load(TILE_ORDER + b * stride_tb + h * stride_th + pid_r // SUBQ)
+        pid_m = tile * SUBQ + pid_r % SUBQ
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
+        tile = pid_m // SUBQ
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = (start_m + offs_m) < seq_q
+    if SEGMENTS:
+        # video query tiles first, then text tiles; each segment is cut into tiles from its start
+        text_valid = tl.load(TEXT_VALID + b)
+        is_text = tile >= n_vq
+        seg_start = tl.where(is_text, text_start + (tile - n_vq) * BLOCK_Q, video_start + tile * BLOCK_Q)
+        seg_end = tl.where(is_text, text_start + text_len, video_start + num_video)
+        start_m = seg_start + (pid_m % SUBQ) * BLOCK_M
+        row_ok = (start_m + offs_m) < seg_end
+    else:
+        text_valid = 0
+        start_m = pid_m * BLOCK_M
+        row_ok = (start_m + offs_m) < seq_q
     q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     idx_row = KV_INDEX + b * stride_ib + h * stride_ih + tile.to(tl.int64) * stride_ii
-    count = tl.load(KV_COUNT + b * stride_cb + h * stride_ch + tile * stride_ci)
-    count = tl.minimum(tl.maximum(count, 0), max_kv)
+    if LEVELS:
+        # entries [level_ptr[l], level_ptr[l+1]) use pool factor 2**l; clamped to a monotone [0, max_kv]
+        lp_row = LEVEL_PTR + b * stride_lb + h * stride_lh + tile * stride_li
+        e_lo = tl.minimum(tl.maximum(tl.load(lp_row), 0), max_kv)
+        e_1 = tl.minimum(tl.maximum(tl.load(lp_row + stride_lj), e_lo), max_kv)
+        idx_row0 = idx_row
+        idx_row = idx_row + e_lo * stride_ij
+        count = e_1 - e_lo
+    else:
+        count = tl.load(KV_COUNT + b * stride_cb + h * stride_ch + tile * stride_ci)
+        count = tl.minimum(tl.maximum(count, 0), max_kv)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    SUB: tl.constexpr = BLOCK_K // BLOCK_N
+    # level-1 entries run as contiguous tiles unless a tile is wider than a block or causal masking is on
+    CONTIG: tl.constexpr = (not LEVELS) or ((BLOCK_N <= BLOCK_K) and (not CAUSAL))
+    if not CONTIG:
+        count = 0
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N if BLOCK_N <= BLOCK_K else 1
     # one flat loop over (entry, sub-tile) keeps a single innermost loop for Triton's pipeliner
     total = count * SUB
     blk = tl.load(idx_row, mask=total > 0, other=0)
@@ -123,12 +245,47 @@ def _block_sparse_fwd_kernel(
             blk = tl.load(idx_row + ((t + 1) // SUB) * stride_ij, mask=t + 1 < total, other=0)
         else:
             cur = tl.load(idx_row + (t // SUB) * stride_ij)
-        start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
-        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, seq_k, stride_kn, stride_vn, m_i, l_i, acc,
+        if SEGMENTS:
+            blk_start, blk_end = _entry_range(cur, seq_k, text_valid, video_start, num_video, text_start,
+                                              n_vk, n_tk, BLOCK_K, SEGMENTS)
+            start_n = blk_start + (t % SUB) * BLOCK_N
+        else:
+            start_n = _entry_start(cur, seq_k, BLOCK_K) + (t % SUB) * BLOCK_N
+            blk_end = seq_k
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, start_n, blk_end, stride_kn, stride_vn, m_i, l_i, acc,
                                      sm_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
                                      DOT_PRECISION, TAIL_BRANCH)
 
+    if LEVELS:
+        rows_q = start_m + offs_m
+        e_prev = e_lo
+        for lvl in tl.static_range(0, 4):
+            e_next = tl.minimum(tl.maximum(tl.load(lp_row + (lvl + 1) * stride_lj), e_prev), max_kv)
+            if lvl == 0:
+                if not CONTIG:
+                    m_i, l_i, acc = _attend_level(
+                        q, k_base, v_base, stride_kn, stride_vn, idx_row0, stride_ij, e_prev, e_next - e_prev,
+                        rows_q, m_i, l_i, acc, sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video,
+                        text_start, n_vk, n_tk, 0, BLOCK_K, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
+                        SEGMENTS, CAUSAL)
+            else:
+                MF: tl.constexpr = 1 << lvl
+                P: tl.constexpr = BLOCK_K // MF
+                m_i, l_i, acc = _attend_level(
+                    q, KP + b * stride_kpb + hk * stride_kph, VP + b * stride_vpb + hk * stride_vph,
+                    stride_kpn, stride_vpn, idx_row0, stride_ij, e_prev, e_next - e_prev, rows_q, m_i, l_i, acc,
+                    sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
+                    n_pool_blk * (BLOCK_K - 2 * P), BLOCK_K, MF, POOL_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
+                    SEGMENTS, CAUSAL)
+            e_prev = e_next
+
     out, lse = _fwd_epilogue(acc, m_i, l_i)
+    if RECT:
+        # Rectified SpaAttn epilogue: out = R * out + C, per query tile (fp32 before the cast)
+        r = tl.load(RECT_SCALE + b * stride_rsb + h * stride_rsh + tile * stride_rsi)
+        c = tl.load(RECT_BIAS + b * stride_rbb + h * stride_rbh + tile.to(tl.int64) * stride_rbi + offs_d,
+                    mask=offs_d < HEAD_DIM, other=0.0)
+        out = out * r + c[None, :]
     o_ptrs = O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
     tl.store(o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
     lse_ptrs = LSE + pid_bh.to(tl.int64) * seq_q + start_m + offs_m
@@ -306,23 +463,134 @@ def _plan_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim()))
 
 
-def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, scale: float):
-    """Forward launcher. q/k/v: [B, N, H, D] views; returns ``(out, lse)``, lse fp32 [B, H, N_q] (ln)."""
+class Segments(NamedTuple):
+    """Video and text segments of a joint sequence, as the kernels read them.
+
+    ``video_start``, ``num_video``, ``text_start``, ``text_len`` are python ints (shapes, not data);
+    ``text_valid`` is an int32 device tensor ``[B]`` of valid text lengths (padding at the end of the
+    text segment never attends) or None (all text valid).
+    """
+
+    video_start: int
+    num_video: int
+    text_start: int
+    text_len: int
+    text_valid: torch.Tensor | None = None
+
+    @classmethod
+    def from_layout(cls, seq_layout, batch: int, device) -> Segments:
+        """From a :class:`visattn.ops.SequenceLayout` (``text_valid`` clamped on the device)."""
+        return cls(seq_layout.video_start, seq_layout.num_video, seq_layout.text_start, seq_layout.text_len,
+                   seq_layout.valid_text(batch, device))
+
+    def num_q_tiles(self, block_q: int) -> int:
+        return triton.cdiv(self.num_video, block_q) + triton.cdiv(self.text_len, block_q)
+
+    def num_kv_blocks(self, block_k: int) -> int:
+        return triton.cdiv(self.num_video, block_k) + triton.cdiv(self.text_len, block_k)
+
+
+def _segment_args(segments: Segments | None, batch: int, block_q: int, block_k: int, device):
+    """(TEXT_VALID tensor, the 7 scalar segment arguments, number of query tiles or None)."""
+    if segments is None:
+        return torch.zeros(1, dtype=torch.int32, device=device), (0, 0, 0, 0, 0, 0, 0), None
+    vs, nv, ts, tlen, tv = segments
+    if tv is None:
+        tv = torch.full((batch,), tlen, dtype=torch.int32, device=device)
+    tv = tv.to(device=device, dtype=torch.int32).clamp(0, tlen).contiguous()
+    n_vq, n_tq = triton.cdiv(nv, block_q), triton.cdiv(tlen, block_q)
+    return tv, (vs, nv, ts, tlen, n_vq, triton.cdiv(nv, block_k), triton.cdiv(tlen, block_k)), n_vq + n_tq
+
+
+class Pyramid(NamedTuple):
+    """PSA's pooled K/V levels, as ``kernels.pyramid.pyramid_pool`` writes them.
+
+    ``k``/``v``: ``[B, L, H_kv, D]`` views holding, for pool factor m in (2, 4, 8), the group means of
+    every KV block (``block_k // m`` rows per block, block ``j`` at rows ``off_m + j * block_k // m``
+    with ``off_m = num_blocks * (block_k - 2 * block_k // m)``); ``num_blocks`` counts all KV blocks.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    num_blocks: int
+
+
+def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, scale: float, *,
+                     segments: Segments | None = None, level_ptr: torch.Tensor | None = None,
+                     pyramid: Pyramid | None = None, rect_scale: torch.Tensor | None = None,
+                     rect_bias: torch.Tensor | None = None, causal: bool = False,
+                     tile_order: torch.Tensor | None = None):
+    """Forward launcher. q/k/v: [B, N, H, D] views; returns ``(out, lse)``, lse fp32 [B, H, N_q] (ln).
+
+    Optional features (each off by default, each a constexpr flag, so the plain path is unchanged):
+
+    - ``segments``: a :class:`Segments` of a joint self-attention sequence (``N_q == N_k``). Query
+      tiles are the video tiles then the text tiles (``segments.num_q_tiles(block_q)`` rows of the
+      plan); KV block ids ``< ceil(num_video / block_k)`` are video blocks, later ids text blocks.
+      Rows of padded text queries produce finite output that callers ignore.
+    - ``level_ptr`` int32 ``[B|1, H|1, n_q_tiles, 5]`` and ``pyramid`` (:class:`Pyramid`, from
+      ``kernels.pyramid.pyramid_pool``; may be None when no entry uses a pooled level): PSA's
+      per-entry pool factors; entries ``[level_ptr[l], level_ptr[l+1])`` of a row use factor
+      ``2**l``; ``kv_count`` is ignored. ``causal`` (PSA's causal variant, needs ``level_ptr``): a
+      group is visible to query position p iff its last real token is at or before p.
+    - ``rect_scale`` fp32 ``[B|1, H|1, n_q_tiles]`` and ``rect_bias`` fp32 ``[B|1, H|1, n_q_tiles, D]``:
+      Rectified's epilogue ``out_row = rect_scale * out_row + rect_bias`` (the LSE is the sparse one).
+    - ``tile_order`` int32 ``[B|1, H|1, n_q_tiles]``: a permutation of the tiles of each row, heaviest
+      first; programs are scheduled in that order across all heads (load balance).
+    """
     B, Nq, H, D = q.shape
     Nk, Hk = k.shape[1], k.shape[2]
+    dev = q.device
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
+    if segments is not None:
+        # rows not covered by a tile do not exist when the segments tile the sequence; padded
+        # layouts (N > segments) leave them untouched, so start from finite values
+        out.zero_()
+        lse.fill_(float("-inf"))
     dpad = head_dim_pad(D)
-    cfg = _configs.fwd_config(q.device, D, block_q, block_k, q.dtype)
-    grid = (triton.cdiv(Nq, cfg.block_m), B * H)
+    levels = level_ptr is not None
+    if levels:
+        cfg = _configs.pyramid_fwd_config(dev, D, block_q, block_k, q.dtype)
+    else:
+        cfg = _configs.fwd_config(dev, D, block_q, block_k, q.dtype)
+    text_valid, seg, n_tiles = _segment_args(segments, B, block_q, block_k, dev)
+    rect = rect_scale is not None or rect_bias is not None
+    if rect:
+        rs = rect_scale if rect_scale is not None else torch.ones(1, 1, 1, device=dev)
+        rb = rect_bias if rect_bias is not None else torch.zeros(1, 1, 1, D, device=dev)
+        rs, rb = rs.float(), rb.float()
+        if rb.stride(-1) != 1:
+            rb = rb.contiguous()
+    else:
+        rs = rb = lse  # never read
+    if levels:
+        if level_ptr.dtype != torch.int32 or level_ptr.dim() != 4 or level_ptr.shape[-1] != 5:
+            raise ValueError(f"expected level_ptr int32 [B, H, n_q_tiles, 5], got {level_ptr.dtype} "
+                             f"{tuple(level_ptr.shape)}")
+        if pyramid is None:  # only level 1 may be listed: the pooled buffers are never read
+            pyramid = Pyramid(k, v, 0)
+        kp, vp, n_pool = pyramid
+    else:
+        level_ptr, kp, vp, n_pool = kv_count[..., None], k, v, 0
+    order = tile_order if tile_order is not None else kv_count
+    ordered = tile_order is not None
+    n_rows = n_tiles if n_tiles is not None else kv_index.shape[2]
+    grid_m = triton.cdiv(Nq, cfg.block_m) if n_tiles is None else n_tiles * (block_q // cfg.block_m)
+    if ordered:
+        grid_m = n_rows * (block_q // cfg.block_m)
+    grid = (B * H, grid_m) if ordered else (grid_m, B * H)
     _block_sparse_fwd_kernel[grid](
-        q, k, v, out, lse, kv_index, kv_count,
+        q, k, v, out, lse, kv_index, kv_count, text_valid, rs, rb, level_ptr, kp, vp, order,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
         *_plan_strides(kv_index), *_plan_strides(kv_count),
-        Nq, Nk, H, H // Hk, kv_index.shape[-1], scale * LOG2E,
+        *(_plan_strides(rs) if rect else (0, 0, 0)), *(_plan_strides(rb)[:3] if rect else (0, 0, 0)),
+        *_plan_strides(level_ptr), *_bhn_strides(kp), *_bhn_strides(vp), *_plan_strides(order)[:2],
+        Nq, Nk, H, H // Hk, kv_index.shape[-1], scale * LOG2E, *seg, n_pool,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=dot_precision(q.dtype),
-        TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch,
+        TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch, SEGMENTS=segments is not None, RECT=rect,
+        LEVELS=levels, POOL_N=cfg.pool_n, CAUSAL=causal, ORDERED=ordered,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

@@ -2,6 +2,7 @@
 
 from .agent import AgentAttention
 from .bilevel_routing import AttentionLePE, BilevelRoutingAttention
+from .pyramid import PyramidAttention
 from .neighborhood import (  # noqa: E402
     NeighborhoodAttention,
     NeighborhoodAttention1D,
@@ -17,4 +18,5 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "PyramidAttention",
 ]

@@ -6,6 +6,7 @@ Layouts are part of each op's contract and stated in its docstring.
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
 from ._layout import SequenceLayout
+from .pyramid import PyramidConfig, PyramidPlan, pyramid_attention, pyramid_attention_ref, pyramid_plan
 from .agent import AgentBias, agent_attention, agent_attention_ref
 from .bilevel_routing import (
     RegionRouting,
@@ -43,5 +44,6 @@ __all__ = [
     "agent_attention_ref",
     "AgentBias",
 ]
+__all__ += ["pyramid_attention", "pyramid_attention_ref", "pyramid_plan", "PyramidPlan", "PyramidConfig"]
 __all__ += ["region_routing", "routed_attention", "routed_attention_ref", "bilevel_routing_attention",
             "bilevel_routing_attention_ref", "RegionRouting"]

@@ -275,3 +275,4 @@ def _load_ops() -> None:
     from . import neighborhood  # noqa: F401
     from . import agent  # noqa: F401
     from . import bilevel_routing  # noqa: F401
+    from . import pyramid  # noqa: F401

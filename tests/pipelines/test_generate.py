@@ -1,0 +1,118 @@
+"""``visattn generate`` end to end on the tiny offline pipelines (specs/diffusers.md §10)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
+
+import visattn.pipelines as vp
+from visattn.cli import _generate_io
+from visattn.cli.main import main
+from visattn.pipelines.apply import enumerate_processors
+
+
+def _gen(tmp_path, monkeypatch, tiny, method, *extra):
+    from visattn.pipelines._tiny_pipes import tiny_pipeline
+
+    pipe = tiny_pipeline(tiny)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    before = enumerate_processors(denoiser)
+    monkeypatch.setattr(_generate_io, "load_pipeline", lambda args, dtype, device: pipe)
+    out = tmp_path / f"{tiny}_{method}"
+    rc = main(
+        [
+            "generate",
+            "--tiny",
+            tiny,
+            "--method",
+            method,
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--frames",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+    assert rc == 0
+    after = enumerate_processors(denoiser)
+    assert all(after[k][1] is before[k][1] for k in before), "processors not restored"
+    assert not hasattr(denoiser, "_visattn_handle")
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "tiny,method,extra",
+    [
+        ("dit", "dense", ()),
+        ("unet", "dense", ()),
+        ("flux", "neighborhood", ("--set", "backend=torch", "--set", "kernel_size=[3, 3]")),
+        (
+            "wan",
+            "neighborhood",
+            (
+                "--set",
+                "backend=torch",
+                "--preset",
+                "wan21_480p",
+                "--set",
+                "kernel_size=[2,3,3]",
+                "--set",
+                "stride=1",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--compare-dense",
+            ),
+        ),
+    ],
+)
+def test_generate_tiny(tmp_path, monkeypatch, tiny, method, extra):
+    out, rep = _gen(tmp_path, monkeypatch, tiny, method, *extra)
+    assert rep["method"] == method and rep["steps"] == 2
+    assert rep["attention_time_s"] > 0 and 0 < rep["attention_share"] <= 1
+    assert rep["total_calls"] > 0 and rep["fallbacks"] == {}
+    for f in rep["files"]:
+        assert (out / f).is_file()
+    assert rep["files"][0].startswith(f"{method}_seed0")
+    assert rep["versions"]["diffusers"] and rep["config"]
+    if tiny == "wan":
+        assert rep["layouts"] and rep["density"] < 1
+        assert (
+            rep["config"]["kernel_size"] == [2, 3, 3] and rep["config"]["dense_steps"] == 0.2
+        )  # preset + --set
+        cmp = rep["compare_dense"]
+        assert cmp["speedup"] > 0 and cmp["psnr_db"] > 10 and 0 < cmp["rel_l2"] < 1  # differs from dense
+        assert rep["dense"]["method"] == "dense"
+
+
+def test_generate_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        main(["generate", "--tiny", "dit", "--method", "nope", "--out", str(tmp_path)])
+    with pytest.raises(TypeError, match="unknown NeighborhoodConfig field"):
+        main(
+            [
+                "generate",
+                "--tiny",
+                "dit",
+                "--method",
+                "neighborhood",
+                "--set",
+                "window=3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    with pytest.raises(SystemExit):
+        main(["generate", "--method", "dense"])  # no source
+    assert vp.list_methods()[:2] == ["dense", "neighborhood"] or "dense" in vp.list_methods()

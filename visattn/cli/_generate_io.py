@@ -1,0 +1,178 @@
+"""I/O of ``visattn generate``: loading pipelines, calling them uniformly, saving outputs, metrics."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def versions() -> dict[str, Any]:
+    import visattn
+
+    out: dict[str, Any] = {"visattn": visattn.__version__, "python": platform.python_version()}
+    for dist in ("torch", "triton", "diffusers", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    out["cuda"] = torch.version.cuda
+    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return out
+
+
+def load_pipeline(args, dtype: torch.dtype, device: torch.device):
+    """The tiny offline pipeline (``--tiny``) or ``DiffusionPipeline.from_pretrained(--model)``."""
+    if args.tiny:
+        from visattn.pipelines._tiny_pipes import tiny_pipeline
+
+        return tiny_pipeline(args.tiny, dtype=dtype, device=device)
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import DummyObject
+
+    local = Path(args.model).is_dir()
+    kw = dict(torch_dtype=dtype, revision=args.revision)
+    if args.offline or local:
+        kw["local_files_only"] = True
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.model, **kw)
+    except (ImportError, AttributeError) as e:
+        if "transformers" in str(e).lower():
+            raise ImportError(
+                f"loading {args.model!r} needs the text encoders: pip install transformers"
+            ) from e
+        raise
+    if isinstance(type(pipe), DummyObject) or isinstance(pipe, DummyObject):
+        raise ImportError(f"{type(pipe).__name__} needs missing packages (pip install transformers)")
+    return pipe.to(device)
+
+
+class StepClock:
+    """``callback_on_step_end`` that stamps the end of each step and forwards to the handle's callback."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.last: float | None = None
+
+    def __call__(self, pipe, i, t, kwargs):
+        self.last = time.perf_counter()
+        if self.handle is not None:
+            return self.handle.callback(pipe, i, t, kwargs)
+        return kwargs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_pipeline(
+    pipe, args, steps: int, device: torch.device, clock: StepClock | None, progress: bool
+) -> tuple[np.ndarray, dict[str, float | None], bool]:
+    """One generation: ``(array, times, is_video)``; the array is ``[N, H, W, 3]`` (images) or
+    ``[F, H, W, 3]`` (video frames) in [0, 1]."""
+    _sync(device)
+    t0 = time.perf_counter()
+    if clock is not None:
+        clock.last = None
+    if hasattr(pipe, "generate"):  # tiny pipelines
+        arr = pipe.generate(
+            steps=steps,
+            guidance=args.guidance if args.guidance is not None else 4.0,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            frames=args.frames,
+            progress=progress,
+            class_label=args.class_label,
+            callback=clock,
+        )
+        video = getattr(pipe, "kind", "image") == "video"
+    else:
+        params = inspect.signature(pipe.__call__).parameters
+        kw: dict[str, Any] = dict(num_inference_steps=steps, output_type="np")
+        opt = dict(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+        )
+        kw.update({k: v for k, v in opt.items() if v is not None and k in params})
+        if "class_labels" in params:
+            kw["class_labels"] = [args.class_label]
+        if "generator" in params:
+            kw["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+        if "callback_on_step_end" in params and clock is not None:
+            kw["callback_on_step_end"] = clock
+        pipe.set_progress_bar_config(desc=args.method, disable=not progress)
+        out = pipe(**kw)
+        arr = getattr(out, "frames", None)
+        video = arr is not None
+        arr = getattr(out, "images", None) if arr is None else arr[0]
+        arr = np.asarray(arr, dtype=np.float32)
+    _sync(device)
+    t1 = time.perf_counter()
+    denoise = None if clock is None or clock.last is None else clock.last - t0
+    times = {
+        "generate_s": t1 - t0,
+        "denoise_s": denoise,
+        "decode_s": None if denoise is None else t1 - clock.last,
+    }
+    return np.asarray(arr, dtype=np.float32), times, video
+
+
+def save_output(arr: np.ndarray, out: Path, stem: str, video: bool, fmt: str) -> list[str]:
+    """PNG images; a video as MP4 (imageio/OpenCV) or PNG frames + ``.npy``. Returns the file names."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    u8 = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    files: list[str] = []
+    if fmt == "npy" or (video and fmt in ("auto", "mp4")):
+        if video and fmt != "npy":
+            try:
+                from diffusers.utils import export_to_video
+
+                path = out / f"{stem}.mp4"
+                export_to_video(list(arr), str(path), fps=16)
+                return [path.name]
+            except Exception as e:  # no imageio / OpenCV: fall back to frames + npy, and say so
+                if fmt == "mp4":
+                    raise ImportError(f"writing MP4 needs imageio[ffmpeg] or opencv-python ({e})") from e
+        np.save(out / f"{stem}.npy", arr)
+        files.append(f"{stem}.npy")
+        if fmt == "npy":
+            return files
+    for i, img in enumerate(u8):
+        name = f"{stem}_frame{i:03d}.png" if video else (f"{stem}.png" if len(u8) == 1 else f"{stem}_{i}.png")
+        Image.fromarray(img).save(out / name)
+        files.append(name)
+    return files
+
+
+def compare(a: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """PSNR (data range 1), relative L2 and cosine of ``a`` against ``ref``."""
+    a64, r64 = a.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    mse = float(np.mean((a64 - r64) ** 2))
+    psnr = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    rel = float(np.linalg.norm(a64 - r64) / max(np.linalg.norm(r64), 1e-12))
+    cos = float(a64 @ r64 / max(np.linalg.norm(a64) * np.linalg.norm(r64), 1e-12))
+    return {"psnr_db": psnr, "rel_l2": rel, "cosine": cos}
+
+
+def write_report(out: Path, report: dict) -> Path:
+    path = out / "report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,219 @@
+"""Generate images or videos with a visattn attention method installed in a diffusers pipeline.
+
+  visattn generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method neighborhood --preset wan21_480p \\
+      --prompt "a corgi surfing" --frames 81 --height 480 --width 832 --steps 50 --out runs/corgi
+  visattn generate --model ./saved_pipeline --method dense --out runs/base     # a local directory
+  visattn generate --tiny wan --method neighborhood --steps 2 --out runs/tiny  # offline, built in code
+
+Writes the output (PNG; MP4 or PNG frames + .npy for videos) and report.json (versions, resolved
+config, layouts, wall times, attention time and its share, calls, fallbacks with reasons, density,
+peak memory). --compare-dense reruns with the dense method and the same seed and adds the speedup,
+PSNR, relative L2 and cosine against it. Warm-up generations (--warmup) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+NAME = "generate"
+HELP = "generate with a visattn attention method in a diffusers pipeline (report.json, --compare-dense)"
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="hub id or local directory with model_index.json")
+    src.add_argument(
+        "--tiny", choices=["dit", "wan", "flux", "unet"], help="tiny random-weight pipeline (offline)"
+    )
+    p.add_argument("--method", default="dense", help="attention method slug (dense, neighborhood, ...)")
+    p.add_argument("--preset", help="preset in configs/pipelines/<method>/ (or a YAML path)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config field override, typed against the method config (repeatable)",
+    )
+    p.add_argument("--revision")
+    p.add_argument("--offline", action="store_true", help="no network (also HF_HUB_OFFLINE=1)")
+    p.add_argument(
+        "--dtype", choices=["auto", *_DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--prompt", default="a corgi surfing a wave at sunset")
+    p.add_argument("--negative-prompt")
+    p.add_argument(
+        "--class-label", type=int, default=207, help="class id for class-conditional pipelines (DiT)"
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/generate", help="output folder")
+    p.add_argument("--format", choices=["auto", "png", "mp4", "npy"], default="auto")
+    p.add_argument("--warmup", type=int, default=0, help="untimed warm-up generations of --steps steps")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the repeated blocks (wall times only)"
+    )
+    p.add_argument("--compare-dense", action="store_true", help="rerun dense with the same seed and compare")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _resolve(args):
+    import torch
+
+    from visattn.pipelines import get_method, parse_assignment
+
+    spec = get_method(args.method)
+    overrides = dict(parse_assignment(spec.config_cls, s) for s in args.overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return spec, overrides, device, getattr(torch, _DTYPES[name])
+
+
+def _compile(pipe) -> None:
+    import torch
+
+    for comp in ("transformer", "transformer_2", "unet"):
+        m = getattr(pipe, comp, None)
+        if m is None:
+            continue
+        if getattr(m, "_repeated_blocks", None):
+            m.compile_repeated_blocks(fullgraph=True)
+        else:
+            m.compile()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+
+
+def _one_method(pipe, method, args, device, *, preset, overrides, progress, stats):
+    """Apply ``method``, warm up, run one timed generation; returns ``(array, video, record)``."""
+    import torch
+
+    from visattn.pipelines import apply
+
+    from ._generate_io import StepClock, run_pipeline
+
+    t0 = time.perf_counter()
+    handle = apply(pipe, method, preset=preset, stats=stats, **overrides)
+    apply_s = time.perf_counter() - t0
+    try:
+        clock = StepClock(handle)
+        if args.compile:
+            _compile(pipe)
+        for _ in range(args.warmup):
+            handle.reset()
+            run_pipeline(pipe, args, args.steps, device, clock, progress=False)
+        handle.reset()
+        handle.context.stats.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        arr, times, video = run_pipeline(pipe, args, args.steps, device, clock, progress)
+        st = handle.stats()
+        denom = times["denoise_s"] or times["generate_s"]
+        cfg = handle.config
+        layouts = {c: repr(lay) for c, lay in handle.context.layouts.items()}
+        density = None
+        if hasattr(cfg, "density") and handle.context.layouts:
+            lay = next(iter(handle.context.layouts.values()))
+            density = cfg.density(lay.video_grid)
+        record = {
+            "method": method,
+            "config": dataclasses.asdict(cfg),
+            "layouts": layouts,
+            "apply_s": apply_s,
+            **times,
+            "attention_time_s": st["attention_time_s"] if stats else None,
+            "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,
+            "calls": st["calls"],
+            "total_calls": st["total_calls"],
+            "fallbacks": st["fallbacks"],
+            "density": density,
+            "step_source": handle.context.step_source,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
+        }
+        return arr, video, record
+    finally:
+        handle.remove()
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = []
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        lines.append(f"  {k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ._generate_io import compare, load_pipeline, save_output, versions, write_report
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    t_start = time.perf_counter()
+    spec, overrides, device, dtype = _resolve(args)  # bad method / --set fail before loading anything
+    if args.tiny and args.height is None:
+        args.height = args.width = 64 if args.width is None else args.width
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args, dtype, device)
+    load_s = time.perf_counter() - t0
+    progress = not args.no_progress
+    stats = not args.compile  # per-call events distort compiled graphs: wall times only
+    arr, video, rec = _one_method(
+        pipe, spec.slug, args, device, preset=args.preset, overrides=overrides, progress=progress, stats=stats
+    )
+    stem = f"{spec.slug}_seed{args.seed}"
+    rec["files"] = save_output(arr, out, stem, video, args.format)
+    report = {
+        "versions": versions(),
+        "source": args.model or f"tiny:{args.tiny}",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "steps": args.steps,
+        "seed": args.seed,
+        "load_s": load_s,
+        **rec,
+    }
+    if args.compare_dense and spec.slug != "dense":
+        darr, _, drec = _one_method(
+            pipe, "dense", args, device, preset=None, overrides={}, progress=progress, stats=stats
+        )
+        drec["files"] = save_output(darr, out, f"dense_seed{args.seed}", video, args.format)
+        speed = {"speedup": drec["generate_s"] / rec["generate_s"]}
+        if rec["attention_time_s"] and drec["attention_time_s"]:
+            speed["attention_speedup"] = drec["attention_time_s"] / rec["attention_time_s"]
+        report["dense"] = drec
+        report["compare_dense"] = {**speed, **compare(arr, darr)}
+    report["total_s"] = time.perf_counter() - t_start
+    path = write_report(out, report)
+    rows = [
+        ("method", spec.slug),
+        ("source", report["source"]),
+        ("device", report["device"]),
+        ("generate_s", rec["generate_s"]),
+        ("denoise_s", rec["denoise_s"]),
+        ("attention_time_s", rec["attention_time_s"]),
+        ("attention_share", rec["attention_share"]),
+        ("calls", rec["total_calls"]),
+        ("fallbacks", sum(rec["fallbacks"].values())),
+        ("density", rec["density"]),
+    ]
+    for k, v in report.get("compare_dense", {}).items():
+        rows.append((k, v))
+    rows.append(("report", str(path)))
+    print(_table(rows))
+    return 0
