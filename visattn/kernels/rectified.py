@@ -1,0 +1,227 @@
+"""Rectified SpaAttn kernels: per-block statistics (Triton), the planner, and the rectified forward.
+
+"Rectified SpaAttn: Revisiting Attention Sparsity for Efficient Video Generation" (Liu, Li, Zhang,
+Chen, Gu; https://arxiv.org/abs/2511.19835); semantics in ``specs/rectified.md`` §2.
+
+- ``_rectified_stats_kernel``: one program per (visual block, batch x head) reads its q, k, v tile
+  once and writes the fp32 means q̄, k̄, V̄ and the mean absolute deviations δq, δk over the valid
+  tokens (``tail="exact"``) or over the zero-padded block (``tail="upstream"``, parity only).
+- ``plan_tensors``: the planner as device-side torch ops on the small pooled tensors (no host sync,
+  no data-dependent shapes): pooled logits with isolated text columns, the IPAR softmax with
+  ``+ln w``, sort/cumsum selection, neighbour rows, first frame, text, the GAPR test as two GEMMs,
+  ``R`` from the row sums and ``C = (P ⊙ 𝒢) V̄`` as one GEMM, and the index lists.
+- ``rectified_fwd``: the shared block-sparse core (``kernels/block_sparse.py``) with segments and
+  the ``rect_scale``/``rect_bias`` epilogue; one launch covers video and text query tiles.
+
+Caution/limits: Triton 3.6 (GPU) / the interpreter on CPU; fp16, bf16, fp32; head dims up to 256.
+The planner is torch, not a fused Triton kernel (first version): on the Wan 480p shape it is a few
+dozen small launches over [B, H, 256, 257] tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
+
+
+@triton.jit(do_not_specialize=["video_start", "num_video"])
+def _rectified_stats_kernel(
+    Q, K, V, QM, KM, VM, DQ, DK,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    video_start, num_video, n_blocks, n_heads,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPSTREAM_TAIL: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, _ = _bh_ids(pid_bh, n_heads, 1)
+    offs_r = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    local = pid_j * BLOCK
+    row_ok = (local + offs_r) < num_video
+    mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    start = video_start + local
+    if UPSTREAM_TAIL:
+        # upstream pools the zero-padded tail block over all BLOCK rows
+        cnt = BLOCK * 1.0
+        dev_rows = offs_r >= 0
+    else:
+        cnt = tl.minimum(num_video - local, BLOCK).to(tl.float32)
+        dev_rows = row_ok
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, start, stride_qn, offs_r, offs_d, mask).to(tl.float32)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, start, stride_kn, offs_r, offs_d, mask).to(tl.float32)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, start, stride_vn, offs_r, offs_d, mask).to(tl.float32)
+    qm = tl.sum(q, 0) / cnt
+    km = tl.sum(k, 0) / cnt
+    vm = tl.sum(v, 0) / cnt
+    dq = tl.sum(tl.where(dev_rows[:, None], tl.abs(q - qm[None, :]), 0.0), 0) / cnt
+    dk = tl.sum(tl.where(dev_rows[:, None], tl.abs(k - km[None, :]), 0.0), 0) / cnt
+    out = (pid_bh.to(tl.int64) * n_blocks + pid_j) * HEAD_DIM + offs_d
+    dmask = offs_d < HEAD_DIM
+    tl.store(QM + out, qm, mask=dmask)
+    tl.store(KM + out, km, mask=dmask)
+    tl.store(VM + out, vm, mask=dmask)
+    tl.store(DQ + out, dq, mask=dmask)
+    tl.store(DK + out, dk, mask=dmask)
+
+
+def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def block_stats_triton(q, k, v, video_start: int, num_video: int, block: int, upstream_tail: bool):
+    """q/k/v: [B, N, H, D] views with a dense head dim. Returns fp32 (q̄, k̄, V̄, δq, δk), each [B, H, n_v, D]."""
+    B, _, H, D = q.shape
+    nv = triton.cdiv(num_video, block)
+    outs = [torch.empty((B, H, nv, D), device=q.device, dtype=torch.float32) for _ in range(5)]
+    _rectified_stats_kernel[(nv, B * H)](
+        q, k, v, *outs, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
+        video_start, num_video, nv, H,
+        BLOCK=block, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), UPSTREAM_TAIL=upstream_tail,
+        num_warps=4 if block <= 64 else 8,
+    )
+    return tuple(outs)
+
+
+def block_stats_torch(q, k, v, video_start: int, num_video: int, block: int, upstream_tail: bool, dtype):
+    """The statistics as torch ops in ``dtype`` (the ``"torch"`` backend). Same outputs as the kernel."""
+    nv = -(-num_video // block)
+    pad = nv * block - num_video
+    sl = slice(video_start, video_start + num_video)
+    cnt = torch.full((nv,), float(block), dtype=dtype, device=q.device)
+    if not upstream_tail:
+        cnt[-1] = num_video - (nv - 1) * block
+    valid = torch.ones(nv * block, dtype=torch.bool, device=q.device)
+    if pad and not upstream_tail:
+        valid[num_video:] = False
+    valid = valid.view(nv, block, 1)
+
+    def blocks(x):  # [B, N, H, D] -> [B, H, n_v, b, D]
+        x = x[:, sl].to(dtype).transpose(1, 2)
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(x.shape[0], x.shape[1], nv, block, x.shape[-1])
+
+    res = []
+    for i, x in enumerate((q, k, v)):
+        xb = blocks(x)
+        m = xb.sum(3) / cnt[:, None]
+        res.append((xb, m))
+    (qb, qm), (kb, km), (_, vm) = res
+    dq = ((qb - qm[..., None, :]).abs() * valid).sum(3) / cnt[:, None]
+    dk = ((kb - km[..., None, :]).abs() * valid).sum(3) / cnt[:, None]
+    return qm, km, vm, dq, dk
+
+
+def plan_tensors(qm, km, vm, dq, dk, k_text, text_valid, *, scale: float, block: int, num_video: int,
+                 n_text_blocks: int, config, nbr, first_frame, keep_probs: bool):
+    """The planner (spec §2.4-2.7) on pooled statistics; device-side torch ops, no host sync.
+
+    Args:
+        qm, km, vm, dq, dk: ``[B, H, n_v, D]`` block statistics (fp32 or fp64).
+        k_text: ``[B, H, L, D]`` text keys in the statistics' dtype, or None (no text).
+        text_valid: int ``[B]`` valid text lengths (device), or None.
+        nbr: bool ``[n_v, n_v]`` neighbour table on the device, or None.
+        first_frame: bool ``[n_v]`` blocks of the first-frame square, or None.
+
+    Returns:
+        dict with kv_index, kv_count (int32), rect_scale, rect_bias (fp32), rect_map (bool
+        [B, H, n_v, n_v]), kept (bool [B, H, n_v, n_v]), rect_prob (or None), density, rect_frac.
+    """
+    B, H, nv, D = qm.shape
+    dtype, dev = qm.dtype, qm.device
+    # pooled logits; IPAR: +ln w_J on pooled columns, each valid text token its own column
+    w = torch.full((nv,), float(block), dtype=dtype, device=dev)
+    if config.tail == "exact":
+        w[-1] = num_video - (nv - 1) * block
+    dots = qm @ km.transpose(-1, -2)  # [B, H, n_v, n_v], unscaled (GAPR gain)
+    has_text = k_text is not None and config.ipar
+    if config.ipar:
+        logits = dots * scale + w.log()
+    else:
+        logits = dots * scale  # Jenga: plain pooled softmax over visual blocks
+    if has_text:
+        st = (qm @ k_text.transpose(-1, -2)) * scale  # [B, H, n_v, L]
+        L = k_text.shape[2]
+        tmask = torch.arange(L, device=dev)[None, :] < text_valid[:, None]  # [B, L]
+        st = st.masked_fill(~tmask[:, None, None, :], float("-inf"))
+        full = torch.cat([logits, st], -1).softmax(-1)
+        P = full[..., :nv]
+        cols = torch.cat([P, full[..., nv:].sum(-1, keepdim=True)], -1)  # text merged into one column
+    else:
+        P = logits.softmax(-1)
+        cols = P
+    ncol = cols.shape[-1]
+    # selection: rank columns (descending, ties lower index first), keep the top `count`
+    sp, order = torch.sort(cols, dim=-1, descending=True, stable=True)
+    csum = sp.cumsum(-1)
+    k_min = int((1.0 - config.drop_rate) * nv)
+    count = ((csum <= config.cum_threshold).sum(-1) + 1).clamp(min=k_min, max=ncol)
+    ranks = torch.arange(ncol, device=dev)
+    keep_sorted = ranks < count[..., None]
+    kept_cols = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    kept = kept_cols[..., :nv]
+    if nbr is not None:
+        kept = kept | nbr
+    if first_frame is not None:
+        kept = kept | (first_frame[:, None] & first_frame[None, :])
+    # GAPR: dropped pairs whose pooled gain beats the pooling error
+    if config.gapr:
+        err = (dq @ km.transpose(-1, -2)).abs() + (qm @ dk.transpose(-1, -2)).abs()
+        rect = (~kept) & (dots.abs() > err)
+        Pg = P * rect
+        R = 1.0 - Pg.sum(-1)
+        C = Pg @ vm
+    else:
+        rect = torch.zeros_like(kept)
+        Pg = None
+        R = torch.ones((B, H, nv), dtype=dtype, device=dev)
+        C = torch.zeros((B, H, nv, D), dtype=dtype, device=dev)
+    # index lists: visual tiles list kept visual blocks then the valid text blocks; text tiles all
+    nt = n_text_blocks
+    if nt:
+        tv = text_valid if text_valid is not None else torch.zeros(B, dtype=torch.int32, device=dev)
+        n_tvalid = (tv.long() + block - 1) // block  # [B]
+        tcol = torch.arange(nt, device=dev)[None, :] < n_tvalid[:, None]  # [B, nt]
+        vis_rows = torch.cat([kept, tcol[:, None, None, :].expand(B, H, nv, nt)], -1)
+        txt_rows = torch.cat([torch.ones(B, H, nt, nv, dtype=torch.bool, device=dev),
+                              tcol[:, None, None, :].expand(B, H, nt, nt)], -1)
+        rows = torch.cat([vis_rows, txt_rows], 2)
+    else:
+        rows = kept
+    ncols = nv + nt
+    key = torch.where(rows, torch.arange(ncols, device=dev, dtype=torch.int32), ncols)
+    kv_index = key.sort(-1).values.to(torch.int32)
+    kv_count = rows.sum(-1, dtype=torch.int32)
+    rect_scale = torch.ones((B, H, nv + nt), dtype=torch.float32, device=dev)
+    rect_scale[..., :nv] = R
+    rect_bias = torch.zeros((B, H, nv + nt, D), dtype=torch.float32, device=dev)
+    rect_bias[..., :nv, :] = C
+    dropped = (~kept).sum((-1, -2))
+    return dict(
+        kv_index=kv_index, kv_count=kv_count, rect_scale=rect_scale, rect_bias=rect_bias, rect_map=rect,
+        rect_prob=(Pg.float() if (keep_probs and Pg is not None) else None),
+        density=kept.sum((-1, -2)).float() / (nv * nv),
+        rect_frac=rect.sum((-1, -2)).float() / dropped.clamp(min=1).float(),
+    )
+
+
+def first_frame_blocks(mode: str | None, video_grid, block: int, order) -> torch.Tensor | None:
+    """bool [n_v] (CPU): the first-frame square's blocks (``"curve_prefix"``: the first ⌊n_v/T⌋;
+    ``"frame"``: every block holding a frame-0 token under the token order)."""
+    if mode is None:
+        return None
+    T, Hh, W = video_grid
+    n = T * Hh * W
+    nv = -(-n // block)
+    sel = torch.zeros(nv, dtype=torch.bool)
+    if mode == "curve_prefix":
+        sel[: nv // T] = True
+    else:
+        pos = torch.arange(Hh * W) if order is None else order.inverse[: Hh * W]
+        sel[pos // block] = True
+    return sel
+
