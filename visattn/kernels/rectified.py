@@ -159,7 +159,9 @@ def plan_tensors(qm, km, vm, dq, dk, k_text, text_valid, *, scale: float, block:
     sp, order = torch.sort(cols, dim=-1, descending=True, stable=True)
     csum = sp.cumsum(-1)
     k_min = int((1.0 - config.drop_rate) * nv)
-    count = ((csum <= config.cum_threshold).sum(-1) + 1).clamp(min=k_min, max=ncol)
+    # τ = 1 keeps every column (a float cumsum may pass 1 before the last column)
+    tau = float("inf") if config.cum_threshold >= 1.0 else config.cum_threshold
+    count = ((csum <= tau).sum(-1) + 1).clamp(min=k_min, max=ncol)
     ranks = torch.arange(ncol, device=dev)
     keep_sorted = ranks < count[..., None]
     kept_cols = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
@@ -196,9 +198,11 @@ def plan_tensors(qm, km, vm, dq, dk, k_text, text_valid, *, scale: float, block:
     key = torch.where(rows, torch.arange(ncols, device=dev, dtype=torch.int32), ncols)
     kv_index = key.sort(-1).values.to(torch.int32)
     kv_count = rows.sum(-1, dtype=torch.int32)
-    rect_scale = torch.ones((B, H, nv + nt), dtype=torch.float32, device=dev)
+    # fp32 for the kernel's epilogue; fp64 statistics (the "torch" backend in float64) stay fp64
+    rdt = torch.float64 if dtype == torch.float64 else torch.float32
+    rect_scale = torch.ones((B, H, nv + nt), dtype=rdt, device=dev)
     rect_scale[..., :nv] = R
-    rect_bias = torch.zeros((B, H, nv + nt, D), dtype=torch.float32, device=dev)
+    rect_bias = torch.zeros((B, H, nv + nt, D), dtype=rdt, device=dev)
     rect_bias[..., :nv, :] = C
     dropped = (~kept).sum((-1, -2))
     return dict(

@@ -15,6 +15,8 @@ kernel and planner: ``kernels/rectified.py``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _dispatch
@@ -203,7 +205,7 @@ def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, se
                     vm = block_stats_torch(vv, vv, vv, lay.video_start, lay.num_video, plan.block_size,
                                            plan.config.tail == "upstream", torch.float32)[2]
                 bias = plan.rect_bias.clone()
-                bias[..., : plan.num_video_blocks, :] = plan.rect_prob @ vm.float()
+                bias[..., : plan.num_video_blocks, :] = (plan.rect_prob.to(vm.dtype) @ vm).to(bias.dtype)
             plan = RectifiedPlan(plan.kv_index, plan.kv_count, plan.rect_scale, bias, plan.rect_map, plan.density,
                                  plan.rect_fraction, plan.block_size, plan.seq_layout, plan.config, plan.rect_prob,
                                  _v_key(v))
@@ -286,7 +288,7 @@ def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: Rect
                                                              & (idx[None, :] < idx[:, None]))
         rank = ahead.sum(-1)
         through = (cols[..., None, :] * (rank[..., None, :] <= rank[..., :, None])).sum(-1)
-        n_le = (through <= config.cum_threshold).sum(-1)
+        n_le = (through <= (math.inf if config.cum_threshold >= 1.0 else config.cum_threshold)).sum(-1)
         count = torch.clamp(torch.maximum(n_le + 1, torch.full_like(n_le, k_min)), max=nc)
         kept = (rank < count[..., None])[..., :nv]
         if nbr is not None:

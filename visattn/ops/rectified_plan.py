@@ -79,13 +79,15 @@ class RectifiedConfig:
     def replace(self, **changes) -> RectifiedConfig:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         kw.update(changes)
+        if kw["block_size"] in _TEST_BLOCKS and "block_size" not in changes:  # keep a test-only size
+            return type(self)(**{**kw, "block_size": 128})._with_block(kw["block_size"])
         return type(self)(**kw)
 
     def _with_block(self, block_size: int) -> RectifiedConfig:
         """A copy with a test-only block size (16 or 32) so interpreter tests stay tiny."""
         if block_size not in _TEST_BLOCKS + (64, 128):
             raise ValueError(f"expected a test block size in {_TEST_BLOCKS + (64, 128)}, got {block_size}")
-        cfg = self.replace()
+        cfg = self.replace(block_size=128)
         object.__setattr__(cfg, "block_size", block_size)
         return cfg
 
@@ -117,7 +119,7 @@ class RectifiedPlan:
     Args:
         kv_index: int32 ``[B, H, n_tiles, n_v + n_t]``, ascending block ids, first ``kv_count`` used.
         kv_count: int32 ``[B, H, n_tiles]``.
-        rect_scale: fp32 ``[B, H, n_tiles]``: R (1 for text tiles).
+        rect_scale: fp32 ``[B, H, n_tiles]``: R (1 for text tiles); fp64 when planned in float64.
         rect_bias: fp32 ``[B, H, n_tiles, D]``: C (0 for text tiles).
         rect_map: bool ``[B, H, n_v, n_v]``: 𝒢, the rectified dropped pairs.
         density: fp32 ``[B, H]``: kept visual pairs / n_v².
@@ -205,8 +207,7 @@ class RectifiedPlan:
         cfg = data["config"]
         if cfg is not None:
             b = cfg["block_size"]
-            cfg = RectifiedConfig(**{**cfg, "block_size": 128})._with_block(b) if b not in (64, 128) else \
-                RectifiedConfig(**cfg)
+            cfg = RectifiedConfig(**{**cfg, "block_size": 128})._with_block(b)
         return cls(t["kv_index"], t["kv_count"], t["rect_scale"], t["rect_bias"], t["rect_map"], t["density"],
                    t["rect_fraction"], data["block_size"], SequenceLayout(**data["layout"]), cfg, t["rect_prob"])
 
