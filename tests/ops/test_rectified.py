@@ -29,8 +29,13 @@ B16 = RectifiedConfig(drop_rate=0.5)._with_block(16)
 LAYOUTS = {
     "video": lambda B: SequenceLayout((3, 5, 7), token_order="gilbert"),
     "video_raster": lambda B: SequenceLayout((2, 6, 8)),
-    "end_padded": lambda B: SequenceLayout((3, 5, 7), text_len=20, text_position="end",
-                                           text_valid_len=torch.tensor([20, 7, 0][:B]), token_order="gilbert"),
+    "end_padded": lambda B: SequenceLayout(
+        (3, 5, 7),
+        text_len=20,
+        text_position="end",
+        text_valid_len=torch.tensor([20, 7, 0][:B]),
+        token_order="gilbert",
+    ),
     "start": lambda B: SequenceLayout((2, 7, 9), text_len=11, text_position="start", text_valid_len=5),
 }
 
@@ -43,7 +48,7 @@ def _valid_rows(lay, B):
     ok = torch.ones(B, lay.seq_len, dtype=torch.bool)
     tv = lay.valid_text(B)
     for b in range(B):
-        ok[b, lay.text_start + int(tv[b]): lay.text_start + lay.text_len] = False
+        ok[b, lay.text_start + int(tv[b]) : lay.text_start + lay.text_len] = False
     return ok
 
 
@@ -99,12 +104,12 @@ def test_selection_brute_force_per_row(text):
     plan = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch")
     kept = plan.kept_visual()
     b, Nv, nv = 16, lay.num_video, plan.num_video_blocks
-    s = 16 ** -0.5
+    s = 16**-0.5
     for h in range(2):
         qv = q[0, lay.video_slice, h]
         kv_ = k[0, lay.video_slice, h]
-        qm = [qv[j * b:(j + 1) * b].mean(0) for j in range(nv)]
-        km = [kv_[j * b:(j + 1) * b].mean(0) for j in range(nv)]
+        qm = [qv[j * b : (j + 1) * b].mean(0) for j in range(nv)]
+        km = [kv_[j * b : (j + 1) * b].mean(0) for j in range(nv)]
         w = [min(b, Nv - j * b) for j in range(nv)]
         kt = k[0, lay.text_slice, h][:6] if text else k[0, :0, h]
         for i in range(nv):
@@ -124,14 +129,17 @@ def test_all_blocks_kept_equals_dense(lay_name):
     q, k, v = _qkv(lay)
     key_ok = torch.ones(2, lay.seq_len, dtype=torch.bool)
     key_ok[:, lay.text_slice] = torch.arange(lay.text_len)[None] < lay.valid_text(2)[:, None]
-    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=key_ok[:, None, None, :]).transpose(1, 2)
+    dense = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_ok[:, None, None, :]
+    ).transpose(1, 2)
     ok = _valid_rows(lay, 2)
     cfgs = [B16.replace(cum_threshold=1.0, neighbours=False)]
     if not lay.text_len:  # k_min = n_v keeps every visual block only when no text column takes a slot
         cfgs.append(B16.replace(drop_rate=0.0, neighbours=False))
     for cfg in cfgs:
-        out, plan = rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="torch", return_plan=True)
+        out, plan = rectified_attention(
+            q, k, v, seq_layout=lay, config=cfg, backend="torch", return_plan=True
+        )
         assert torch.all(plan.density == 1)
         torch.testing.assert_close(out[ok], dense[ok], atol=1e-12, rtol=0)
 
@@ -146,7 +154,9 @@ def test_no_rectification_equals_block_sparse():
     want = block_sparse_attention(q, k, v, bsp, backend="torch")
     torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
     # GAPR rectifying nothing: R = 1 and C = 0 whatever the selection
-    plan2 = rectified_plan(q, k, v, seq_layout=lay, config=B16.replace(gapr=False, drop_rate=0.9), backend="torch")
+    plan2 = rectified_plan(
+        q, k, v, seq_layout=lay, config=B16.replace(gapr=False, drop_rate=0.9), backend="torch"
+    )
     assert torch.all(plan2.rect_scale == 1) and torch.all(plan2.rect_bias == 0)
 
 
@@ -159,12 +169,13 @@ def test_block_constant_qk_gives_dense_output(lay_name):
     vs, nv = lay.video_start, -(-lay.num_video // b)
     for j in range(nv):
         s, e = vs + j * b, vs + min((j + 1) * b, lay.num_video)
-        q[:, s:e] = q[:, s:s + 1]
-        k[:, s:e] = k[:, s:s + 1]
+        q[:, s:e] = q[:, s : s + 1]
+        k[:, s:e] = k[:, s : s + 1]
     key_ok = torch.ones(B, lay.seq_len, dtype=torch.bool)
     key_ok[:, lay.text_slice] = torch.arange(lay.text_len)[None] < lay.valid_text(B)[:, None]
-    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=key_ok[:, None, None, :]).transpose(1, 2)
+    dense = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_ok[:, None, None, :]
+    ).transpose(1, 2)
     cfg = B16.replace(drop_rate=0.9, neighbours=False, cum_threshold=0.1)
     out, plan = rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="torch", return_plan=True)
     assert plan.density.max() < 1 and plan.rect_fraction.min() > 0.99
@@ -179,7 +190,7 @@ def test_ipar_equals_upstream_two_step_form():
     q, k, v = _qkv(lay, B=1, H=2, D=16)
     cfg = B16.replace(neighbours=False, drop_rate=0.9, cum_threshold=0.1)
     plan = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch", keep_probs=True)
-    b, s = 16, 16 ** -0.5
+    b, s = 16, 16**-0.5
     qv = q[0, :64].view(4, b, 2, 16).mean(1)
     kv_ = k[0, :64].view(4, b, 2, 16).mean(1)
     kt = k[0, 64:]
@@ -188,7 +199,9 @@ def test_ipar_equals_upstream_two_step_form():
     p = torch.cat([logits, lt], -1).softmax(-1)  # upstream step 1: softmax over pooled + text columns
     pv, ptxt = p[..., :4], p[..., 4:].sum(-1, keepdim=True)
     P = b * pv / (b * pv.sum(-1, keepdim=True) + ptxt)  # upstream step 2
-    assert torch.allclose((P.sum(-1) + ptxt[..., 0] / (b * pv.sum(-1) + ptxt[..., 0])), torch.ones(2, 4, dtype=P.dtype))
+    assert torch.allclose(
+        (P.sum(-1) + ptxt[..., 0] / (b * pv.sum(-1) + ptxt[..., 0])), torch.ones(2, 4, dtype=P.dtype)
+    )
     rect = plan.rect_map[0]
     torch.testing.assert_close(plan.rect_prob[0].double(), (P * rect).float().double(), atol=1e-6, rtol=0)
     torch.testing.assert_close(plan.rect_scale[0, :, :4].double(), 1 - (P * rect).sum(-1), atol=1e-6, rtol=0)
@@ -202,7 +215,9 @@ def test_plan_reuse_new_v_save_load(tmp_path):
     plan = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch")
     assert plan.rect_map.any()
     same = rectified_attention(q, k, v, plan=plan, backend="torch")
-    torch.testing.assert_close(same, rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="torch"))
+    torch.testing.assert_close(
+        same, rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="torch")
+    )
     with pytest.raises(ValueError, match="keep_probs"):
         rectified_attention(q, k, v2, plan=plan, backend="torch")
     plan_p = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch", keep_probs=True)
@@ -238,9 +253,14 @@ def test_neighbour_and_first_frame_rules():
 def test_errors():
     lay = LAYOUTS["end_padded"](2)
     q, k, v = _qkv(lay)
-    for bad, name in ((dict(block_size=32), "block_size"), (dict(cum_threshold=1.5), "cum_threshold"),
-                      (dict(drop_rate=1.0), "drop_rate"), (dict(first_frame="last"), "first_frame"),
-                      (dict(tail="zero"), "tail"), (dict(gapr=1), "gapr")):
+    for bad, name in (
+        (dict(block_size=32), "block_size"),
+        (dict(cum_threshold=1.5), "cum_threshold"),
+        (dict(drop_rate=1.0), "drop_rate"),
+        (dict(first_frame="last"), "first_frame"),
+        (dict(tail="zero"), "tail"),
+        (dict(gapr=1), "gapr"),
+    ):
         with pytest.raises(ValueError, match=name):
             RectifiedConfig(**bad)
     with pytest.raises(ValueError, match="seq_layout"):
@@ -274,8 +294,18 @@ def test_torch_backend_is_differentiable():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in __import__("pathlib").Path(
-    __file__).resolve().parents[2].joinpath("configs/pipelines/rectified").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        p.stem
+        for p in __import__("pathlib")
+        .Path(__file__)
+        .resolve()
+        .parents[2]
+        .joinpath("configs/pipelines/rectified")
+        .glob("*.yaml")
+    ),
+)
 def test_presets_load(name):
     cfg = RectifiedConfig.from_preset(name)
     assert cfg.block_size == 128 and cfg.cum_threshold == 0.3

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from visattn.kernels.rectified import block_stats_torch, block_stats_triton
-from visattn.ops import RectifiedConfig, SequenceLayout, rectified_attention, rectified_attention_ref, rectified_plan
+from visattn.ops import (
+    RectifiedConfig,
+    SequenceLayout,
+    rectified_attention,
+    rectified_attention_ref,
+    rectified_plan,
+)
 
 from .test_rectified import _valid_rows
 
@@ -42,7 +48,17 @@ def _structured(lay, B, H, D, block=16):
 CASES = [
     # (grid, text_len, position, text_valid, B, H, D, dtype, config)
     ((3, 5, 7), 0, "end", None, 1, 2, 32, torch.float32, CFG.replace(neighbours=False)),
-    ((3, 5, 7), 20, "end", [20, 7], 2, 1, 16, torch.float16, CFG.replace(neighbours=False, first_frame="curve_prefix")),
+    (
+        (3, 5, 7),
+        20,
+        "end",
+        [20, 7],
+        2,
+        1,
+        16,
+        torch.float16,
+        CFG.replace(neighbours=False, first_frame="curve_prefix"),
+    ),
     ((2, 6, 9), 11, "start", [5, 11], 2, 2, 32, torch.float32, CFG.replace(neighbours=False, drop_rate=0.9)),
 ]
 
@@ -51,8 +67,13 @@ CASES = [
 def test_triton_matches_reference(case):
     grid, L, pos, tv, B, H, D, dtype, cfg = CASES[case]
     dev = _dev()
-    lay = SequenceLayout(grid, text_len=L, text_position=pos, token_order="gilbert",
-                         text_valid_len=None if tv is None else torch.tensor(tv, device=dev))
+    lay = SequenceLayout(
+        grid,
+        text_len=L,
+        text_position=pos,
+        token_order="gilbert",
+        text_valid_len=None if tv is None else torch.tensor(tv, device=dev),
+    )
     q, k, v = (_structured(lay, B, H, D).to(device=dev, dtype=dtype) for _ in range(3))
     out, plan = rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="triton", return_plan=True)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -69,7 +90,9 @@ def test_triton_plan_reuse_and_bhnd_layout():
     lay = SequenceLayout((2, 5, 8), text_len=7, text_position="end")
     q, k, v = (torch.randn(1, 2, lay.seq_len, 16, device=dev) for _ in range(3))  # BHND
     v2 = torch.randn_like(v)
-    plan = rectified_plan(q, k, v, seq_layout=lay, config=CFG, layout="BHND", keep_probs=True, backend="triton")
+    plan = rectified_plan(
+        q, k, v, seq_layout=lay, config=CFG, layout="BHND", keep_probs=True, backend="triton"
+    )
     got = rectified_attention(q, k, v2, plan=plan, layout="BHND", backend="triton")
     want = rectified_attention_ref(q, k, v2, seq_layout=lay, config=CFG, layout="BHND")
     torch.testing.assert_close(got.double(), want.double(), atol=2e-5, rtol=2e-5)

@@ -29,12 +29,31 @@ from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
 
 @triton.jit(do_not_specialize=["video_start", "num_video"])
 def _rectified_stats_kernel(
-    Q, K, V, QM, KM, VM, DQ, DK,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    video_start, num_video, n_blocks, n_heads,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPSTREAM_TAIL: tl.constexpr,
+    Q,
+    K,
+    V,
+    QM,
+    KM,
+    VM,
+    DQ,
+    DK,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    video_start,
+    num_video,
+    n_blocks,
+    n_heads,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPSTREAM_TAIL: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -74,14 +93,26 @@ def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def block_stats_triton(q, k, v, video_start: int, num_video: int, block: int, upstream_tail: bool):
-    """q/k/v: [B, N, H, D] views with a dense head dim. Returns fp32 (q̄, k̄, V̄, δq, δk), each [B, H, n_v, D]."""
+    """q/k/v: [B, N, H, D] views, dense head dim. Returns fp32 (q̄, k̄, V̄, δq, δk), each [B, H, n_v, D]."""
     B, _, H, D = q.shape
     nv = triton.cdiv(num_video, block)
     outs = [torch.empty((B, H, nv, D), device=q.device, dtype=torch.float32) for _ in range(5)]
     _rectified_stats_kernel[(nv, B * H)](
-        q, k, v, *outs, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
-        video_start, num_video, nv, H,
-        BLOCK=block, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), UPSTREAM_TAIL=upstream_tail,
+        q,
+        k,
+        v,
+        *outs,
+        *_bhn_strides(q),
+        *_bhn_strides(k),
+        *_bhn_strides(v),
+        video_start,
+        num_video,
+        nv,
+        H,
+        BLOCK=block,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=head_dim_pad(D),
+        UPSTREAM_TAIL=upstream_tail,
         num_warps=4 if block <= 64 else 8,
     )
     return tuple(outs)
@@ -106,7 +137,7 @@ def block_stats_torch(q, k, v, video_start: int, num_video: int, block: int, ups
         return x.reshape(x.shape[0], x.shape[1], nv, block, x.shape[-1])
 
     res = []
-    for i, x in enumerate((q, k, v)):
+    for x in (q, k, v):
         xb = blocks(x)
         m = xb.sum(3) / cnt[:, None]
         res.append((xb, m))
@@ -116,8 +147,24 @@ def block_stats_torch(q, k, v, video_start: int, num_video: int, block: int, ups
     return qm, km, vm, dq, dk
 
 
-def plan_tensors(qm, km, vm, dq, dk, k_text, text_valid, *, scale: float, block: int, num_video: int,
-                 n_text_blocks: int, config, nbr, first_frame, keep_probs: bool):
+def plan_tensors(
+    qm,
+    km,
+    vm,
+    dq,
+    dk,
+    k_text,
+    text_valid,
+    *,
+    scale: float,
+    block: int,
+    num_video: int,
+    n_text_blocks: int,
+    config,
+    nbr,
+    first_frame,
+    keep_probs: bool,
+):
     """The planner (spec §2.4-2.7) on pooled statistics; device-side torch ops, no host sync.
 
     Args:
@@ -189,8 +236,13 @@ def plan_tensors(qm, km, vm, dq, dk, k_text, text_valid, *, scale: float, block:
         n_tvalid = (tv.long() + block - 1) // block  # [B]
         tcol = torch.arange(nt, device=dev)[None, :] < n_tvalid[:, None]  # [B, nt]
         vis_rows = torch.cat([kept, tcol[:, None, None, :].expand(B, H, nv, nt)], -1)
-        txt_rows = torch.cat([torch.ones(B, H, nt, nv, dtype=torch.bool, device=dev),
-                              tcol[:, None, None, :].expand(B, H, nt, nt)], -1)
+        txt_rows = torch.cat(
+            [
+                torch.ones(B, H, nt, nv, dtype=torch.bool, device=dev),
+                tcol[:, None, None, :].expand(B, H, nt, nt),
+            ],
+            -1,
+        )
         rows = torch.cat([vis_rows, txt_rows], 2)
     else:
         rows = kept
@@ -206,7 +258,11 @@ def plan_tensors(qm, km, vm, dq, dk, k_text, text_valid, *, scale: float, block:
     rect_bias[..., :nv, :] = C
     dropped = (~kept).sum((-1, -2))
     return dict(
-        kv_index=kv_index, kv_count=kv_count, rect_scale=rect_scale, rect_bias=rect_bias, rect_map=rect,
+        kv_index=kv_index,
+        kv_count=kv_count,
+        rect_scale=rect_scale,
+        rect_bias=rect_bias,
+        rect_map=rect,
         rect_prob=(Pg.float() if (keep_probs and Pg is not None) else None),
         density=kept.sum((-1, -2)).float() / (nv * nv),
         rect_frac=rect.sum((-1, -2)).float() / dropped.clamp(min=1).float(),
@@ -228,4 +284,3 @@ def first_frame_blocks(mode: str | None, video_grid, block: int, order) -> torch
         pos = torch.arange(Hh * W) if order is None else order.inverse[: Hh * W]
         sel[pos // block] = True
     return sel
-

@@ -26,7 +26,13 @@ from ._token_order import block_neighbours, order_from_name
 from ._types import Layout
 from .rectified_plan import RectifiedConfig, RectifiedPlan
 
-__all__ = ["rectified_attention", "rectified_plan", "rectified_attention_ref", "RectifiedConfig", "RectifiedPlan"]
+__all__ = [
+    "rectified_attention",
+    "rectified_plan",
+    "rectified_attention_ref",
+    "RectifiedConfig",
+    "RectifiedPlan",
+]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DEVICE_TABLES: dict = {}
@@ -45,27 +51,36 @@ def _check_inputs(q, k, v, layout, seq_layout, need_layout: bool):
     layout = check_layout(layout)
     B, Nq, Nk, H, Hk, D = check_qkv(q, k, v, layout)
     if Hk != H:
-        raise NotImplementedError(f"rectified attention does not support GQA/MQA, got {H} query heads and {Hk} "
-                                  "key/value heads")
+        raise NotImplementedError(
+            f"rectified attention does not support GQA/MQA, got {H} query heads and {Hk} key/value heads"
+        )
     if Nq != Nk:
         raise ValueError(f"expected self-attention (N_q == N_k), got N_q={Nq}, N_k={Nk}")
     if seq_layout is None and need_layout:
-        raise ValueError("expected seq_layout (a visattn.ops.SequenceLayout) when no plan is given, got seq_layout=None")
+        raise ValueError(
+            "expected seq_layout (a visattn.ops.SequenceLayout) when no plan is given, got seq_layout=None"
+        )
     if seq_layout is not None:
         if not isinstance(seq_layout, SequenceLayout):
-            raise ValueError(f"expected seq_layout to be a visattn.ops.SequenceLayout, "
-                             f"got seq_layout={type(seq_layout).__name__}")
+            raise ValueError(
+                f"expected seq_layout to be a visattn.ops.SequenceLayout, "
+                f"got seq_layout={type(seq_layout).__name__}"
+            )
         seq_layout.check_length(Nq, "seq_layout")
         tv = seq_layout.text_valid_len
         if isinstance(tv, torch.Tensor) and tv.shape[0] != B:
-            raise ValueError(f"expected text_valid_len of shape [{B}], got text_valid_len.shape={tuple(tv.shape)}")
+            raise ValueError(
+                f"expected text_valid_len of shape [{B}], got text_valid_len.shape={tuple(tv.shape)}"
+            )
     return layout, B, Nq, H, D
 
 
 def _check_config(config) -> RectifiedConfig:
     config = RectifiedConfig() if config is None else config
     if not isinstance(config, RectifiedConfig):
-        raise ValueError(f"expected config to be a RectifiedConfig or None, got config={type(config).__name__}")
+        raise ValueError(
+            f"expected config to be a RectifiedConfig or None, got config={type(config).__name__}"
+        )
     return config
 
 
@@ -73,8 +88,14 @@ def _tables(seq_layout: SequenceLayout, config: RectifiedConfig, device):
     """(neighbour table, first-frame blocks) on ``device``, cached (built once on the CPU)."""
     from ..kernels.rectified import first_frame_blocks
 
-    key = (seq_layout.video_grid, seq_layout.token_order, config.block_size, config.neighbours,
-           config.first_frame, str(device))
+    key = (
+        seq_layout.video_grid,
+        seq_layout.token_order,
+        config.block_size,
+        config.neighbours,
+        config.first_frame,
+        str(device),
+    )
     hit = _DEVICE_TABLES.get(key)
     if hit is None:
         order = order_from_name(seq_layout.token_order, seq_layout.video_grid)
@@ -99,9 +120,18 @@ def _use_triton(q: torch.Tensor, backend: str | None) -> bool:
     return q.device.type == "cuda" or INTERPRET and _dispatch.current_backend() == "triton"
 
 
-def rectified_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_layout: SequenceLayout,
-                   config: RectifiedConfig | None = None, layout: Layout = "BNHD", keep_probs: bool = False,
-                   scale: float | None = None, backend: str | None = None) -> RectifiedPlan:
+def rectified_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    seq_layout: SequenceLayout,
+    config: RectifiedConfig | None = None,
+    layout: Layout = "BNHD",
+    keep_probs: bool = False,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> RectifiedPlan:
     """Select critical blocks and compute the rectification terms (spec §2.4-2.7); no gradients.
 
     Args:
@@ -127,30 +157,75 @@ def rectified_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_lay
     upstream = config.tail == "upstream"
     with torch.no_grad():
         if _use_triton(q, backend):
-            stats = block_stats_triton(_bnhd(q, layout), _bnhd(k, layout), _bnhd(v, layout), lay.video_start,
-                                       lay.num_video, b, upstream)
+            stats = block_stats_triton(
+                _bnhd(q, layout),
+                _bnhd(k, layout),
+                _bnhd(v, layout),
+                lay.video_start,
+                lay.num_video,
+                b,
+                upstream,
+            )
             sdt = torch.float32
         else:
             sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-            stats = block_stats_torch(_bhnd(q, layout).transpose(1, 2), _bhnd(k, layout).transpose(1, 2),
-                                      _bhnd(v, layout).transpose(1, 2), lay.video_start, lay.num_video, b,
-                                      upstream, sdt)
+            stats = block_stats_torch(
+                _bhnd(q, layout).transpose(1, 2),
+                _bhnd(k, layout).transpose(1, 2),
+                _bhnd(v, layout).transpose(1, 2),
+                lay.video_start,
+                lay.num_video,
+                b,
+                upstream,
+                sdt,
+            )
         k_text = tv = None
         if lay.text_len:
             k_text = _bhnd(k, layout)[:, :, lay.text_slice].to(sdt)
             tv = lay.valid_text(B, q.device)
         nbr, ff = _tables(lay, config, q.device)
-        t = plan_tensors(*stats, k_text, tv, scale=scale, block=b, num_video=lay.num_video,
-                         n_text_blocks=lay.num_text_blocks(b), config=config, nbr=nbr, first_frame=ff,
-                         keep_probs=keep_probs)
-    return RectifiedPlan(t["kv_index"], t["kv_count"], t["rect_scale"], t["rect_bias"], t["rect_map"],
-                         t["density"], t["rect_frac"], b, lay, config, t["rect_prob"], _v_key(v))
+        t = plan_tensors(
+            *stats,
+            k_text,
+            tv,
+            scale=scale,
+            block=b,
+            num_video=lay.num_video,
+            n_text_blocks=lay.num_text_blocks(b),
+            config=config,
+            nbr=nbr,
+            first_frame=ff,
+            keep_probs=keep_probs,
+        )
+    return RectifiedPlan(
+        t["kv_index"],
+        t["kv_count"],
+        t["rect_scale"],
+        t["rect_bias"],
+        t["rect_map"],
+        t["density"],
+        t["rect_frac"],
+        b,
+        lay,
+        config,
+        t["rect_prob"],
+        _v_key(v),
+    )
 
 
-def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seq_layout: SequenceLayout | None = None,
-                        plan: RectifiedPlan | None = None, config: RectifiedConfig | None = None,
-                        layout: Layout = "BNHD", scale: float | None = None, backend: str | None = None,
-                        return_plan: bool = False):
+def rectified_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    seq_layout: SequenceLayout | None = None,
+    plan: RectifiedPlan | None = None,
+    config: RectifiedConfig | None = None,
+    layout: Layout = "BNHD",
+    scale: float | None = None,
+    backend: str | None = None,
+    return_plan: bool = False,
+):
     """Rectified SpaAttn over a joint text + video sequence.
 
     Equivalent PyTorch: :func:`rectified_attention_ref`. Video query block I attends its kept visual
@@ -182,8 +257,16 @@ def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, se
     scale = check_scale(scale, D)
     if plan is None:
         config = _check_config(config)
-        plan = rectified_plan(q, k, v, seq_layout=seq_layout, config=config, layout=layout, scale=scale,
-                              backend=backend if backend in ("torch", "triton") else None)
+        plan = rectified_plan(
+            q,
+            k,
+            v,
+            seq_layout=seq_layout,
+            config=config,
+            layout=layout,
+            scale=scale,
+            backend=backend if backend in ("torch", "triton") else None,
+        )
     else:
         if not isinstance(plan, RectifiedPlan):
             raise ValueError(f"expected plan to be a RectifiedPlan, got plan={type(plan).__name__}")
@@ -193,24 +276,60 @@ def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, se
         gapr = plan.config is None or plan.config.gapr
         if gapr and plan._v_key != _v_key(v):
             if plan.rect_prob is None:
-                raise ValueError("plan reused with a new v: C depends on v, so make the plan with keep_probs=True "
-                                 "(got plan.rect_prob=None)")
+                raise ValueError(
+                    "plan reused with a new v: C depends on v, so make the plan with keep_probs=True "
+                    "(got plan.rect_prob=None)"
+                )
             lay = plan.seq_layout
             with torch.no_grad():
                 if _use_triton(q, backend):
-                    vm = block_stats_triton(_bnhd(q, layout), _bnhd(k, layout), _bnhd(v, layout), lay.video_start,
-                                            lay.num_video, plan.block_size, plan.config.tail == "upstream")[2]
+                    vm = block_stats_triton(
+                        _bnhd(q, layout),
+                        _bnhd(k, layout),
+                        _bnhd(v, layout),
+                        lay.video_start,
+                        lay.num_video,
+                        plan.block_size,
+                        plan.config.tail == "upstream",
+                    )[2]
                 else:
                     vv = _bhnd(v, layout).transpose(1, 2)
-                    vm = block_stats_torch(vv, vv, vv, lay.video_start, lay.num_video, plan.block_size,
-                                           plan.config.tail == "upstream", torch.float32)[2]
+                    vm = block_stats_torch(
+                        vv,
+                        vv,
+                        vv,
+                        lay.video_start,
+                        lay.num_video,
+                        plan.block_size,
+                        plan.config.tail == "upstream",
+                        torch.float32,
+                    )[2]
                 bias = plan.rect_bias.clone()
                 bias[..., : plan.num_video_blocks, :] = (plan.rect_prob.to(vm.dtype) @ vm).to(bias.dtype)
-            plan = RectifiedPlan(plan.kv_index, plan.kv_count, plan.rect_scale, bias, plan.rect_map, plan.density,
-                                 plan.rect_fraction, plan.block_size, plan.seq_layout, plan.config, plan.rect_prob,
-                                 _v_key(v))
-    chosen = _dispatch.select("rectified", backend, q.device,
-                              describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}", q, k, v, plan)
+            plan = RectifiedPlan(
+                plan.kv_index,
+                plan.kv_count,
+                plan.rect_scale,
+                bias,
+                plan.rect_map,
+                plan.density,
+                plan.rect_fraction,
+                plan.block_size,
+                plan.seq_layout,
+                plan.config,
+                plan.rect_prob,
+                _v_key(v),
+            )
+    chosen = _dispatch.select(
+        "rectified",
+        backend,
+        q.device,
+        describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
+        q,
+        k,
+        v,
+        plan,
+    )
     out = chosen.fn(q, k, v, plan, scale, layout)
     return (out, plan) if return_plan else out
 
@@ -219,9 +338,18 @@ def rectified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, se
 # reference: written from the spec, float64, one query block at a time
 
 
-def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: RectifiedConfig | None = None,
-                            layout: Layout = "BNHD", scale: float | None = None, upcast: bool = True,
-                            return_maps: bool = False):
+def rectified_attention_ref(
+    q,
+    k,
+    v,
+    *,
+    seq_layout: SequenceLayout,
+    config: RectifiedConfig | None = None,
+    layout: Layout = "BNHD",
+    scale: float | None = None,
+    upcast: bool = True,
+    return_maps: bool = False,
+):
     """Pure-PyTorch reference of spec §2.3-2.7, independent of the planner (no sort: ranks by pairwise
     comparison). Returns ``out`` (q's layout and dtype) or, with ``return_maps``, ``(out, kept, rect,
     R, C)`` with kept/rect bool ``[B, H, n_v, n_v]``, R ``[B, H, n_v]``, C ``[B, H, n_v, D]``."""
@@ -237,7 +365,7 @@ def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: Rect
     tv = lay.valid_text(B, dev).long()
     spans = [(vs + j * b, vs + min((j + 1) * b, Nv)) for j in range(nv)]
     div = [float(b) if config.tail == "upstream" else float(e - s) for s, e in spans]
-    mean = lambda x, j: x[:, :, spans[j][0]:spans[j][1]].sum(2) / div[j]  # noqa: E731
+    mean = lambda x, j: x[:, :, spans[j][0] : spans[j][1]].sum(2) / div[j]  # noqa: E731
 
     def dev_mean(x, m, j):  # mean |x - m| over the block (zero-padded tail rows count for "upstream")
         s, e = spans[j]
@@ -258,9 +386,9 @@ def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: Rect
     # key validity over the whole sequence: video keys always, text keys up to the valid length
     key_ok = torch.ones(B, N, dtype=torch.bool, device=dev)
     if L:
-        key_ok[:, ts:ts + L] = text_ok
+        key_ok[:, ts : ts + L] = text_ok
     key_blk = torch.full((N,), -1, dtype=torch.long, device=dev)
-    key_blk[vs:vs + Nv] = torch.arange(Nv, device=dev) // b
+    key_blk[vs : vs + Nv] = torch.arange(Nv, device=dev) // b
     out = torch.zeros_like(qc)
     kept_all = torch.zeros(B, H, nv, nv, dtype=torch.bool, device=dev)
     rect_all = torch.zeros_like(kept_all)
@@ -271,7 +399,7 @@ def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: Rect
         if config.ipar:
             z = [s_vis + logw]
             if L:
-                s_t = scale * torch.einsum("bhd,bhtd->bht", qm[:, :, i], kc[:, :, ts:ts + L])
+                s_t = scale * torch.einsum("bhd,bhtd->bht", qm[:, :, i], kc[:, :, ts : ts + L])
                 z.append(s_t.masked_fill(~text_ok[:, None, :], float("-inf")))
             e = torch.cat(z, -1)
             e = torch.exp(e - e.amax(-1, keepdim=True))
@@ -284,8 +412,9 @@ def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: Rect
         nc = cols.shape[-1]
         idx = torch.arange(nc, device=dev)
         # rank_c = number of columns ahead of c (larger mass, or equal mass and a lower index)
-        ahead = (cols[..., None, :] > cols[..., :, None]) | ((cols[..., None, :] == cols[..., :, None])
-                                                             & (idx[None, :] < idx[:, None]))
+        ahead = (cols[..., None, :] > cols[..., :, None]) | (
+            (cols[..., None, :] == cols[..., :, None]) & (idx[None, :] < idx[:, None])
+        )
         rank = ahead.sum(-1)
         through = (cols[..., None, :] * (rank[..., None, :] <= rank[..., :, None])).sum(-1)
         n_le = (through <= (math.inf if config.cum_threshold >= 1.0 else config.cum_threshold)).sum(-1)
@@ -297,22 +426,29 @@ def rectified_attention_ref(q, k, v, *, seq_layout: SequenceLayout, config: Rect
             kept = kept | ff
         if config.gapr:
             gain = torch.einsum("bhd,bhjd->bhj", qm[:, :, i], km).abs()
-            err = (torch.einsum("bhd,bhjd->bhj", dq[:, :, i], km).abs()
-                   + torch.einsum("bhd,bhjd->bhj", qm[:, :, i], dk).abs())
+            err = (
+                torch.einsum("bhd,bhjd->bhj", dq[:, :, i], km).abs()
+                + torch.einsum("bhd,bhjd->bhj", qm[:, :, i], dk).abs()
+            )
             rect = ~kept & (gain > err)
         else:
             rect = torch.zeros_like(kept)
         R = 1.0 - (P * rect).sum(-1)
         C = torch.einsum("bhj,bhjd->bhd", P * rect, vm)
         s, e_ = spans[i]
-        tok_kept = torch.where(key_blk >= 0, kept.gather(-1, key_blk.clamp(min=0).expand(B, H, N)),
-                               key_ok[:, None, :].expand(B, H, N))
+        tok_kept = torch.where(
+            key_blk >= 0,
+            kept.gather(-1, key_blk.clamp(min=0).expand(B, H, N)),
+            key_ok[:, None, :].expand(B, H, N),
+        )
         tok_kept = tok_kept & key_ok[:, None, :]
         o_sp = _masked_attention(qc[:, :, s:e_], kc, vc, tok_kept, scale)
         out[:, :, s:e_] = R[..., None, None] * o_sp + C[:, :, None, :]
         kept_all[:, :, i], rect_all[:, :, i], R_all[:, :, i], C_all[:, :, i] = kept, rect, R, C
     if L:  # text query rows: dense over all valid keys
-        out[:, :, ts:ts + L] = _masked_attention(qc[:, :, ts:ts + L], kc, vc, key_ok[:, None, :].expand(B, H, N), scale)
+        out[:, :, ts : ts + L] = _masked_attention(
+            qc[:, :, ts : ts + L], kc, vc, key_ok[:, None, :].expand(B, H, N), scale
+        )
     out = out.to(q.dtype)
     out = out.transpose(1, 2) if layout == "BNHD" else out
     return (out, kept_all, rect_all, R_all, C_all) if return_maps else out
@@ -334,16 +470,37 @@ def _masked_attention(q, k, v, key_mask, scale):
 
 
 @torch.library.custom_op("visattn::rectified_fwd", mutates_args=())
-def _rectified_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
-                      kv_count: torch.Tensor, rect_scale: torch.Tensor, rect_bias: torch.Tensor, block: int,
-                      scale: float, seg: list[int], text_valid: torch.Tensor) -> torch.Tensor:
+def _rectified_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_index: torch.Tensor,
+    kv_count: torch.Tensor,
+    rect_scale: torch.Tensor,
+    rect_bias: torch.Tensor,
+    block: int,
+    scale: float,
+    seg: list[int],
+    text_valid: torch.Tensor,
+) -> torch.Tensor:
     from ..kernels.block_sparse import Segments, block_sparse_fwd
 
     # heavy tiles first (text tiles list every block): load balance across the grid
     order = kv_count.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-    out, _ = block_sparse_fwd(q, k, v, kv_index, kv_count, block, block, scale,
-                              segments=Segments(*seg, text_valid), rect_scale=rect_scale, rect_bias=rect_bias,
-                              tile_order=order)
+    out, _ = block_sparse_fwd(
+        q,
+        k,
+        v,
+        kv_index,
+        kv_count,
+        block,
+        block,
+        scale,
+        segments=Segments(*seg, text_valid),
+        rect_scale=rect_scale,
+        rect_bias=rect_bias,
+        tile_order=order,
+    )
     return out
 
 
@@ -388,7 +545,9 @@ def _triton_can_run(q, k, v, plan) -> list[str]:
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU")
+        reasons.append(
+            "Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU"
+        )
     if q.shape[-1] > 256:
         reasons.append(f"head dim {q.shape[-1]} > 256 is not supported")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -396,19 +555,34 @@ def _triton_can_run(q, k, v, plan) -> list[str]:
     return reasons
 
 
-@_dispatch.register_backend("rectified", "triton", can_run=_triton_can_run,
-                            doc="block-sparse core + fused R/C epilogue")
+@_dispatch.register_backend(
+    "rectified", "triton", can_run=_triton_can_run, doc="block-sparse core + fused R/C epilogue"
+)
 def _run_triton(q, k, v, plan, scale, layout):
     lay = plan.seq_layout
     seg = [lay.video_start, lay.num_video, lay.text_start, lay.text_len]
-    out = _rectified_fwd_op(_bnhd(q, layout), _bnhd(k, layout), _bnhd(v, layout), plan.kv_index, plan.kv_count,
-                            plan.rect_scale, plan.rect_bias, plan.block_size, scale, seg,
-                            lay.valid_text(q.shape[0], q.device))
+    out = _rectified_fwd_op(
+        _bnhd(q, layout),
+        _bnhd(k, layout),
+        _bnhd(v, layout),
+        plan.kv_index,
+        plan.kv_count,
+        plan.rect_scale,
+        plan.rect_bias,
+        plan.block_size,
+        scale,
+        seg,
+        lay.valid_text(q.shape[0], q.device),
+    )
     return out.transpose(1, 2) if layout == "BHND" else out
 
 
-@_dispatch.register_backend("rectified", "torch", can_run=lambda *a: [], auto_devices=("cpu",),
-                            doc="pure-PyTorch (plan applied with a dense masked softmax)")
+@_dispatch.register_backend(
+    "rectified",
+    "torch",
+    can_run=lambda *a: [],
+    auto_devices=("cpu",),
+    doc="pure-PyTorch (plan applied with a dense masked softmax)",
+)
 def _run_torch(q, k, v, plan, scale, layout):
     return _apply_plan_torch(q, k, v, plan, scale, layout)
-

@@ -61,7 +61,9 @@ class RectifiedConfig:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             raise ValueError(f"expected config.drop_rate in [0, 1), got config.drop_rate={d!r}")
         if self.first_frame not in _FIRST_FRAME:
-            raise ValueError(f"expected config.first_frame in {_FIRST_FRAME}, got config.first_frame={self.first_frame!r}")
+            raise ValueError(
+                f"expected config.first_frame in {_FIRST_FRAME}, got config.first_frame={self.first_frame!r}"
+            )
         if self.tail not in ("exact", "upstream"):
             raise ValueError(f"expected config.tail in ('exact', 'upstream'), got config.tail={self.tail!r}")
         if self.token_order not in (None, "gilbert"):
@@ -69,8 +71,11 @@ class RectifiedConfig:
         for name in ("neighbours", "ipar", "gapr"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"expected a bool config.{name}, got config.{name}={getattr(self, name)!r}")
-        object.__setattr__(self, "axis_order", tuple(self.axis_order) if not isinstance(self.axis_order, str)
-                           else self.axis_order)
+        object.__setattr__(
+            self,
+            "axis_order",
+            tuple(self.axis_order) if not isinstance(self.axis_order, str) else self.axis_order,
+        )
         for name in ("dense_steps", "dense_blocks"):
             v = getattr(self, name)
             if isinstance(v, list):
@@ -161,9 +166,14 @@ class RectifiedPlan:
                 f"expected plan for [B, H, n_tiles, D] = {want + (head_dim,)}, got plan with kv_count.shape="
                 f"{tuple(self.kv_count.shape)}, rect_bias.shape={tuple(self.rect_bias.shape)}"
             )
-        if seq_layout is not None and (seq_layout.video_grid, seq_layout.text_len, seq_layout.text_position) != (
-                self.seq_layout.video_grid, self.seq_layout.text_len, self.seq_layout.text_position):
-            raise ValueError(f"expected plan made for seq_layout={seq_layout}, got plan for {self.seq_layout}")
+        if seq_layout is not None and (
+            seq_layout.video_grid,
+            seq_layout.text_len,
+            seq_layout.text_position,
+        ) != (self.seq_layout.video_grid, self.seq_layout.text_len, self.seq_layout.text_position):
+            raise ValueError(
+                f"expected plan made for seq_layout={seq_layout}, got plan for {self.seq_layout}"
+            )
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(bool kept map ``[B, H, n_tiles, n_v + n_t]``, int8 𝒢 map ``[B, H, n_v, n_v]``)."""
@@ -183,22 +193,53 @@ class RectifiedPlan:
         def mv(t):
             return None if t is None else t.to(device)
 
-        return RectifiedPlan(mv(self.kv_index), mv(self.kv_count), mv(self.rect_scale), mv(self.rect_bias),
-                             mv(self.rect_map), mv(self.density), mv(self.rect_fraction), self.block_size,
-                             self.seq_layout, self.config, mv(self.rect_prob), None)
+        return RectifiedPlan(
+            mv(self.kv_index),
+            mv(self.kv_count),
+            mv(self.rect_scale),
+            mv(self.rect_bias),
+            mv(self.rect_map),
+            mv(self.density),
+            mv(self.rect_fraction),
+            self.block_size,
+            self.seq_layout,
+            self.config,
+            mv(self.rect_prob),
+            None,
+        )
 
     def save(self, path) -> None:
         lay = self.seq_layout
         tv = lay.text_valid_len
-        torch.save({
-            "tensors": {n: getattr(self, n) for n in ("kv_index", "kv_count", "rect_scale", "rect_bias",
-                                                      "rect_map", "density", "rect_fraction", "rect_prob")},
-            "block_size": self.block_size,
-            "layout": dict(video_grid=lay.video_grid, text_len=lay.text_len, text_position=lay.text_position,
-                           text_valid_len=tv, token_order=lay.token_order),
-            "config": None if self.config is None else {f.name: getattr(self.config, f.name)
-                                                         for f in fields(self.config)},
-        }, path)
+        torch.save(
+            {
+                "tensors": {
+                    n: getattr(self, n)
+                    for n in (
+                        "kv_index",
+                        "kv_count",
+                        "rect_scale",
+                        "rect_bias",
+                        "rect_map",
+                        "density",
+                        "rect_fraction",
+                        "rect_prob",
+                    )
+                },
+                "block_size": self.block_size,
+                "layout": dict(
+                    video_grid=lay.video_grid,
+                    text_len=lay.text_len,
+                    text_position=lay.text_position,
+                    text_valid_len=tv,
+                    token_order=lay.token_order,
+                ),
+                "config": None
+                if self.config is None
+                else {f.name: getattr(self.config, f.name) for f in fields(self.config)},
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path, map_location=None) -> RectifiedPlan:
@@ -208,13 +249,26 @@ class RectifiedPlan:
         if cfg is not None:
             b = cfg["block_size"]
             cfg = RectifiedConfig(**{**cfg, "block_size": 128})._with_block(b)
-        return cls(t["kv_index"], t["kv_count"], t["rect_scale"], t["rect_bias"], t["rect_map"], t["density"],
-                   t["rect_fraction"], data["block_size"], SequenceLayout(**data["layout"]), cfg, t["rect_prob"])
+        return cls(
+            t["kv_index"],
+            t["kv_count"],
+            t["rect_scale"],
+            t["rect_bias"],
+            t["rect_map"],
+            t["density"],
+            t["rect_fraction"],
+            data["block_size"],
+            SequenceLayout(**data["layout"]),
+            cfg,
+            t["rect_prob"],
+        )
 
     def __repr__(self) -> str:
-        return (f"RectifiedPlan(B,H,tiles={tuple(self.kv_count.shape)}, block_size={self.block_size}, "
-                f"layout={self.seq_layout.video_grid}+{self.seq_layout.text_len} text "
-                f"({self.seq_layout.text_position}), keep_probs={self.rect_prob is not None})")
+        return (
+            f"RectifiedPlan(B,H,tiles={tuple(self.kv_count.shape)}, block_size={self.block_size}, "
+            f"layout={self.seq_layout.video_grid}+{self.seq_layout.text_len} text "
+            f"({self.seq_layout.text_position}), keep_probs={self.rect_prob is not None})"
+        )
 
 
 __all__ = ["RectifiedConfig", "RectifiedPlan"]
