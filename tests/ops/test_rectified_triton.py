@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visattn.kernels.rectified import block_stats_torch, block_stats_triton
+from visattn.kernels.rectified import block_stats_torch, block_stats_triton, plan_tensors, plan_tensors_triton
 from visattn.ops import (
     RectifiedConfig,
     SequenceLayout,
@@ -96,3 +96,59 @@ def test_triton_plan_reuse_and_bhnd_layout():
     got = rectified_attention(q, k, v2, plan=plan, layout="BHND", backend="triton")
     want = rectified_attention_ref(q, k, v2, seq_layout=lay, config=CFG, layout="BHND")
     torch.testing.assert_close(got.double(), want.double(), atol=2e-5, rtol=2e-5)
+
+
+PLAN_CASES = [
+    # (grid, text_len, text_valid, config)
+    ((3, 6, 9), 0, None, CFG),
+    ((3, 6, 9), 0, None, CFG.replace(first_frame="curve_prefix", cum_threshold=0.5)),
+    ((2, 7, 9), 19, [19, 3], CFG.replace(neighbours=False, drop_rate=0.95)),
+    ((2, 7, 9), 19, [0, 12], CFG.replace(ipar=False, tail="upstream")),
+    ((2, 7, 9), 19, [19, 12], CFG.replace(gapr=False, cum_threshold=1.0)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLAN_CASES)))
+def test_fused_planner_matches_torch_planner(case):
+    from visattn.ops.rectified import _tables
+
+    grid, L, tv, cfg = PLAN_CASES[case]
+    dev = _dev()
+    lay = SequenceLayout(
+        grid,
+        text_len=L,
+        token_order="gilbert",
+        text_valid_len=None if tv is None else torch.tensor(tv, device=dev),
+    )
+    B, H, D, b = 2, 3, 16, 16
+    q, k, v = (_structured(lay, B, H, D).to(dev) for _ in range(3))
+    stats = block_stats_torch(
+        q, k, v, lay.video_start, lay.num_video, b, cfg.tail == "upstream", torch.float32
+    )
+    k_text = k[:, lay.text_slice].transpose(1, 2).float() if L else None
+    valid = lay.valid_text(B, dev) if L else None
+    nbr, ff = _tables(lay, cfg, dev)
+    kw = dict(
+        scale=D**-0.5,
+        block=b,
+        num_video=lay.num_video,
+        n_text_blocks=lay.num_text_blocks(b),
+        config=cfg,
+        nbr=nbr,
+        first_frame=ff,
+        keep_probs=True,
+    )
+    want = plan_tensors(*stats, k_text, valid, **kw)
+    got = plan_tensors_triton(*stats, k_text, valid, **kw)
+    for name in ("kv_count", "rect_map"):
+        assert torch.equal(got[name], want[name]), name
+    cnt = want["kv_count"]
+    used = torch.arange(want["kv_index"].shape[-1], device=dev) < cnt[..., None]
+    assert torch.equal(got["kv_index"][used], want["kv_index"][used])
+    full = torch.sort(got["kv_index"], -1).values  # every slot written once: a permutation of all ids
+    assert torch.equal(full, torch.arange(full.shape[-1], device=dev, dtype=full.dtype).expand_as(full))
+    for name in ("rect_scale", "rect_bias", "density", "rect_frac"):
+        torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-5)
+    if cfg.gapr:
+        assert want["rect_map"].any()
+        torch.testing.assert_close(got["rect_prob"], want["rect_prob"], atol=1e-6, rtol=1e-5)

@@ -146,7 +146,13 @@ def rectified_plan(
     Returns:
         A :class:`RectifiedPlan` on q's device.
     """
-    from ..kernels.rectified import block_stats_torch, block_stats_triton, plan_tensors
+    from ..kernels.rectified import (
+        MAX_FUSED_BLOCKS,
+        block_stats_torch,
+        block_stats_triton,
+        plan_tensors,
+        plan_tensors_triton,
+    )
 
     config = _check_config(config)
     layout, B, N, H, D = _check_inputs(q, k, v, layout, seq_layout, True)
@@ -184,7 +190,10 @@ def rectified_plan(
             k_text = _bhnd(k, layout)[:, :, lay.text_slice].to(sdt)
             tv = lay.valid_text(B, q.device)
         nbr, ff = _tables(lay, config, q.device)
-        t = plan_tensors(
+        fused = (
+            sdt == torch.float32 and _use_triton(q, backend) and lay.num_video_blocks(b) <= MAX_FUSED_BLOCKS
+        )
+        t = (plan_tensors_triton if fused else plan_tensors)(
             *stats,
             k_text,
             tv,
