@@ -74,21 +74,21 @@ def _rectified_stats_kernel(
     else:
         cnt = tl.minimum(num_video - local, BLOCK).to(tl.float32)
         dev_rows = row_ok
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, start, stride_qn, offs_r, offs_d, mask).to(tl.float32)
-    k = _load_tile(K + b * stride_kb + h * stride_kh, start, stride_kn, offs_r, offs_d, mask).to(tl.float32)
-    v = _load_tile(V + b * stride_vb + h * stride_vh, start, stride_vn, offs_r, offs_d, mask).to(tl.float32)
-    qm = tl.sum(q, 0) / cnt
-    km = tl.sum(k, 0) / cnt
-    vm = tl.sum(v, 0) / cnt
-    dq = tl.sum(tl.where(dev_rows[:, None], tl.abs(q - qm[None, :]), 0.0), 0) / cnt
-    dk = tl.sum(tl.where(dev_rows[:, None], tl.abs(k - km[None, :]), 0.0), 0) / cnt
     out = (pid_bh.to(tl.int64) * n_blocks + pid_j) * HEAD_DIM + offs_d
     dmask = offs_d < HEAD_DIM
+    # one tensor at a time keeps a single [BLOCK, D] fp32 tile live (register pressure at D = 128)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, start, stride_qn, offs_r, offs_d, mask).to(tl.float32)
+    qm = tl.sum(q, 0) / cnt
+    dq = tl.sum(tl.where(dev_rows[:, None], tl.abs(q - qm[None, :]), 0.0), 0) / cnt
     tl.store(QM + out, qm, mask=dmask)
-    tl.store(KM + out, km, mask=dmask)
-    tl.store(VM + out, vm, mask=dmask)
     tl.store(DQ + out, dq, mask=dmask)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, start, stride_kn, offs_r, offs_d, mask).to(tl.float32)
+    km = tl.sum(k, 0) / cnt
+    dk = tl.sum(tl.where(dev_rows[:, None], tl.abs(k - km[None, :]), 0.0), 0) / cnt
+    tl.store(KM + out, km, mask=dmask)
     tl.store(DK + out, dk, mask=dmask)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, start, stride_vn, offs_r, offs_d, mask).to(tl.float32)
+    tl.store(VM + out, tl.sum(v, 0) / cnt, mask=dmask)
 
 
 def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:

@@ -218,7 +218,7 @@ def rectified_plan(
         lay,
         config,
         t["rect_prob"],
-        _v_key(v),
+        None if torch.compiler.is_compiling() else _v_key(v),
     )
 
 
@@ -283,7 +283,12 @@ def rectified_attention(
         if plan.device != q.device:
             raise ValueError(f"expected the plan on q's device {q.device}, got plan.device={plan.device}")
         gapr = plan.config is None or plan.config.gapr
-        if gapr and plan._v_key != _v_key(v):
+        if torch.compiler.is_compiling():
+            # traced tensors have no storage to compare: recompute C when the plan can, else trust the plan
+            new_v = plan.rect_prob is not None
+        else:
+            new_v = plan._v_key != _v_key(v)
+        if gapr and new_v:
             if plan.rect_prob is None:
                 raise ValueError(
                     "plan reused with a new v: C depends on v, so make the plan with keep_probs=True "
@@ -327,7 +332,7 @@ def rectified_attention(
                 plan.seq_layout,
                 plan.config,
                 plan.rect_prob,
-                _v_key(v),
+                None if torch.compiler.is_compiling() else _v_key(v),
             )
     chosen = _dispatch.select(
         "rectified",
