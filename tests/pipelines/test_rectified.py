@@ -74,6 +74,21 @@ def test_wan_triton_matches_torch(tiny):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_wan_adapter_equals_per_call_permutation(tiny):
+    model = tiny("wan")
+    inputs = tiny_inputs("wan", size=16)
+    before = _run(model, inputs)
+    with vp.apply(model, "rectified", _SPARSE.replace(adapter=False), stats=True) as h:
+        per_call = _run(model, inputs)
+        assert h.stats()["calls"].get("rectified: per-call token order", 0) > 0
+    with vp.apply(model, "rectified", _SPARSE, stats=True) as h:
+        adapted = _run(model, inputs)
+        assert h.stats()["calls"].get("rectified: per-call token order", 0) == 0
+    torch.testing.assert_close(adapted, per_call, atol=1e-5, rtol=1e-5)
+    assert (adapted - before).abs().max() > 1e-4
+    assert torch.equal(_run(model, inputs), before)  # hooks removed with the processors
+
+
 def test_presets_and_config_errors():
     names = RectifiedPipelineConfig.presets()
     assert "wan21_t2v_14b_720p" in names and "flux_dev_4096" in names
@@ -81,7 +96,8 @@ def test_presets_and_config_errors():
         cfg = RectifiedPipelineConfig.from_preset(name)
         assert cfg.block_size == 128
     wan = RectifiedPipelineConfig.from_preset("wan21_t2v_14b_720p")
-    assert wan.first_frame == "curve_prefix" and wan.dense_blocks == (0, 1) and wan.dense_steps == (0, 1, 2, 3, 4)
+    assert wan.first_frame == "curve_prefix" and wan.dense_blocks == (0, 1)
+    assert wan.dense_steps == (0, 1, 2, 3, 4)
     with pytest.raises(ValueError, match="backend"):
         RectifiedPipelineConfig(backend="cuda")
     with pytest.raises(ValueError, match="drop_rate"):
