@@ -219,6 +219,7 @@ def rectified_plan(
         config,
         t["rect_prob"],
         None if torch.compiler.is_compiling() else _v_key(v),
+        t["kv_count"].argsort(dim=-1, descending=True, stable=True).to(torch.int32) if fused else None,
     )
 
 
@@ -333,6 +334,7 @@ def rectified_attention(
                 plan.config,
                 plan.rect_prob,
                 None if torch.compiler.is_compiling() else _v_key(v),
+                plan._tile_order,
             )
     chosen = _dispatch.select(
         "rectified",
@@ -496,11 +498,11 @@ def _rectified_fwd_op(
     scale: float,
     seg: list[int],
     text_valid: torch.Tensor,
+    tile_order: torch.Tensor,
 ) -> torch.Tensor:
     from ..kernels.block_sparse import Segments, block_sparse_fwd
 
     # heavy tiles first (text tiles list every block): load balance across the grid
-    order = kv_count.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
     out, _ = block_sparse_fwd(
         q,
         k,
@@ -513,13 +515,13 @@ def _rectified_fwd_op(
         segments=Segments(*seg, text_valid),
         rect_scale=rect_scale,
         rect_bias=rect_bias,
-        tile_order=order,
+        tile_order=tile_order,
     )
     return out
 
 
 @_rectified_fwd_op.register_fake
-def _(q, k, v, kv_index, kv_count, rect_scale, rect_bias, block, scale, seg, text_valid):
+def _(q, k, v, kv_index, kv_count, rect_scale, rect_bias, block, scale, seg, text_valid, tile_order):
     return torch.empty_like(q)
 
 
@@ -587,6 +589,7 @@ def _run_triton(q, k, v, plan, scale, layout):
         scale,
         seg,
         lay.valid_text(q.shape[0], q.device),
+        plan.tile_order(),
     )
     return out.transpose(1, 2) if layout == "BHND" else out
 

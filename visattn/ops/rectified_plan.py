@@ -157,6 +157,13 @@ class RectifiedPlan:
     config: RectifiedConfig | None = None
     rect_prob: torch.Tensor | None = None
     _v_key: tuple | None = field(default=None, repr=False)
+    _tile_order: torch.Tensor | None = field(default=None, repr=False)
+
+    def tile_order(self) -> torch.Tensor:
+        """int32 ``[B, H, n_tiles]``: tiles by decreasing ``kv_count`` (the kernel's schedule), cached."""
+        if self._tile_order is None:
+            self._tile_order = self.kv_count.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return self._tile_order
 
     @property
     def num_video_blocks(self) -> int:
