@@ -78,7 +78,7 @@ def sd15_unet():
     )
 
 
-def _inputs(model_name, device, dtype, frames, height, width):
+def _inputs(model_name, device, dtype, frames, height, width, text_len):
     g = torch.Generator().manual_seed(0)
 
     def r(*s):
@@ -88,13 +88,13 @@ def _inputs(model_name, device, dtype, frames, height, width):
         lf, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
         return dict(
             hidden_states=r(1, 16, lf, lh, lw),
-            encoder_hidden_states=r(1, 512, 4096),
+            encoder_hidden_states=r(1, text_len or 512, 4096),
             timestep=torch.tensor([500], device=device),
             return_dict=False,
         )
     return dict(
         sample=r(2, 4, height // 8, width // 8),
-        encoder_hidden_states=r(2, 77, 768),
+        encoder_hidden_states=r(2, text_len or 77, 768),
         timestep=torch.tensor([500], device=device),
         return_dict=False,
     )
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--layers", type=int, default=30, help="Wan layers (30 = the real model)")
+    p.add_argument("--text-len", type=int, help="text tokens (default: Wan 512, SD 1.5 77)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=2)
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
             if any(k in name.split(".") for k in keep):
                 mod.float()
     model = model.eval()
-    inputs = _inputs(args.model, device, dtype, args.frames, height, width)
+    inputs = _inputs(args.model, device, dtype, args.frames, height, width, args.text_len)
 
     def fwd():
         with torch.no_grad():

@@ -21,6 +21,14 @@ from visattn.bench._harness import environment, time_ms
 from visattn.ops import PyramidConfig, pyramid_attention, pyramid_attention_ref, pyramid_plan
 from visattn.testing import local_qkv
 
+
+def _order() -> str:
+    """Gilbert token order when the shared token-order module is in the tree, else raster."""
+    import importlib.util
+
+    return "gilbert" if importlib.util.find_spec("visattn.ops._token_order") is not None else "raster"
+
+
 SHAPES = {  # name: (B, H, grid, D)
     "wan21_1p3b_480p": (1, 12, (21, 30, 52), 128),
     "hunyuanvideo_720p": (1, 24, (33, 45, 80), 128),
@@ -35,6 +43,7 @@ def _sdpa(backend):
     def run(q, k, v):
         with sdpa_kernel([be]):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
     return run
 
 
@@ -54,12 +63,17 @@ def _flex_runner(plan, q):
     return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm)
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
     B, H, grid, D = SHAPES[shape]
     N = math.prod(grid)
-    dev = torch.device("cuda")
+    dev = _device()
     # structured inputs so threshold presets see realistic score distributions
-    q, k, v = local_qkv(grid, heads=H, head_dim=D, order="raster", device=dev, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
+    q, k, v = local_qkv(grid, heads=H, head_dim=D, order=_order(), device=dev, dtype=dtype)
     warm, rep = (10, 30) if quick else (25, 100)
     t = lambda fn: time_ms(fn, dev, warmup=warm, rep=rep)  # noqa: E731
     rows = []
@@ -67,22 +81,32 @@ def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
     for name in ("cudnn", "flash"):
         f = _sdpa(name)
         try:
-            base[name] = t(lambda: f(q, k, v))
+            base[name] = t(lambda f=f: f(q, k, v))
         except Exception as e:  # noqa: BLE001  (a backend missing on this build is reported, not fatal)
             log(f"  {name} SDPA unavailable: {e}")
-    log(f"{shape}: N={N} cuDNN {base.get('cudnn', float('nan')):.3f} ms, flash {base.get('flash', float('nan')):.3f} ms")
+    log(
+        f"{shape}: N={N} cuDNN {base.get('cudnn', float('nan')):.3f} ms, flash {base.get('flash', float('nan')):.3f} ms"
+    )
     for preset in presets:
         cfg = PyramidConfig.from_preset(preset)
         plan = pyramid_plan(q, k, config=cfg)
         rho = plan.density().mean().item()
-        kern = t(lambda: pyramid_attention(q, k, v, plan=plan, backend="triton"))
-        plan_ms = t(lambda: pyramid_plan(q, k, config=cfg))
-        e2e = t(lambda: pyramid_attention(q, k, v, config=cfg, backend="triton"))
-        row = dict(shape=shape, preset=preset, density=rho, exact_density=plan.exact_density().mean().item(),
-                   kernel_ms=kern, plan_ms=plan_ms, end_to_end_ms=e2e, **{f"{b}_ms": m for b, m in base.items()})
+        kern = t(lambda plan=plan: pyramid_attention(q, k, v, plan=plan, backend="triton"))
+        plan_ms = t(lambda cfg=cfg: pyramid_plan(q, k, config=cfg))
+        e2e = t(lambda cfg=cfg: pyramid_attention(q, k, v, config=cfg, backend="triton"))
+        row = dict(
+            shape=shape,
+            preset=preset,
+            density=rho,
+            exact_density=plan.exact_density().mean().item(),
+            kernel_ms=kern,
+            plan_ms=plan_ms,
+            end_to_end_ms=e2e,
+            **{f"{b}_ms": m for b, m in base.items()},
+        )
         try:
             flex = _flex_runner(plan, q)
-            row["flex_kept_blocks_ms"] = t(lambda: flex(q, k, v))
+            row["flex_kept_blocks_ms"] = t(lambda flex=flex: flex(q, k, v))
         except Exception as e:  # noqa: BLE001
             log(f"  flex unavailable: {e}")
         if "cudnn" in base:
@@ -93,37 +117,67 @@ def speed(shape: str, presets: list[str], quick: bool, log=print) -> list[dict]:
             row["kernel_speedup_vs_flash"] = base["flash"] / kern
             row["e2e_speedup_vs_flash"] = base["flash"] / e2e
         row["plan_fraction_of_kernel"] = plan_ms / kern
-        log("  " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()))
+        log(
+            "  "
+            + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items())
+        )
         rows.append(row)
     return rows
 
 
 def error_table(quick: bool, log=print) -> list[dict]:
     """Relative L2 / cosine to dense on the synthetic generator, N = 16384 (16x32x32), H = 4, D = 128."""
-    dev = torch.device("cuda")
+    dev = _device()
     grid = (16, 32, 32) if not quick else (8, 32, 32)
-    q, k, v = local_qkv(grid, heads=4, head_dim=128, order="raster", device=dev, dtype=torch.float32)
+    if dev.type == "cpu":  # --smoke: exercise the script only
+        grid = (2, 8, 16)
+    q, k, v = local_qkv(grid, heads=4, head_dim=128, order=_order(), device=dev, dtype=torch.float32)
     dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     rows = []
     configs = []
     for rho in (0.05, 0.1, 0.15, 0.25, 0.4):
         a = rho / 1.5  # quotas a at x1, a/2 at x2, 2a at x8
-        configs.append((f"multilevel rho={rho}", PyramidConfig(block_q=128, block_k=128, align="none",
-                                                                levels={1: a, 2: 1.5 * a, 4: 1.5 * a, 8: 3.5 * a})))
-        configs.append((f"binary rho={rho}", PyramidConfig(block_q=128, block_k=128, align="none", levels={1: rho})))
-    configs.append(("spec bar: multilevel 10/5/0/20 %", PyramidConfig(block_q=128, block_k=128,
-                                                                    levels={1: .10, 2: .15, 4: .15, 8: .35})))
-    configs.append(("spec bar: binary 20 %", PyramidConfig(block_q=128, block_k=128, levels={1: .20})))
+        configs.append(
+            (
+                f"multilevel rho={rho}",
+                PyramidConfig(
+                    block_q=128, block_k=128, align="none", levels={1: a, 2: 1.5 * a, 4: 1.5 * a, 8: 3.5 * a}
+                ),
+            )
+        )
+        configs.append(
+            (f"binary rho={rho}", PyramidConfig(block_q=128, block_k=128, align="none", levels={1: rho}))
+        )
+    configs.append(
+        (
+            "spec bar: multilevel 10/5/0/20 %",
+            PyramidConfig(block_q=128, block_k=128, levels={1: 0.10, 2: 0.15, 4: 0.15, 8: 0.35}),
+        )
+    )
+    configs.append(("spec bar: binary 20 %", PyramidConfig(block_q=128, block_k=128, levels={1: 0.20})))
     configs.append(("wan21_14b", PyramidConfig.from_preset("wan21_14b")))
     for name, cfg in configs:
         plan = pyramid_plan(q, k, config=cfg)
         ref = pyramid_attention_ref(q, k, v, plan, upcast=False, chunk_rows=512)
-        out = pyramid_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan=plan, backend="triton").float()
+        lo = [t.to(torch.bfloat16 if dev.type == "cuda" else torch.float16) for t in (q, k, v)]
+        out = pyramid_attention(*lo, plan=plan, backend="triton").float()
+        # the kernel's own error: against the float64 reference on the same bf16-rounded inputs
+        ref_lo = pyramid_attention_ref(*lo, plan, upcast=True, chunk_rows=256).float()
         rel = ((ref - dense).norm() / dense.norm()).item()
         cos = F.cosine_similarity(ref.flatten(), dense.flatten(), dim=0).item()
-        kerr = ((out - ref).norm() / ref.norm()).item()
-        row = dict(config=name, density=plan.density().mean().item(), rel_l2=rel, cosine=cos, kernel_vs_ref_rel_l2=kerr)
-        log("  " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()))
+        kerr = ((out - ref_lo).norm() / ref_lo.norm().clamp_min(1e-30)).item()
+        row = dict(
+            config=name,
+            order=_order(),
+            density=plan.density().mean().item(),
+            rel_l2=rel,
+            cosine=cos,
+            kernel_vs_ref_rel_l2=kerr,
+        )
+        log(
+            "  "
+            + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items())
+        )
         rows.append(row)
     return rows
 
@@ -131,21 +185,32 @@ def error_table(quick: bool, log=print) -> list[dict]:
 def _markdown(env, speed_rows, err_rows) -> str:
     out = [f"# PSA benchmark on {env['device_name']} (torch {env['torch']}, triton {env.get('triton')})", ""]
     if speed_rows:
-        out += ["efficiency = (cuDNN time / kernel time) x density (ideal speedup = 1 / density).", "",
-                "| shape | preset | rho | kernel ms | plan ms | e2e ms | cuDNN ms | flash ms | flex ms | kernel x cuDNN | "
-                "e2e x cuDNN | efficiency | plan / kernel |", "|" + "---|" * 13]
+        out += [
+            "efficiency = (cuDNN time / kernel time) x density (ideal speedup = 1 / density).",
+            "",
+            "| shape | preset | rho | kernel ms | plan ms | e2e ms | cuDNN ms | flash ms | flex ms | kernel x cuDNN | "
+            "e2e x cuDNN | efficiency | plan / kernel |",
+            "|" + "---|" * 13,
+        ]
         for r in speed_rows:
-            f = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
-            out.append(f"| {r['shape']} | {r['preset']} | {r['density']:.3f} | {f('kernel_ms')} | {f('plan_ms')} | "
-                       f"{f('end_to_end_ms')} | {f('cudnn_ms')} | {f('flash_ms')} | {f('flex_kept_blocks_ms')} | "
-                       f"{f('kernel_speedup_vs_cudnn')} | {f('e2e_speedup_vs_cudnn')} | {f('efficiency_vs_cudnn')} | "
-                       f"{f('plan_fraction_of_kernel')} |")
+            f = lambda key, r=r: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
+            out.append(
+                f"| {r['shape']} | {r['preset']} | {r['density']:.3f} | {f('kernel_ms')} | {f('plan_ms')} | "
+                f"{f('end_to_end_ms')} | {f('cudnn_ms')} | {f('flash_ms')} | {f('flex_kept_blocks_ms')} | "
+                f"{f('kernel_speedup_vs_cudnn')} | {f('e2e_speedup_vs_cudnn')} | {f('efficiency_vs_cudnn')} | "
+                f"{f('plan_fraction_of_kernel')} |"
+            )
         out.append("")
     if err_rows:
-        out += ["| config | rho | rel L2 to dense | cosine | kernel vs reference (rel L2) |", "|---|---|---|---|---|"]
+        out += [
+            "| config | rho | rel L2 to dense | cosine | kernel vs reference (rel L2) |",
+            "|---|---|---|---|---|",
+        ]
         for r in err_rows:
-            out.append(f"| {r['config']} | {r['density']:.3f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} | "
-                       f"{r['kernel_vs_ref_rel_l2']:.2e} |")
+            out.append(
+                f"| {r['config']} | {r['density']:.3f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} | "
+                f"{r['kernel_vs_ref_rel_l2']:.2e} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -156,21 +221,27 @@ def main(argv=None) -> int:
     p.add_argument("--skip-error", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--presets", default="default,wan21_14b,wan21_1p3b_topk")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the script (TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_pyramid needs a CUDA GPU")
+    if a.smoke:
+        SHAPES["wan21_1p3b_480p"] = (1, 2, (2, 8, 16), 32)
+        a.quick = True
+    elif not torch.cuda.is_available():
+        print("bench_pyramid needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
         return 1
-    env = environment(torch.device("cuda"))
+    env = environment(_device())
     presets = a.presets.split(",")
     speed_rows = []
     if not a.skip_speed:
-        for shape in (["wan21_1p3b_480p"] if a.quick else list(SHAPES)):
+        for shape in ["wan21_1p3b_480p"] if a.quick else list(SHAPES):
             speed_rows += speed(shape, presets if shape == "wan21_1p3b_480p" else presets[:2], a.quick)
     err_rows = [] if a.skip_error else error_table(a.quick)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "pyramid_" + env["device_name"].split()[-1].lower().replace("/", "_")
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "speed": speed_rows, "error": err_rows}, indent=2))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"environment": env, "speed": speed_rows, "error": err_rows}, indent=2)
+    )
     (out / f"{stem}.md").write_text(_markdown(env, speed_rows, err_rows))
     print(f"wrote {out / stem}.json and .md")
     return 0

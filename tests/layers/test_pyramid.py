@@ -13,7 +13,7 @@ def test_layer_triton_matches_torch_and_reuses_plan(device):
     torch.manual_seed(0)
     cfg = PyramidConfig(block_q=32, block_k=32)
     layer = PyramidAttention(64, 4, config=cfg, qk_norm="rms", backend="triton").to(device)
-    x = torch.randn(2, 150, 64, device=device, requires_grad=True)
+    x = torch.randn(1, 100, 64, device=device, requires_grad=True)
     out, plan = layer(x, return_plan=True)
     layer.backend = "torch"
     ref = layer(x, plan=plan)

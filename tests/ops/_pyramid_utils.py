@@ -19,8 +19,10 @@ def cdiv(a, b):
 def geometry(N, bq, bk, seg=None, b=0):
     """(query tile row ranges, kv block token ranges) of sample ``b``; ``seg`` = (vs, nv, ts, tlen, valid list|None)."""
     if seg is None:
-        return ([range(i * bq, min((i + 1) * bq, N)) for i in range(cdiv(N, bq))],
-                [range(j * bk, min((j + 1) * bk, N)) for j in range(cdiv(N, bk))])
+        return (
+            [range(i * bq, min((i + 1) * bq, N)) for i in range(cdiv(N, bq))],
+            [range(j * bk, min((j + 1) * bk, N)) for j in range(cdiv(N, bk))],
+        )
     vs, nv, ts, tlen, valid = seg
     tv = tlen if valid is None else valid[b]
     qt = [range(vs + i * bq, min(vs + (i + 1) * bq, vs + nv)) for i in range(cdiv(nv, bq))]
@@ -75,7 +77,7 @@ def expanded_oracle(q, k, v, lmap, bq, bk, seg=None, scale=None, causal=False):
                     if m == 0 or not toks:
                         continue
                     for g0 in range(0, len(toks), m):
-                        grp = toks[g0:g0 + m]
+                        grp = toks[g0 : g0 + m]
                         km, vm = kd[b, grp, h].mean(0), vd[b, grp, h].mean(0)
                         for _ in grp:  # every token replaced by its group mean
                             keys.append(km)
@@ -105,4 +107,13 @@ def max_abs(a, b):
     return (a.double().cpu() - b.double().cpu()).abs().max().item()
 
 
-__all__ = ["cdiv", "geometry", "random_level_map", "lists_from_map", "expanded_oracle", "rel_l2", "max_abs", "math"]
+__all__ = [
+    "cdiv",
+    "geometry",
+    "random_level_map",
+    "lists_from_map",
+    "expanded_oracle",
+    "rel_l2",
+    "max_abs",
+    "math",
+]

@@ -49,7 +49,9 @@ def _oracle(q, k, v, kv_index, kv_count, bq, bk, seg, rect_scale=None, rect_bias
                     lse[b, h, r] = torch.logsumexp(s, -1)
                     out[b, r, h] = torch.softmax(s, -1) @ vd[b, kk, h]
                 if rect_scale is not None:
-                    out[b, r, h] = out[b, r, h] * rect_scale[ib, ih, i].double() + rect_bias[ib, ih, i].double()
+                    out[b, r, h] = (
+                        out[b, r, h] * rect_scale[ib, ih, i].double() + rect_bias[ib, ih, i].double()
+                    )
     return out, lse
 
 
@@ -85,7 +87,11 @@ def test_segments_match_oracle(device, nv, tlen, pos, valid, bq, bk, B, H, rect)
     D = 16
     N = nv + tlen
     q, k, v = (torch.randn(B, N, H, D, generator=gen).to(torch.float32) for _ in range(3))
-    tv = None if valid is None else torch.tensor(valid if isinstance(valid, list) else [valid] * B, dtype=torch.int32)
+    tv = (
+        None
+        if valid is None
+        else torch.tensor(valid if isinstance(valid, list) else [valid] * B, dtype=torch.int32)
+    )
     vs, ts = (tlen, 0) if pos == "start" else (0, nv)
     seg = Segments(vs, nv, ts, tlen, tv)
     nq, nk = seg.num_q_tiles(bq), seg.num_kv_blocks(bk)
@@ -94,16 +100,25 @@ def test_segments_match_oracle(device, nv, tlen, pos, valid, bq, bk, B, H, rect)
     if rect:
         rs = torch.rand(B, 1, nq, generator=gen) + 0.5
         rb = torch.randn(B, 1, nq, D, generator=gen)
-    out, lse = block_sparse_fwd(q.to(device), k.to(device), v.to(device), idx.to(device), cnt.to(device), bq, bk,
-                                D**-0.5, segments=seg._replace(text_valid=None if tv is None else tv.to(device)),
-                                rect_scale=None if rs is None else rs.to(device),
-                                rect_bias=None if rb is None else rb.to(device))
+    out, lse = block_sparse_fwd(
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        idx.to(device),
+        cnt.to(device),
+        bq,
+        bk,
+        D**-0.5,
+        segments=seg._replace(text_valid=None if tv is None else tv.to(device)),
+        rect_scale=None if rs is None else rs.to(device),
+        rect_bias=None if rb is None else rb.to(device),
+    )
     eo, el = _oracle(q, k, v, idx, cnt, bq, bk, seg, rs, rb)
     # padded text query rows: finite, ignored
     rows_ok = torch.ones(B, N, dtype=torch.bool)
     if tv is not None:
         for b in range(B):
-            rows_ok[b, ts + int(tv[b]): ts + tlen] = False
+            rows_ok[b, ts + int(tv[b]) : ts + tlen] = False
     assert torch.isfinite(out).all()
     assert_close("out", out.cpu()[rows_ok], eo[rows_ok], dtype=torch.float32)
     assert_close("lse", lse.cpu().transpose(1, 2)[rows_ok], el.transpose(1, 2)[rows_ok], dtype=torch.float32)
@@ -127,7 +142,17 @@ def test_rect_epilogue_without_segments(device):
     idx, cnt = _random_lists(1, H, nq, nk, gen)
     rs = torch.rand(1, H, nq, generator=gen)
     rb = torch.randn(1, H, nq, D, generator=gen)
-    out, _ = block_sparse_fwd(q.to(device), k.to(device), v.to(device), idx.to(device), cnt.to(device), bq, bk,
-                              D**-0.5, rect_scale=rs.to(device), rect_bias=rb.to(device))
+    out, _ = block_sparse_fwd(
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        idx.to(device),
+        cnt.to(device),
+        bq,
+        bk,
+        D**-0.5,
+        rect_scale=rs.to(device),
+        rect_bias=rb.to(device),
+    )
     eo, _ = _oracle(q, k, v, idx, cnt, bq, bk, Segments(0, N, N, 0, None), rs, rb)
     assert_close("out", out.cpu(), eo, dtype=torch.float32)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visattn.ops import PyramidConfig, PyramidPlan, SequenceLayout, pyramid_attention, pyramid_attention_ref, pyramid_plan
+from visattn.ops import (
+    PyramidConfig,
+    PyramidPlan,
+    SequenceLayout,
+    pyramid_attention,
+    pyramid_attention_ref,
+    pyramid_plan,
+)
 
 from ._block_sparse_utils import assert_close, assert_no_nan
 from ._pyramid_utils import cdiv, random_level_map
@@ -21,8 +28,11 @@ DTYPES = [torch.float16, torch.bfloat16]
 
 
 def _fwd_bwd(fn, leaves, plan, dout, w, finite, **kw):
-    out, lse = fn(*leaves, plan=plan, return_lse=True, **kw) if fn is pyramid_attention else \
-        fn(*leaves, plan, return_lse=True, **kw)
+    out, lse = (
+        fn(*leaves, plan=plan, return_lse=True, **kw)
+        if fn is pyramid_attention
+        else fn(*leaves, plan, return_lse=True, **kw)
+    )
     l_ = torch.where(finite, lse.double(), torch.zeros_like(lse, dtype=torch.float64))
     loss = (out.double() * dout).sum() + (l_ * w).sum()
     return out, lse, torch.autograd.grad(loss, leaves)
@@ -47,16 +57,24 @@ def _check(q, k, v, plan, dtype, grads=True, rows_ok=None, **kw):
     assert_close("out", sel(out), sel(ro), dtype=dtype, low_ref=sel(lo))
     assert_close("lse", sel_l(lse), sel_l(rl), dtype=dtype, low_ref=sel_l(ll))
     if grads:
-        for name, a, b, c in zip(("dq", "dk", "dv"), g, rg, lg):
+        for name, a, b, c in zip(("dq", "dk", "dv"), g, rg, lg, strict=False):
             assert_close(name, a, b, dtype=dtype, low_ref=c, grad=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", [64, 96, 128])
-@pytest.mark.parametrize("bq, bk, factors", [
-    (128, 128, (1, 2, 4, 8)), (128, 64, (1, 8)), (64, 32, (4, 8)), (128, 32, (1, 2, 4, 8)), (64, 64, (8,)),
-    (128, 128, (1,)), (128, 64, (1, 2)),
-])
+@pytest.mark.parametrize(
+    "bq, bk, factors",
+    [
+        (128, 128, (1, 2, 4, 8)),
+        (128, 64, (1, 8)),
+        (64, 32, (4, 8)),
+        (128, 32, (1, 2, 4, 8)),
+        (64, 64, (8,)),
+        (128, 128, (1,)),
+        (128, 64, (1, 2)),
+    ],
+)
 def test_random_plans_real_sizes(dtype, D, bq, bk, factors):
     B, N, H = 2, 4097, 3
     q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -67,13 +85,17 @@ def test_random_plans_real_sizes(dtype, D, bq, bk, factors):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("pos, text_len", [("end", 256), ("start", 226)])
 def test_planned_text_segments(dtype, pos, text_len):
-    lay = SequenceLayout((4, 30, 52), text_len=text_len, text_position=pos,
-                         text_valid_len=torch.tensor([text_len, 77], device="cuda"))
+    lay = SequenceLayout(
+        (4, 30, 52),
+        text_len=text_len,
+        text_position=pos,
+        text_valid_len=torch.tensor([text_len, 77], device="cuda"),
+    )
     N = lay.seq_len
     q, k, v = (torch.randn(2, N, 2, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     plan = pyramid_plan(q, k, config=PyramidConfig.from_preset("wan21_14b"), seq_layout=lay)
     rows_ok = torch.ones(2, N, dtype=torch.bool, device="cuda")
-    rows_ok[1, lay.text_start + 77: lay.text_start + text_len] = False
+    rows_ok[1, lay.text_start + 77 : lay.text_start + text_len] = False
     _check(q, k, v, plan, dtype, rows_ok=rows_ok, seq_layout=lay)
 
 
@@ -94,7 +116,11 @@ def test_large_forward(dtype):
 def test_planning_and_attention_do_not_sync():
     q, k, v = (torch.randn(1, 8192, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     lay = SequenceLayout((2, 64, 60), text_len=512, text_valid_len=torch.tensor([300], device="cuda"))
-    for cfg in (PyramidConfig(), PyramidConfig.from_preset("wan21_1p3b"), PyramidConfig.from_preset("qwen25vl_videomme")):
+    for cfg in (
+        PyramidConfig(),
+        PyramidConfig.from_preset("wan21_1p3b"),
+        PyramidConfig.from_preset("qwen25vl_videomme"),
+    ):
         pyramid_attention(q, k, v, config=cfg, seq_layout=None if cfg.causal else lay)  # warm-up / compile
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -124,7 +150,9 @@ def test_cuda_graph_capture_of_plan_and_attention():
 
 
 def test_torch_compile_fullgraph_with_a_plan():
-    q, k, v = (torch.randn(1, 2048, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(1, 2048, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3)
+    )
     plan = pyramid_plan(q, k, config=PyramidConfig())
 
     @torch.compile(fullgraph=True)

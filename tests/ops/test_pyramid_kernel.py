@@ -28,9 +28,21 @@ def _run(device, q, k, v, lmap, bq, bk, seg=None, causal=False, gen=None, order=
     tile_order = None
     if order:  # heavy tiles first
         tile_order = (lp[..., 4]).argsort(dim=-1, descending=True, stable=True).to(torch.int32).to(device)
-    out, lse = block_sparse_fwd(q.to(device), kd, vd, idx.to(device), lp[..., 4].to(device), bq, bk, q.shape[-1] ** -0.5,
-                                level_ptr=lp.to(device), pyramid=pyr, segments=segments, causal=causal,
-                                tile_order=tile_order)
+    out, lse = block_sparse_fwd(
+        q.to(device),
+        kd,
+        vd,
+        idx.to(device),
+        lp[..., 4].to(device),
+        bq,
+        bk,
+        q.shape[-1] ** -0.5,
+        level_ptr=lp.to(device),
+        pyramid=pyr,
+        segments=segments,
+        causal=causal,
+        tile_order=tile_order,
+    )
     return out.cpu(), lse.cpu()
 
 
@@ -45,13 +57,23 @@ def _check(out, lse, eo, el, tol=2e-5, rows_ok=None):
     assert max_abs(lse[fin], el[fin]) < tol
 
 
-@pytest.mark.parametrize("bk, factors, pool_n", [
-    (16, (1,), 16), (32, (1, 2), 32), (64, (1, 2, 4, 8), 16), (32, (8,), 32), (64, (8,), 32), (32, (4, 8), 16),
-    (16, (1, 2, 4, 8), 32),
-])
+@pytest.mark.parametrize(
+    "bk, factors, pool_n",
+    [
+        (16, (1,), 16),
+        (32, (1, 2), 32),
+        (64, (1, 2, 4, 8), 16),
+        (32, (8,), 32),
+        (64, (8,), 32),
+        (32, (4, 8), 16),
+        (16, (1, 2, 4, 8), 32),
+    ],
+)
 def test_levels_match_expanded_oracle(device, bk, factors, pool_n, monkeypatch):
     # b_k = 64 with x8 and b_k = 32 with x4/x8 are upstream's merge-bug cases (P < T_n / 2)
-    monkeypatch.setitem(_configs.OVERRIDES, "pyramid_fwd", _configs.TileConfig(32, 32, 4, 1, True, True, pool_n))
+    monkeypatch.setitem(
+        _configs.OVERRIDES, "pyramid_fwd", _configs.TileConfig(32, 32, 4, 1, True, True, pool_n)
+    )
     gen = torch.Generator().manual_seed(bk * 7 + len(factors) + pool_n)
     B, N, H, D, bq = 2, 181, 2, 16, 32
     q, k, v = (torch.randn(B, N, H, D, generator=gen) for _ in range(3))
@@ -62,7 +84,9 @@ def test_levels_match_expanded_oracle(device, bk, factors, pool_n, monkeypatch):
 
 @pytest.mark.parametrize("block_n", [16, 64])
 def test_level1_tiles_wider_and_narrower_than_blocks(device, block_n, monkeypatch):
-    monkeypatch.setitem(_configs.OVERRIDES, "pyramid_fwd", _configs.TileConfig(16, block_n, 4, 1, True, True, 16))
+    monkeypatch.setitem(
+        _configs.OVERRIDES, "pyramid_fwd", _configs.TileConfig(16, block_n, 4, 1, True, True, 16)
+    )
     gen = torch.Generator().manual_seed(block_n)
     B, N, H, D, bq, bk = 1, 150, 1, 32, 32, 32
     q, k, v = (torch.randn(B, N, H, D, generator=gen) for _ in range(3))
@@ -86,7 +110,7 @@ def test_levels_with_text_segments(device, pos, valid):
     rows_ok = torch.ones(B, N, dtype=torch.bool)
     if valid is not None:
         for b in range(B):
-            rows_ok[b, ts + valid[b]: ts + tlen] = False
+            rows_ok[b, ts + valid[b] : ts + tlen] = False
     _check(out, lse, *expanded_oracle(q, k, v, lmap, bq, bk, seg=seg), rows_ok=rows_ok)
 
 
@@ -118,6 +142,6 @@ def test_pool_levels_are_exact_group_means(device):
         for j in range(nb):
             toks = list(range(j * bk, min((j + 1) * bk, N)))
             for g in range(cdiv(len(toks), m)):
-                grp = toks[g * m:(g + 1) * m]
+                grp = toks[g * m : (g + 1) * m]
                 want = k[0, grp, 0].double().mean(0)
                 assert max_abs(pyr.k[0, off + j * P + g, 0].cpu(), want) < 1e-6

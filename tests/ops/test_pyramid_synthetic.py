@@ -29,7 +29,9 @@ def test_error_falls_with_density_and_multilevel_beats_binary(qkv):
     ml_err, bin_err = [], []
     for rho in (0.1, 0.25, 0.4):
         a = rho / 1.5  # quotas a at x1, a/2 at x2, 2a at x8: rho = a + a/4 + a/4
-        ml = PyramidConfig(block_q=64, block_k=32, levels={1: a, 2: 1.5 * a, 4: 1.5 * a, 8: 3.5 * a}, align="none")
+        ml = PyramidConfig(
+            block_q=64, block_k=32, levels={1: a, 2: 1.5 * a, 4: 1.5 * a, 8: 3.5 * a}, align="none"
+        )
         bi = PyramidConfig(block_q=64, block_k=32, levels={1: rho}, align="none")
         d_ml, e_ml = _err(q, k, v, dense, ml)
         d_bi, e_bi = _err(q, k, v, dense, bi)
@@ -38,12 +40,12 @@ def test_error_falls_with_density_and_multilevel_beats_binary(qkv):
         bin_err.append(e_bi)
     assert ml_err == sorted(ml_err, reverse=True), ml_err
     assert bin_err == sorted(bin_err, reverse=True), bin_err
-    assert all(a < b for a, b in zip(ml_err, bin_err)), (ml_err, bin_err)
+    assert all(a < b for a, b in zip(ml_err, bin_err, strict=False)), (ml_err, bin_err)
 
 
 def test_generator_is_seeded_and_local():
     a = local_qkv((2, 8, 8), heads=1, head_dim=16, order="raster", seed=3)
     b = local_qkv((2, 8, 8), heads=1, head_dim=16, order="raster", seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
     q, k, _ = local_qkv((4, 12, 12), heads=1, head_dim=64, order="raster", kinds=("local",))
     assert neighbourhood_mass(q, k, (4, 12, 12), rows=64) > 27 / (4 * 144) * 5  # far above uniform

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from visattn.kernels import _configs
-from visattn.ops import PyramidConfig, PyramidPlan, SequenceLayout, pyramid_attention, pyramid_attention_ref, pyramid_plan
+from visattn.ops import (
+    PyramidConfig,
+    PyramidPlan,
+    SequenceLayout,
+    pyramid_attention,
+    pyramid_attention_ref,
+    pyramid_plan,
+)
 
 from ._pyramid_utils import cdiv, max_abs, random_level_map
 
@@ -30,9 +37,19 @@ def _compare(device, q, k, v, plan, lay=None, layout="BNHD", rows_ok=None):
     do = torch.randn(q.shape, generator=g).to(device)
     B, H = q.shape[0], q.shape[2] if layout == "BNHD" else q.shape[1]
     dl = torch.randn(B, H, q.shape[1] if layout == "BNHD" else q.shape[2], generator=g).to(device)
-    got = _grads(lambda: pyramid_attention(q, k, v, plan=plan, seq_layout=lay, layout=layout, backend="triton",
-                                           return_lse=True), q, k, v, do, dl)
-    want = _grads(lambda: pyramid_attention_ref(q, k, v, plan, layout=layout, return_lse=True), q, k, v, do, dl)
+    got = _grads(
+        lambda: pyramid_attention(
+            q, k, v, plan=plan, seq_layout=lay, layout=layout, backend="triton", return_lse=True
+        ),
+        q,
+        k,
+        v,
+        do,
+        dl,
+    )
+    want = _grads(
+        lambda: pyramid_attention_ref(q, k, v, plan, layout=layout, return_lse=True), q, k, v, do, dl
+    )
     if rows_ok is not None:  # padded text query rows: finite, ignored
         assert torch.isfinite(got[0]).all()
         got = (got[0][rows_ok], got[1].transpose(1, 2)[rows_ok], got[2])
@@ -40,15 +57,18 @@ def _compare(device, q, k, v, plan, lay=None, layout="BNHD", rows_ok=None):
     assert max_abs(got[0], want[0]) < TOL
     fin = torch.isfinite(want[1])
     assert torch.equal(torch.isfinite(got[1]), fin) and max_abs(got[1][fin], want[1][fin]) < TOL
-    for name, a, b in zip("qkv", got[2], want[2]):
+    for name, a, b in zip("qkv", got[2], want[2], strict=False):
         assert max_abs(a, b) < 4 * TOL, f"d{name}"
 
 
-@pytest.mark.parametrize("N, bq, bk, factors, layout", [
-    (150, 32, 16, (1, 2, 4, 8), "BNHD"),
-    (97, 16, 32, (4, 8), "BHND"),  # upstream's merge-bug case b_k = 32 with x4/x8
-    (130, 32, 64, (1, 8), "BNHD"),  # b_k = 64 with x8
-])
+@pytest.mark.parametrize(
+    "N, bq, bk, factors, layout",
+    [
+        (150, 32, 16, (1, 2, 4, 8), "BNHD"),
+        (97, 16, 32, (4, 8), "BHND"),  # upstream's merge-bug case b_k = 32 with x4/x8
+        (130, 32, 64, (1, 8), "BNHD"),  # b_k = 64 with x8
+    ],
+)
 def test_triton_matches_reference_random_plans(device, N, bq, bk, factors, layout):
     g = torch.Generator().manual_seed(N)
     B, H, D = 2, 2, 16
@@ -67,16 +87,24 @@ def test_triton_text_segments_with_valid_lengths(device, pos):
     cfg = PyramidConfig(block_q=32, block_k=16, levels={1: 0.2, 2: 0.4, 4: 0.6, 8: 0.8}, align="none")
     plan = pyramid_plan(q, k, config=cfg, seq_layout=lay)
     rows_ok = torch.ones(2, N, dtype=torch.bool)
-    rows_ok[1, lay.text_start + 7: lay.text_start + 23] = False
-    _compare(device, q, k, v, plan, lay=lay.replace(text_valid_len=lay.text_valid_len.to(device)), rows_ok=rows_ok)
+    rows_ok[1, lay.text_start + 7 : lay.text_start + 23] = False
+    _compare(
+        device, q, k, v, plan, lay=lay.replace(text_valid_len=lay.text_valid_len.to(device)), rows_ok=rows_ok
+    )
 
 
 def test_triton_causal_variant(device):
     g = torch.Generator().manual_seed(4)
     N = 120
     q, k, v = (torch.randn(1, N, 2, 16, generator=g) for _ in range(3))
-    cfg = PyramidConfig(block_q=16, block_k=32, levels={1: 0.3, 2: 0.5, 4: 0.7, 8: 0.9}, align="none", causal=True,
-                        mode="thresholdbound")
+    cfg = PyramidConfig(
+        block_q=16,
+        block_k=32,
+        levels={1: 0.3, 2: 0.5, 4: 0.7, 8: 0.9},
+        align="none",
+        causal=True,
+        mode="thresholdbound",
+    )
     _compare(device, q, k, v, pyramid_plan(q, k, config=cfg))
 
 
@@ -91,7 +119,9 @@ def test_triton_plans_itself_and_returns_plan(device):
 
 @pytest.mark.parametrize("pool_n, block_m", [(64, 16), (16, 32)])
 def test_triton_backward_tile_variants(device, pool_n, block_m, monkeypatch):
-    monkeypatch.setitem(_configs.OVERRIDES, "pyramid_bwd", _configs.TileConfig(block_m, 16, 4, 1, True, True, pool_n))
+    monkeypatch.setitem(
+        _configs.OVERRIDES, "pyramid_bwd", _configs.TileConfig(block_m, 16, 4, 1, True, True, pool_n)
+    )
     g = torch.Generator().manual_seed(pool_n)
     N, bq, bk = 100, 32, 32
     q, k, v = (torch.randn(1, N, 1, 16, generator=g) for _ in range(3))

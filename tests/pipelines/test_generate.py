@@ -53,7 +53,7 @@ def _gen(tmp_path, monkeypatch, tiny, method, *extra):
 @pytest.mark.parametrize(
     "tiny,method,extra",
     [
-        ("dit", "dense", ()),
+        ("dit", "dense", ("--warmup", "1")),
         ("unet", "dense", ()),
         ("flux", "neighborhood", ("--set", "backend=torch", "--set", "kernel_size=[3, 3]")),
         (
@@ -86,6 +86,7 @@ def test_generate_tiny(tmp_path, monkeypatch, tiny, method, extra):
         assert (out / f).is_file()
     assert rep["files"][0].startswith(f"{method}_seed0")
     assert rep["versions"]["diffusers"] and rep["config"]
+    assert len(rep["warmup_s"]) == (1 if tiny == "dit" else 0)
     if tiny == "wan":
         assert rep["layouts"] and rep["density"] < 1
         assert (
@@ -116,3 +117,38 @@ def test_generate_bad_input(tmp_path):
     with pytest.raises(SystemExit):
         main(["generate", "--method", "dense"])  # no source
     assert vp.list_methods()[:2] == ["dense", "neighborhood"] or "dense" in vp.list_methods()
+
+
+def test_generate_from_a_saved_pipeline_directory(tmp_path):
+    """``--model DIR`` loads with DiffusionPipeline.from_pretrained offline (a saved tiny DiTPipeline)."""
+    from visattn.pipelines._tiny_pipes import TinyDiT
+
+    TinyDiT(sample_size=8).pipe.save_pretrained(tmp_path / "dit")
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "dit"),
+            "--method",
+            "neighborhood",
+            "--set",
+            "backend=torch",
+            "--set",
+            "kernel_size=[3,3]",
+            "--steps",
+            "2",
+            "--guidance",
+            "2.0",
+            "--class-label",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--offline",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["source"] == str(tmp_path / "dit") and rep["total_calls"] == 2 * 2 and rep["fallbacks"] == {}
+    assert (out / "neighborhood_seed0.png").is_file()

@@ -123,35 +123,6 @@ def test_layouts_recorded(tiny):
         assert h.context.latent_hw["unet"] == (16, 16)
 
 
-def test_compile_fullgraph_flux():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from visattn.pipelines.tiny import tiny_inputs, tiny_model
-
-    torch._dynamo.reset()
-    model = tiny_model("flux")
-    inputs = tiny_inputs("flux", size=8)
-    with torch.no_grad():
-        ref = model(**inputs)[0]
-    h = vp.apply(model, "dense")
-    try:
-        with torch.no_grad():
-            model(**inputs)  # eager warm-up fills the context
-            counters.clear()
-            model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-            outs = []
-            for t in (1.0, 0.5, 0.25):
-                outs.append(model(**{**inputs, "timestep": torch.tensor([t])})[0])
-        graphs = counters["stats"]["unique_graphs"]
-        assert graphs >= 2, "the blocks were not compiled"
-        assert graphs <= 2 + 2, f"{graphs} graphs for 2 block classes (at most 2 recompiles allowed)"
-        torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
-    finally:
-        h.remove()
-        torch._dynamo.reset()
-
-
 def test_two_experts_share_one_context():
     """Wan 2.2: ``transformer`` and ``transformer_2`` share the step index (the scheduler's)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -175,3 +146,36 @@ def test_two_experts_share_one_context():
             seen.append((h.context.step_index, h.context.expert))
             pipe.scheduler.step(out, t, x["hidden_states"])
     assert seen == [(0, "transformer"), (1, "transformer"), (2, "transformer_2"), (3, "transformer_2")]
+
+
+def test_compile_fullgraph_flux_neighborhood_schedule():
+    """``torch.compile(fullgraph=True)`` of the tiny Flux's blocks with visattn processors after an eager
+    warm-up: dense step 0, then sparse; one graph per block class and branch (a recompile each)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import visattn
+    from visattn.pipelines.tiny import tiny_inputs, tiny_model
+
+    torch._dynamo.reset()
+    model = tiny_model("flux")
+    inputs = tiny_inputs("flux", size=8)
+    ts = [torch.tensor([t]) for t in (1.0, 0.5, 0.25)]
+    with torch.no_grad():
+        ref = model(**{**inputs, "timestep": ts[0]})[0]  # diffusers' default processors
+    h = vp.apply(model, "neighborhood", kernel_size=(3, 5), backend="torch", dense_steps=(0,), stats=True)
+    try:
+        with torch.no_grad(), visattn.use_backend("torch"):
+            eager = [model(**{**inputs, "timestep": t})[0] for t in ts[:2]]  # warm-up: dense, then sparse
+            counters.clear()
+            model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+            outs = [model(**{**inputs, "timestep": t})[0] for t in ts]  # a new generation (rising t)
+        graphs = counters["stats"]["unique_graphs"]
+        assert 2 <= graphs <= 4, f"{graphs} graphs: expected one per block class and dense/sparse branch"
+        assert [h.context.step_index, h.context.dense_step] == [2, False]
+        torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)  # the dense step
+        torch.testing.assert_close(outs[0], eager[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[1], eager[1], atol=1e-5, rtol=1e-5)
+    finally:
+        h.remove()
+        torch._dynamo.reset()

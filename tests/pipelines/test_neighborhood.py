@@ -217,3 +217,26 @@ def test_bad_targets_and_double_apply(tiny):
             vp.apply(model, "neighborhood")
     finally:
         h.remove()
+
+
+def test_op_that_cannot_run_falls_back_unless_a_backend_was_named(tiny, monkeypatch):
+    import visattn.pipelines.neighborhood as nb
+
+    def cannot_run(*args, backend=None, **kwargs):
+        raise NotImplementedError(
+            "No visattn backend can run neighborhood attention for these inputs.\n"
+            "  backend 'triton':\n    - head dims up to 256 are supported"
+        )
+
+    monkeypatch.setattr(nb, "neighborhood_attention", cannot_run)
+    model = tiny("wan")
+    inputs = tiny_inputs("wan", size=8)
+    ref = _run(model, inputs)
+    with visattn.use_backend("auto"), vp.apply(model, "neighborhood", kernel_size=(1, 3, 3), stats=True) as h:
+        out = _run(model, inputs)
+        reason = "neighborhood: the op cannot run these inputs (head dims up to 256 are supported)"
+        assert h.stats()["fallbacks"] == {reason: 2}
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with vp.apply(model, "neighborhood", kernel_size=(1, 3, 3), backend="triton"):
+        with pytest.raises(NotImplementedError, match="head dims up to 256"):
+            _run(model, inputs)

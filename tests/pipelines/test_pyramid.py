@@ -85,3 +85,16 @@ def test_presets_and_config_errors():
         PyramidPipelineConfig(backend="cuda")
     with pytest.raises(ValueError, match="block_k"):
         PyramidPipelineConfig(block_k=48)
+
+
+def test_gilbert_preset_installs_the_token_order_or_counts_raster(tiny):
+    import importlib.util
+
+    model = tiny("wan")
+    inputs = tiny_inputs("wan", size=16)
+    with vp.apply(model, "pyramid", dict(_SPARSE, token_order="gilbert"), stats=True) as h:
+        out = _run(model, inputs)
+        calls = h.stats()["calls"]
+    assert torch.isfinite(out).all()
+    has_order = importlib.util.find_spec("visattn.ops._token_order") is not None
+    assert ("pyramid: raster order" in calls) != has_order, calls

@@ -39,7 +39,11 @@ def load_pipeline(args, dtype: torch.dtype, device: torch.device):
     from diffusers.utils import DummyObject
 
     local = Path(args.model).is_dir()
-    kw = dict(torch_dtype=dtype, revision=args.revision)
+    from diffusers.utils import deprecation_utils
+
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); earlier releases know only torch_dtype
+    dtype_key = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    kw = {dtype_key: dtype, "revision": args.revision}
     if args.offline or local:
         kw["local_files_only"] = True
     try:

@@ -108,9 +108,11 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
         clock = StepClock(handle)
         if args.compile:
             _compile(pipe)
+        warmup_s = []  # the first includes Triton JIT / autotune: reported apart from the timed run
         for _ in range(args.warmup):
             handle.reset()
-            run_pipeline(pipe, args, args.steps, device, clock, progress=False)
+            _, times, _ = run_pipeline(pipe, args, args.steps, device, clock, progress=False)
+            warmup_s.append(times["generate_s"])
         handle.reset()
         handle.context.stats.reset()
         if device.type == "cuda":
@@ -129,6 +131,7 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
             "config": dataclasses.asdict(cfg),
             "layouts": layouts,
             "apply_s": apply_s,
+            "warmup_s": warmup_s,
             **times,
             "attention_time_s": st["attention_time_s"] if stats else None,
             "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,

@@ -1,4 +1,7 @@
-"""Entry point of the ``visattn`` command: ``visattn {info,bench,train,validate,benchmark-models,generate} ...``."""
+"""Entry point of the ``visattn`` command.
+
+``visattn {info,bench,train,validate,benchmark-models,generate} ...``
+"""
 
 from __future__ import annotations
 

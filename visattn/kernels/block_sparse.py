@@ -5,15 +5,21 @@ For batch ``b``, head ``h`` and query tile ``i`` (``block_q`` rows) the forward 
 blocks. The backward runs two kernels without atomics (deterministic): dK/dV per key tile walking the
 transposed list (the query tiles that attend the block), and dQ per query tile walking the forward list.
 
-Extension points (PSA, Rectified): ``_entry_start`` turns a list entry into the first key of the
-tile it names (PSA adds a pooling level per entry); ``_attend_tile`` is the online-softmax body; the
-forward epilogue is ``_fwd_epilogue`` (Rectified adds its ``R`` scaling and pooled compensation).
+Extensions (interface C; each a constexpr flag that is off by default, so the plain path compiles to
+the same code): ``segments`` (:class:`Segments`: video tiles then text tiles, KV block ids mapped to
+per-segment token ranges, padded text keys never attended) - ``level_ptr`` + :class:`Pyramid` (PSA:
+entries grouped by pool factor 1/2/4/8; pooled entries run through ``_attend_level``'s general
+split/merge of ``block_k / m`` pooled keys into ``POOL_N``-lane execution tiles with a ``+ln c`` bias,
+``c`` the true group count) - ``causal`` (PSA's causal variant) - ``rect_scale``/``rect_bias``
+(Rectified's epilogue ``out = R * out + C`` per query tile) - ``tile_order`` (heavy tiles first).
 
 Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter on CPU). fp16, bf16 and fp32
 (fp32 dots run in IEEE precision); head dims up to 256 (non-powers of two are padded with masked
 lanes). ``block_q``/``block_k`` are powers of two >= 16. Kernel tiles divide the plan blocks: a
 block of 128 keys may run as two 64-key tiles. Key offsets beyond ``seq_k`` (the partial last block,
-or entries naming blocks out of range) are masked, so a bad plan cannot read out of bounds.
+or entries naming blocks out of range) are masked, so a bad plan cannot read out of bounds. The
+extensions (segments, levels, causal, rect, tile order) were written and tested under the Triton 3.9
+interpreter only; their GPU tests are ``tests/ops/test_pyramid_cuda.py``.
 """
 
 from __future__ import annotations
@@ -269,8 +275,8 @@ def _block_sparse_fwd_kernel(
                         text_start, n_vk, n_tk, 0, BLOCK_K, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
                         SEGMENTS, CAUSAL)
             else:
-                MF: tl.constexpr = 1 << lvl
-                P: tl.constexpr = BLOCK_K // MF
+                MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
+                P = BLOCK_K // MF
                 m_i, l_i, acc = _attend_level(
                     q, KP + b * stride_kpb + hk * stride_kph, VP + b * stride_vpb + hk * stride_vph,
                     stride_kpn, stride_vpn, idx_row0, stride_ij, e_prev, e_next - e_prev, rows_q, m_i, l_i, acc,

@@ -10,8 +10,9 @@ holds what only PSA needs:
   tiles of the transposed plan (no atomics), and the scatter of pooled gradients to tokens;
 - ``sampled_max_scores``: the sampled max-attention estimator (two passes, no [rows x n_k] scratch).
 
-Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter). fp16, bf16, fp32; head dims up to
-256; ``block_k`` a power of two >= 16 (32, 64, 128 in the op). No GQA.
+Caution/limits: tested under the Triton 3.9 interpreter only (GPU tests: ``tests/ops/test_pyramid_cuda.py``,
+not yet run). fp16, bf16, fp32; head dims up to 256; ``block_k`` a power of two >= 16 (32, 64, 128 in
+the op). No GQA.
 """
 
 from __future__ import annotations
@@ -27,8 +28,20 @@ POOL_FACTORS = (2, 4, 8)
 
 
 @triton.jit
-def _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K: tl.constexpr, MF: tl.constexpr,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+def _pool_level(
+    x,
+    start,
+    end,
+    out_base,
+    stride_on,
+    j,
+    n_blk,
+    offs_d,
+    BLOCK_K: tl.constexpr,
+    MF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
     P: tl.constexpr = BLOCK_K // MF
     sums = tl.sum(tl.reshape(x, (P, MF, HEAD_DIM_PAD)), axis=1)  # [P, D]
     g = tl.arange(0, P)
@@ -36,53 +49,101 @@ def _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K: t
     mean = sums / tl.maximum(cnt, 1).to(tl.float32)[:, None]
     rows = (n_blk * (BLOCK_K - 2 * P) + j * P + g).to(tl.int64)
     mask = (g[:, None] < P) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(out_base + rows[:, None] * stride_on + offs_d[None, :], mean.to(out_base.dtype.element_ty), mask=mask)
+    tl.store(
+        out_base + rows[:, None] * stride_on + offs_d[None, :], mean.to(out_base.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit(do_not_specialize=["seq_k", "n_blk", "video_start", "num_video", "text_start", "n_vk", "n_tk"])
 def _pyramid_pool_kernel(
-    K, V, KP, VP, TEXT_VALID,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_kpb, stride_kph, stride_kpn, stride_vpb, stride_vph, stride_vpn,
-    seq_k, n_heads, n_blk, video_start, num_video, text_start, n_vk, n_tk,
-    BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEGMENTS: tl.constexpr,
-    DO2: tl.constexpr, DO4: tl.constexpr, DO8: tl.constexpr,
+    K,
+    V,
+    KP,
+    VP,
+    TEXT_VALID,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_kpb,
+    stride_kph,
+    stride_kpn,
+    stride_vpb,
+    stride_vph,
+    stride_vpn,
+    seq_k,
+    n_heads,
+    n_blk,
+    video_start,
+    num_video,
+    text_start,
+    n_vk,
+    n_tk,
+    BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    DO2: tl.constexpr,
+    DO4: tl.constexpr,
+    DO8: tl.constexpr,
 ):
     j = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     text_valid = tl.load(TEXT_VALID + b) if SEGMENTS else 0
-    start, end = _entry_range(j, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K, SEGMENTS)
+    start, end = _entry_range(
+        j, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K, SEGMENTS
+    )
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = ((start + offs_n) < end)[:, None] & (offs_d[None, :] < HEAD_DIM)
     rows = start.to(tl.int64) + offs_n
     for which in tl.static_range(2):
         if which == 0:
-            x = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+            x = tl.load(
+                K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :],
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
             out_base = KP + b * stride_kpb + h * stride_kph
             stride_on = stride_kpn
         else:
-            x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+            x = tl.load(
+                V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :],
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
             out_base = VP + b * stride_vpb + h * stride_vph
             stride_on = stride_vpn
         if DO2:
-            _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 2, HEAD_DIM, HEAD_DIM_PAD)
+            _pool_level(
+                x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 2, HEAD_DIM, HEAD_DIM_PAD
+            )
         if DO4:
-            _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 4, HEAD_DIM, HEAD_DIM_PAD)
+            _pool_level(
+                x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 4, HEAD_DIM, HEAD_DIM_PAD
+            )
         if DO8:
-            _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 8, HEAD_DIM, HEAD_DIM_PAD)
+            _pool_level(
+                x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 8, HEAD_DIM, HEAD_DIM_PAD
+            )
 
 
 def num_kv_blocks(seq_k: int, block_k: int, segments: Segments | None) -> int:
     return triton.cdiv(seq_k, block_k) if segments is None else segments.num_kv_blocks(block_k)
 
 
-def pyramid_pool(k: torch.Tensor, v: torch.Tensor, block_k: int, *, segments: Segments | None = None,
-                 factors: tuple[int, ...] = POOL_FACTORS) -> Pyramid:
+def pyramid_pool(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_k: int,
+    *,
+    segments: Segments | None = None,
+    factors: tuple[int, ...] = POOL_FACTORS,
+) -> Pyramid:
     """Mean-pooled levels of K and V (``[B, N, H_kv, D]`` views) for the pool ``factors`` listed.
 
     Groups of ``m`` consecutive tokens never straddle blocks; a partial group averages its real
@@ -98,10 +159,31 @@ def pyramid_pool(k: torch.Tensor, v: torch.Tensor, block_k: int, *, segments: Se
     text_valid, seg, _ = _segment_args(segments, B, 16, block_k, k.device)
     vs, nv, ts, _, _, n_vk, n_tk = seg
     _pyramid_pool_kernel[(n_blk, B * Hk)](
-        k, v, kp, vp, text_valid, *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(kp), *_bhn_strides(vp),
-        Nk, Hk, n_blk, vs, nv, ts, n_vk, n_tk,
-        BLOCK_K=block_k, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), SEGMENTS=segments is not None,
-        DO2=2 in factors, DO4=4 in factors, DO8=8 in factors, num_warps=4 if block_k * D <= 8192 else 8,
+        k,
+        v,
+        kp,
+        vp,
+        text_valid,
+        *_bhn_strides(k),
+        *_bhn_strides(v),
+        *_bhn_strides(kp),
+        *_bhn_strides(vp),
+        Nk,
+        Hk,
+        n_blk,
+        vs,
+        nv,
+        ts,
+        n_vk,
+        n_tk,
+        BLOCK_K=block_k,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=head_dim_pad(D),
+        SEGMENTS=segments is not None,
+        DO2=2 in factors,
+        DO4=4 in factors,
+        DO8=8 in factors,
+        num_warps=4 if block_k * D <= 8192 else 8,
     )
     return Pyramid(kp, vp, n_blk)
 
@@ -111,8 +193,19 @@ def pyramid_pool(k: torch.Tensor, v: torch.Tensor, block_k: int, *, segments: Se
 
 
 @triton.jit
-def _q_tile_rows(tile, sub, seq_q, video_start, num_video, text_start, text_len, n_vq, BLOCK_Q: tl.constexpr,
-                 BLOCK_M: tl.constexpr, SEGMENTS: tl.constexpr):
+def _q_tile_rows(
+    tile,
+    sub,
+    seq_q,
+    video_start,
+    num_video,
+    text_start,
+    text_len,
+    n_vq,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+):
     """(first row, end of valid rows) of sub-tile ``sub`` of query tile ``tile`` (the forward's mapping)."""
     if SEGMENTS:
         is_text = tile >= n_vq
@@ -124,19 +217,86 @@ def _q_tile_rows(tile, sub, seq_q, video_start, num_video, text_start, text_len,
     return seg_start + sub * BLOCK_M, seg_end
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_kv", "video_start", "num_video", "text_start", "text_len",
-                               "n_vq", "n_vk", "n_tk", "n_pool_blk"])
+@triton.jit(
+    do_not_specialize=[
+        "seq_q",
+        "seq_k",
+        "max_kv",
+        "video_start",
+        "num_video",
+        "text_start",
+        "text_len",
+        "n_vq",
+        "n_vk",
+        "n_tk",
+        "n_pool_blk",
+    ]
+)
 def _pyramid_bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ, KV_INDEX, LEVEL_PTR, KP, VP, TEXT_VALID,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    stride_ib, stride_ih, stride_ii, stride_ij, stride_lb, stride_lh, stride_li, stride_lj,
-    stride_kpb, stride_kph, stride_kpn, stride_vpb, stride_vph, stride_vpn,
-    seq_q, seq_k, n_heads, max_kv, sm_scale, sm_scale_log2,
-    video_start, num_video, text_start, text_len, n_vq, n_vk, n_tk, n_pool_blk,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, TN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SEGMENTS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DQ,
+    KV_INDEX,
+    LEVEL_PTR,
+    KP,
+    VP,
+    TEXT_VALID,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    stride_ib,
+    stride_ih,
+    stride_ii,
+    stride_ij,
+    stride_lb,
+    stride_lh,
+    stride_li,
+    stride_lj,
+    stride_kpb,
+    stride_kph,
+    stride_kpn,
+    stride_vpb,
+    stride_vph,
+    stride_vpn,
+    seq_q,
+    seq_k,
+    n_heads,
+    max_kv,
+    sm_scale,
+    sm_scale_log2,
+    video_start,
+    num_video,
+    text_start,
+    text_len,
+    n_vq,
+    n_vk,
+    n_tk,
+    n_pool_blk,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TN: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -144,8 +304,19 @@ def _pyramid_bwd_dq_kernel(
     h = (pid_bh % n_heads).to(tl.int64)
     SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
     tile = pid_m // SUBQ
-    start_m, row_end = _q_tile_rows(tile, pid_m % SUBQ, seq_q, video_start, num_video, text_start, text_len, n_vq,
-                                    BLOCK_Q, BLOCK_M, SEGMENTS)
+    start_m, row_end = _q_tile_rows(
+        tile,
+        pid_m % SUBQ,
+        seq_q,
+        video_start,
+        num_video,
+        text_start,
+        text_len,
+        n_vq,
+        BLOCK_Q,
+        BLOCK_M,
+        SEGMENTS,
+    )
     text_valid = tl.load(TEXT_VALID + b) if SEGMENTS else 0
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -163,8 +334,8 @@ def _pyramid_bwd_dq_kernel(
     offs_p = tl.arange(0, TN)
     e_prev = tl.minimum(tl.maximum(tl.load(lp_row), 0), max_kv)
     for lvl in tl.static_range(0, 4):
-        MF: tl.constexpr = 1 << lvl
-        P: tl.constexpr = BLOCK_K // MF
+        MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
+        P = BLOCK_K // MF
         e_next = tl.minimum(tl.maximum(tl.load(lp_row + (lvl + 1) * stride_lj), e_prev), max_kv)
         n_ent = e_next - e_prev
         if lvl == 0:
@@ -178,9 +349,26 @@ def _pyramid_bwd_dq_kernel(
             skn = stride_kpn
             svn = stride_vpn
         for t in range(0, (n_ent * P + TN - 1) // TN):
-            rows, cnt, last = _level_lanes(idx_row, stride_ij, e_prev, n_ent, t, offs_p, seq_k, text_valid,
-                                           video_start, num_video, text_start, n_vk, n_tk,
-                                           n_pool_blk * (BLOCK_K - 2 * P), BLOCK_K, MF, TN, SEGMENTS)
+            rows, cnt, last = _level_lanes(
+                idx_row,
+                stride_ij,
+                e_prev,
+                n_ent,
+                t,
+                offs_p,
+                seq_k,
+                text_valid,
+                video_start,
+                num_video,
+                text_start,
+                n_vk,
+                n_tk,
+                n_pool_blk * (BLOCK_K - 2 * P),
+                BLOCK_K,
+                MF,
+                TN,
+                SEGMENTS,
+            )
             ok = cnt > 0
             mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
             k = tl.load(k_base + rows[:, None] * skn + offs_d[None, :], mask=mask, other=0.0)
@@ -195,22 +383,96 @@ def _pyramid_bwd_dq_kernel(
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         e_prev = e_next
     dq *= sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn + offs_m[:, None] * stride_dqn
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        DQ
+        + b * stride_dqb
+        + h * stride_dqh
+        + start_m.to(tl.int64) * stride_dqn
+        + offs_m[:, None] * stride_dqn
+        + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "max_q", "video_start", "num_video", "text_start", "text_len",
-                               "n_vq", "n_vk", "n_tk", "n_pool_blk"])
+@triton.jit(
+    do_not_specialize=[
+        "seq_q",
+        "seq_k",
+        "max_q",
+        "video_start",
+        "num_video",
+        "text_start",
+        "text_len",
+        "n_vq",
+        "n_vk",
+        "n_tk",
+        "n_pool_blk",
+    ]
+)
 def _pyramid_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV, Q_INDEX, Q_COUNT, TEXT_VALID,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_ib, stride_ih, stride_il, stride_ij, stride_ii, stride_cb, stride_ch, stride_cl, stride_cj,
-    seq_q, seq_k, n_heads, max_q, sm_scale, sm_scale_log2,
-    video_start, num_video, text_start, text_len, n_vq, n_vk, n_tk, n_pool_blk,
-    LVL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, TNB: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SEGMENTS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DK,
+    DV,
+    Q_INDEX,
+    Q_COUNT,
+    TEXT_VALID,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_ib,
+    stride_ih,
+    stride_il,
+    stride_ij,
+    stride_ii,
+    stride_cb,
+    stride_ch,
+    stride_cl,
+    stride_cj,
+    seq_q,
+    seq_k,
+    n_heads,
+    max_q,
+    sm_scale,
+    sm_scale_log2,
+    video_start,
+    num_video,
+    text_start,
+    text_len,
+    n_vq,
+    n_vk,
+    n_tk,
+    n_pool_blk,
+    LVL: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TNB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """Gradients of the ``TNB`` pooled keys (factor ``2**LVL``) of one KV block over the query tiles
     that attend it at that level; K/V are the token tensors (``LVL == 0``) or the pooled buffers."""
@@ -224,7 +486,9 @@ def _pyramid_bwd_dkdv_kernel(
     j = pid // SUBK
     g = (pid % SUBK) * TNB + tl.arange(0, TNB)
     text_valid = tl.load(TEXT_VALID + b) if SEGMENTS else 0
-    start, end = _entry_range(j, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K, SEGMENTS)
+    start, end = _entry_range(
+        j, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K, SEGMENTS
+    )
     tok0 = start + g * MF
     cnt = tl.where(g < P, tl.minimum(tl.maximum(end - tok0, 0), MF), 0)
     ok = cnt > 0
@@ -236,8 +500,16 @@ def _pyramid_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     kv_mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
     dk = tl.zeros([TNB, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([TNB, HEAD_DIM_PAD], dtype=tl.float32)
@@ -250,8 +522,19 @@ def _pyramid_bwd_dkdv_kernel(
     SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
     for t in range(0, count * SUBQ):
         tile = tl.load(idx_row + (t // SUBQ) * stride_ii)
-        start_m, row_end = _q_tile_rows(tile, t % SUBQ, seq_q, video_start, num_video, text_start, text_len, n_vq,
-                                        BLOCK_Q, BLOCK_M, SEGMENTS)
+        start_m, row_end = _q_tile_rows(
+            tile,
+            t % SUBQ,
+            seq_q,
+            video_start,
+            num_video,
+            text_start,
+            text_len,
+            n_vq,
+            BLOCK_Q,
+            BLOCK_M,
+            SEGMENTS,
+        )
         rows_q = start_m + offs_m
         row_ok = rows_q < row_end
         q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
@@ -268,8 +551,12 @@ def _pyramid_bwd_dkdv_kernel(
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     dk *= sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :], dk, mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + rows[:, None] * stride_dvn + offs_d[None, :], dv, mask=kv_mask)
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + rows[:, None] * stride_dkn + offs_d[None, :], dk, mask=kv_mask
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + rows[:, None] * stride_dvn + offs_d[None, :], dv, mask=kv_mask
+    )
 
 
 def _token_groups(N: int, block_k: int, m: int, segments: Segments | None, batch: int, device):
@@ -299,13 +586,31 @@ def _token_groups(N: int, block_k: int, m: int, segments: Segments | None, batch
     return row, inv
 
 
-def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_count, block_q: int, block_k: int,
-                scale: float, *, segments: Segments | None = None, causal: bool = False, pyramid: Pyramid | None = None):
+def pyramid_bwd(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    kv_index,
+    level_ptr,
+    q_index,
+    q_count,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    *,
+    segments: Segments | None = None,
+    causal: bool = False,
+    pyramid: Pyramid | None = None,
+):
     """Backward of the PSA forward: ``(dq, dk, dv)``. ``q_index``/``q_count`` are the transposed plan per
-    level (``PyramidPlan.transpose``): int32 ``[B|1, H|1, 4, n_kv_blocks, n_q_tiles]`` and ``[.., 4, n_kv_blocks]``."""
+    level (``PyramidPlan.transpose``): int32 ``[B|1, H|1, 4, n_kv_blocks, n_q_tiles]``, ``[.., 4, n_kv_blocks]``."""
     from . import _configs
-    from .block_sparse import _block_sparse_bwd_preprocess_kernel, _plan_strides
     from ._common import LOG2E, dot_precision
+    from .block_sparse import _block_sparse_bwd_preprocess_kernel, _plan_strides
 
     B, N, H, D = q.shape
     dev = q.device
@@ -314,8 +619,20 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
     delta = torch.empty((B, H, N), device=dev, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     _block_sparse_bwd_preprocess_kernel[(triton.cdiv(N, 64), B * H)](
-        out, do, dlse if dlse is not None else delta, delta, lse, lse2, *_bhn_strides(out), *_bhn_strides(do), N, H,
-        HAS_DLSE=dlse is not None, BLOCK=64, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
+        out,
+        do,
+        dlse if dlse is not None else delta,
+        delta,
+        lse,
+        lse2,
+        *_bhn_strides(out),
+        *_bhn_strides(do),
+        N,
+        H,
+        HAS_DLSE=dlse is not None,
+        BLOCK=64,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=dpad,
     )
     if pyramid is None:
         pyramid = pyramid_pool(k, v, block_k, segments=segments)
@@ -328,13 +645,52 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
     if segments is not None:
         dq.zero_()
     _pyramid_bwd_dq_kernel[(n_tiles * (block_q // cfg.block_m), B * H)](
-        q, k, v, do, lse2, delta, dq, kv_index, level_ptr, kp, vp, text_valid,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
-        *_plan_strides(kv_index), *_plan_strides(level_ptr), *_bhn_strides(kp), *_bhn_strides(vp),
-        N, N, H, kv_index.shape[-1], scale, scale * LOG2E, vs, nv, ts, tlen, n_vq, n_vk, n_tk, n_blk,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, TN=cfg.pool_n, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
-        DOT_PRECISION=prec, SEGMENTS=segments is not None, CAUSAL=causal,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        dq,
+        kv_index,
+        level_ptr,
+        kp,
+        vp,
+        text_valid,
+        *_bhn_strides(q),
+        *_bhn_strides(k),
+        *_bhn_strides(v),
+        *_bhn_strides(do),
+        *_bhn_strides(dq),
+        *_plan_strides(kv_index),
+        *_plan_strides(level_ptr),
+        *_bhn_strides(kp),
+        *_bhn_strides(vp),
+        N,
+        N,
+        H,
+        kv_index.shape[-1],
+        scale,
+        scale * LOG2E,
+        vs,
+        nv,
+        ts,
+        tlen,
+        n_vq,
+        n_vk,
+        n_tk,
+        n_blk,
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        BLOCK_M=cfg.block_m,
+        TN=cfg.pool_n,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=dpad,
+        DOT_PRECISION=prec,
+        SEGMENTS=segments is not None,
+        CAUSAL=causal,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     # fp32 gradient buffers: tokens (level 1) and pooled rows (levels 2, 4, 8), [B, H, rows, D] storage
     dk32 = torch.zeros((B, H, N, D), device=dev, dtype=torch.float32).transpose(1, 2)
@@ -346,13 +702,51 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
         tnb = max(16, min(cfg.block_n, P))
         src_k, src_v, dst_k, dst_v = (k, v, dk32, dv32) if lvl == 0 else (kp, vp, dkp, dvp)
         _pyramid_bwd_dkdv_kernel[(n_blk * triton.cdiv(P, tnb), B * H)](
-            q, src_k, src_v, do, lse2, delta, dst_k, dst_v, q_index, q_count, text_valid,
-            *_bhn_strides(q), *_bhn_strides(src_k), *_bhn_strides(src_v), *_bhn_strides(do),
-            *_bhn_strides(dst_k), *_bhn_strides(dst_v), *_plan_strides(q_index), *_plan_strides(q_count),
-            N, N, H, q_index.shape[-1], scale, scale * LOG2E, vs, nv, ts, tlen, n_vq, n_vk, n_tk, n_blk,
-            LVL=lvl, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=cfg.block_m, TNB=tnb, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
-            DOT_PRECISION=prec, SEGMENTS=segments is not None, CAUSAL=causal,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q,
+            src_k,
+            src_v,
+            do,
+            lse2,
+            delta,
+            dst_k,
+            dst_v,
+            q_index,
+            q_count,
+            text_valid,
+            *_bhn_strides(q),
+            *_bhn_strides(src_k),
+            *_bhn_strides(src_v),
+            *_bhn_strides(do),
+            *_bhn_strides(dst_k),
+            *_bhn_strides(dst_v),
+            *_plan_strides(q_index),
+            *_plan_strides(q_count),
+            N,
+            N,
+            H,
+            q_index.shape[-1],
+            scale,
+            scale * LOG2E,
+            vs,
+            nv,
+            ts,
+            tlen,
+            n_vq,
+            n_vk,
+            n_tk,
+            n_blk,
+            LVL=lvl,
+            BLOCK_Q=block_q,
+            BLOCK_K=block_k,
+            BLOCK_M=cfg.block_m,
+            TNB=tnb,
+            HEAD_DIM=D,
+            HEAD_DIM_PAD=dpad,
+            DOT_PRECISION=prec,
+            SEGMENTS=segments is not None,
+            CAUSAL=causal,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     # scatter: every real token of group g gets dK^m_g / c_g (likewise V)
     dkp_h, dvp_h = dkp.transpose(1, 2), dvp.transpose(1, 2)  # [B, H, L, D]
@@ -370,14 +764,30 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
 
 
 @triton.jit
-def _sampled_chunk(q, ks_base, stride_ksn, c, offs_t, offs_d, n_keys, qpos, KPOS, CAUSAL: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _sampled_chunk(
+    q,
+    ks_base,
+    stride_ksn,
+    c,
+    offs_t,
+    offs_d,
+    n_keys,
+    qpos,
+    KPOS,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """log2-domain logits (unscaled) of the sampled rows against sampled keys ``[c*KC, (c+1)*KC)``."""
     KC: tl.constexpr = offs_t.shape[0]
     t = c * KC + offs_t
     ok = t < n_keys
-    k = tl.load(ks_base + t.to(tl.int64)[:, None] * stride_ksn + offs_d[None, :],
-                mask=_tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
+    k = tl.load(
+        ks_base + t.to(tl.int64)[:, None] * stride_ksn + offs_d[None, :],
+        mask=_tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD),
+        other=0.0,
+    )
     lg = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     valid = ok[None, :]
     if CAUSAL:
@@ -388,12 +798,34 @@ def _sampled_chunk(q, ks_base, stride_ksn, c, offs_t, offs_d, n_keys, qpos, KPOS
 
 @triton.jit(do_not_specialize=["n_vq", "n_vk"])
 def _sampled_scores_kernel(
-    QS, KS, QPOS, KPOS, S,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_si,
-    n_heads, sm_scale_log2, n_vq, n_vk,
-    QB: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, KC: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTMAX: tl.constexpr, MEAN: tl.constexpr, CAUSAL: tl.constexpr,
+    QS,
+    KS,
+    QPOS,
+    KPOS,
+    S,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_sb,
+    stride_sh,
+    stride_si,
+    n_heads,
+    sm_scale_log2,
+    n_vq,
+    n_vk,
+    QB: tl.constexpr,
+    SQ: tl.constexpr,
+    SK: tl.constexpr,
+    KC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    MEAN: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """``QB`` query blocks (``QB * SQ`` sampled rows) of one head against all sampled keys."""
     pid = tl.program_id(0)
@@ -406,8 +838,11 @@ def _sampled_scores_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row = pid * ROWS + offs_r
     r_ok = row < n_vq * SQ
-    q = tl.load(QS + b * stride_qb + h * stride_qh + row.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                mask=_tile_mask(r_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
+    q = tl.load(
+        QS + b * stride_qb + h * stride_qh + row.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+        mask=_tile_mask(r_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD),
+        other=0.0,
+    )
     qpos = tl.load(QPOS + pid_bh.to(tl.int64) * n_vq * SQ + row, mask=r_ok, other=0) if CAUSAL else row
     kpos_base = KPOS + pid_bh.to(tl.int64) * n_vk * SK
     ks_base = KS + b * stride_kb + h * stride_kh
@@ -416,8 +851,21 @@ def _sampled_scores_kernel(
     m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_r = tl.zeros([ROWS], dtype=tl.float32)
     for c in range(0, n_chunks):  # pass 1: row max (and the softmax denominator)
-        lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
-                                   HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
+        lg, valid = _sampled_chunk(
+            q,
+            ks_base,
+            stride_kn,
+            c,
+            offs_t,
+            offs_d,
+            n_keys,
+            qpos,
+            kpos_base,
+            CAUSAL,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            DOT_PRECISION,
+        )
         lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_r, tl.max(lg, 1))
         if SOFTMAX:
@@ -429,8 +877,21 @@ def _sampled_scores_kernel(
     offs_j = tl.arange(0, BPC)
     offs_i = pid * QB + tl.arange(0, QB)
     for c in range(0, n_chunks):  # pass 2: per-block max, exp(m_rJ - M_r), reduced over each block's rows
-        lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
-                                   HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
+        lg, valid = _sampled_chunk(
+            q,
+            ks_base,
+            stride_kn,
+            c,
+            offs_t,
+            offs_d,
+            n_keys,
+            qpos,
+            kpos_base,
+            CAUSAL,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            DOT_PRECISION,
+        )
         lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
         m_blk = tl.max(tl.reshape(lg, (ROWS, BPC, SK)), 2)  # [rows, blocks of the chunk]
         e = tl.math.exp2(m_blk - m_shift[:, None])
@@ -446,8 +907,19 @@ def _sampled_scores_kernel(
         tl.store(ptr, s, mask=(offs_i < n_vq)[:, None] & (j < n_vk)[None, :])
 
 
-def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, softmax: bool = False,
-                   mean: bool = False, causal: bool = False) -> torch.Tensor:
+def sampled_scores(
+    qs,
+    ks,
+    qpos,
+    kpos,
+    n_vq: int,
+    n_vk: int,
+    scale: float,
+    *,
+    softmax: bool = False,
+    mean: bool = False,
+    causal: bool = False,
+) -> torch.Tensor:
     """Unnormalised sampled scores ``[B, H, n_q, n_k]`` fp32 from pre-gathered samples.
 
     ``qs`` ``[B, H, n_q * s_q, D]`` and ``ks`` ``[B, H, n_k * s_k, D]`` (the sampled rows of every block,
@@ -467,9 +939,165 @@ def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, so
     else:
         qpos = kpos = out  # never read
     _sampled_scores_kernel[(triton.cdiv(n_vq, qb), B * H)](
-        qs, ks, qpos, kpos, out, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), H, scale * LOG2E, n_vq, n_vk,
-        QB=qb, SQ=sq, SK=sk, KC=kc, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), DOT_PRECISION=dot_precision(qs.dtype),
-        SOFTMAX=softmax, MEAN=mean, CAUSAL=causal, num_warps=8 if gpu and qb * sq >= 128 else 4,
+        qs,
+        ks,
+        qpos,
+        kpos,
+        out,
+        qs.stride(0),
+        qs.stride(1),
+        qs.stride(2),
+        ks.stride(0),
+        ks.stride(1),
+        ks.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        scale * LOG2E,
+        n_vq,
+        n_vk,
+        QB=qb,
+        SQ=sq,
+        SK=sk,
+        KC=kc,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=head_dim_pad(D),
+        DOT_PRECISION=dot_precision(qs.dtype),
+        SOFTMAX=softmax,
+        MEAN=mean,
+        CAUSAL=causal,
+        num_warps=8 if gpu and qb * sq >= 128 else 4,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# planner (spec §2.5): one program per (b, h, query tile); sort, cumulative mass, level ends, lists
+
+
+@triton.jit
+def _level_end(e_prev, C, rank, n_vk, tau, e_topk, a, min_full, IS_L1: tl.constexpr, MODE: tl.constexpr):
+    if MODE == 0:  # topk: quantile ends computed on the host (shapes only)
+        e = tl.maximum(e_prev, e_topk)
+    else:  # thresholdbound: the crossing block is included
+        c = tl.sum(((C <= tau + 1e-6) & (rank < n_vk)).to(tl.int32), 0)
+        e = tl.where(c > 0, c + 1, e_prev)
+        e = tl.minimum(tl.maximum(e, e_prev), n_vk)
+        if IS_L1:
+            e = tl.maximum(e, min_full)
+    # upstream alignment: the level's length rounded up to a multiple of a (down at the end of the row)
+    up = e_prev + (e - e_prev + a - 1) // a * a
+    end = tl.minimum(up, n_vk)
+    aligned = tl.where(end == n_vk, e_prev + (end - e_prev) // a * a, end)
+    return tl.where(a > 1, aligned, e)
+
+
+@triton.jit(do_not_specialize=["n_vq", "n_vk", "n_tk"])
+def _pyramid_plan_kernel(
+    S,
+    KV_INDEX,
+    LEVEL_PTR,
+    stride_sb,
+    stride_sh,
+    stride_si,
+    stride_ib,
+    stride_ih,
+    stride_ii,
+    stride_lb,
+    stride_lh,
+    stride_li,
+    n_heads,
+    n_vq,
+    n_vk,
+    n_tk,
+    tau1,
+    tau2,
+    tau4,
+    tau8,
+    k1,
+    k2,
+    k4,
+    k8,
+    a1,
+    a2,
+    a4,
+    a8,
+    min_full,
+    NK_PAD: tl.constexpr,
+    NT_PAD: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    idx_row = KV_INDEX + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
+    lp_row = LEVEL_PTR + b * stride_lb + h * stride_lh + i * stride_li
+    n_all = n_vk + n_tk
+    rank = tl.arange(0, NK_PAD)
+    offs_t = tl.arange(0, NT_PAD)
+    if i >= n_vq:  # text query tiles: every block at m = 1, in order
+        tl.store(idx_row + rank, rank, mask=rank < n_vk)
+        tl.store(idx_row + n_vk + offs_t, n_vk + offs_t, mask=offs_t < n_tk)
+        tl.store(lp_row + tl.arange(0, 8), tl.where(tl.arange(0, 8) == 0, 0, n_all), mask=tl.arange(0, 8) < 5)
+    else:
+        ok = rank < n_vk
+        s = tl.load(S + b * stride_sb + h * stride_sh + i * stride_si + rank, mask=ok, other=0.0)
+        s = tl.maximum(s, 0.0)
+        # one sortable key: score bits (non-negative floats order like their bits), then lower index first
+        bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(ok, (bits << 32) | (NK_PAD - 1 - rank).to(tl.int64), -1)
+        key = tl.sort(key, descending=True)
+        blk = (NK_PAD - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
+        vals = tl.where(rank < n_vk, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+        cum = tl.cumsum(vals, 0)
+        C = cum / tl.maximum(tl.max(cum, 0), 1e-30)  # the last cumulative value, as the torch rules
+        e1 = _level_end(0, C, rank, n_vk, tau1, k1, a1, min_full, True, MODE)
+        e2 = _level_end(e1, C, rank, n_vk, tau2, k2, a2, min_full, False, MODE)
+        e4 = _level_end(e2, C, rank, n_vk, tau4, k4, a4, min_full, False, MODE)
+        e8 = _level_end(e4, C, rank, n_vk, tau8, k8, a8, min_full, False, MODE)
+        # video ranks grouped by level; the text blocks (m = 1) follow the level-1 ranks
+        pos = rank + tl.where(rank >= e1, n_tk, 0)
+        tl.store(idx_row + pos, blk, mask=ok)
+        tl.store(idx_row + e1 + offs_t, n_vk + offs_t, mask=offs_t < n_tk)
+        lp = tl.arange(0, 8)
+        val = tl.where(
+            lp == 0, 0, tl.where(lp == 1, e1, tl.where(lp == 2, e2, tl.where(lp == 3, e4, e8))) + n_tk
+        )
+        tl.store(lp_row + lp, val.to(tl.int32), mask=lp < 5)
+
+
+def pyramid_plan_lists(
+    scores: torch.Tensor, *, n_tq: int, n_tk: int, mode: str, ends, topk_ends, aligns, min_full: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_index, level_ptr)`` from video scores ``[B, H, n_q, n_k]`` (``n_k <= 2048``) by the topk or
+    thresholdbound rule; ``n_tq``/``n_tk`` text query tiles / KV blocks are appended (text at m = 1)."""
+    B, H, nq, nk = scores.shape
+    n_all = nk + n_tk
+    kv_index = torch.empty((B, H, nq + n_tq, n_all), device=scores.device, dtype=torch.int32)
+    level_ptr = torch.empty((B, H, nq + n_tq, 5), device=scores.device, dtype=torch.int32)
+    s = scores.float()
+    _pyramid_plan_kernel[(nq + n_tq, B * H)](
+        s,
+        kv_index,
+        level_ptr,
+        s.stride(0),
+        s.stride(1),
+        s.stride(2),
+        *kv_index.stride()[:3],
+        *level_ptr.stride()[:3],
+        H,
+        nq,
+        nk,
+        n_tk,
+        *[float(t) for t in ends],
+        *[int(k) for k in topk_ends],
+        *[int(a) for a in aligns],
+        int(min_full),
+        NK_PAD=max(16, triton.next_power_of_2(nk)),
+        NT_PAD=max(16, triton.next_power_of_2(max(n_tk, 1))),
+        MODE=0 if mode == "topk" else 1,
+        num_warps=4 if nk <= 512 else 8,
+    )
+    return kv_index, level_ptr

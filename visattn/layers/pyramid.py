@@ -30,8 +30,18 @@ class PyramidAttention(nn.Module):
     Input ``x [B, N, C]``; ``forward(x, seq_layout=None, plan=None, return_plan=False)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, config: PyramidConfig | None = None, qkv_bias: bool = True,
-                 qk_norm: str | None = None, backend: str | None = None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        config: PyramidConfig | None = None,
+        qkv_bias: bool = True,
+        qk_norm: str | None = None,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"expected num_heads to divide dim, got dim={dim!r}, num_heads={num_heads!r}")
@@ -51,17 +61,32 @@ class PyramidAttention(nn.Module):
             self.q_norm, self.k_norm = cls(self.head_dim, **kw), cls(self.head_dim, **kw)
         self.proj = nn.Linear(dim, dim, **kw)
 
-    def forward(self, x: torch.Tensor, seq_layout: SequenceLayout | None = None, plan: PyramidPlan | None = None,
-                return_plan: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_layout: SequenceLayout | None = None,
+        plan: PyramidPlan | None = None,
+        return_plan: bool = False,
+    ):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, N, H, D]
         q, k = self.q_norm(q), self.k_norm(k)
-        out, plan = pyramid_attention(q, k, v, plan=plan, config=None if plan is not None else self.config,
-                                      seq_layout=seq_layout, backend=self.backend, return_plan=True)
+        out, plan = pyramid_attention(
+            q,
+            k,
+            v,
+            plan=plan,
+            config=None if plan is not None else self.config,
+            seq_layout=seq_layout,
+            backend=self.backend,
+            return_plan=True,
+        )
         out = self.proj(out.reshape(B, N, C))
         return (out, plan) if return_plan else out
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"dim={self.dim}, num_heads={self.num_heads}, block_q={c.block_q}, block_k={c.block_k}, "
-                f"mode={c.mode}, levels={dict(c.levels)}")
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, block_q={c.block_q}, block_k={c.block_k}, "
+            f"mode={c.mode}, levels={dict(c.levels)}"
+        )

@@ -31,8 +31,10 @@ def _thresholds(value) -> tuple[float, float, float] | None:
     except (TypeError, ValueError):
         t = ()
     if len(t) != 3 or any(math.isnan(x) for x in t):
-        raise ValueError(f"expected config.sim_thresholds as three floats (x2, x4, x8) or None, "
-                         f"got config.sim_thresholds={value!r}")
+        raise ValueError(
+            f"expected config.sim_thresholds as three floats (x2, x4, x8) or None, "
+            f"got config.sim_thresholds={value!r}"
+        )
     return t  # type: ignore[return-value]
 
 
@@ -92,13 +94,17 @@ class PyramidConfig:
         if isinstance(lv, (tuple, list)) and all(isinstance(x, (tuple, list)) for x in lv):
             lv = dict(lv)
         if not isinstance(lv, dict) or not lv or any(isinstance(m, bool) or m not in FACTORS for m in lv):
-            raise ValueError(f"expected config.levels as {{factor: end}} with factors in {FACTORS}, "
-                             f"got config.levels={self.levels!r}")
+            raise ValueError(
+                f"expected config.levels as {{factor: end}} with factors in {FACTORS}, "
+                f"got config.levels={self.levels!r}"
+            )
         ends, prev = [], 0.0
         for m in FACTORS:
             e = float(lv.get(m, prev))
             if not (0.0 <= e <= 1.0) or e < prev:
-                raise ValueError(f"expected config.levels ends non-decreasing in [0, 1], got config.levels={lv!r}")
+                raise ValueError(
+                    f"expected config.levels ends non-decreasing in [0, 1], got config.levels={lv!r}"
+                )
             ends.append(e)
             prev = e
         object.__setattr__(self, "levels", tuple((m, float(lv[m])) for m in FACTORS if m in lv))
@@ -114,10 +120,14 @@ class PyramidConfig:
             raise ValueError(f"expected config.sample_fraction in (0, 1], got {self.sample_fraction!r}")
         for name in ("block_q", "block_k"):
             if int(getattr(self, name) * self.sample_fraction) < 1:
-                raise ValueError(f"expected at least one sample per block, got config.sample_fraction="
-                                 f"{self.sample_fraction} with config.{name}={getattr(self, name)}")
+                raise ValueError(
+                    f"expected at least one sample per block, got config.sample_fraction="
+                    f"{self.sample_fraction} with config.{name}={getattr(self, name)}"
+                )
         if isinstance(self.antidiagonal_stride, bool) or self.antidiagonal_stride not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"expected config.antidiagonal_stride a power of two <= 32, got {self.antidiagonal_stride!r}")
+            raise ValueError(
+                f"expected config.antidiagonal_stride a power of two <= 32, got {self.antidiagonal_stride!r}"
+            )
         if not 0 <= self.min_full_fraction <= 1:
             raise ValueError(f"expected config.min_full_fraction in [0, 1], got {self.min_full_fraction!r}")
         if isinstance(self.align_tile, bool) or not isinstance(self.align_tile, int) or self.align_tile < 1:

@@ -24,7 +24,9 @@ def _video_span(seq_len: int, seq_layout: SequenceLayout | None) -> tuple[int, i
     return seq_layout.video_start, seq_layout.num_video
 
 
-def sample_offsets(B: int, H: int, block: int, n: int, device, generator: torch.Generator | None) -> torch.Tensor:
+def sample_offsets(
+    B: int, H: int, block: int, n: int, device, generator: torch.Generator | None
+) -> torch.Tensor:
     """``n`` distinct offsets in ``[0, block)`` per (batch, head), int64 ``[B, H, n]``.
 
     With a generator they come from it; without one from a fixed integer hash computed on the device
@@ -48,8 +50,15 @@ def _sample_rows(x: torch.Tensor, start: int, length: int, block: int, off: torc
     return torch.gather(x, 2, rows[..., None].expand(-1, -1, -1, x.shape[-1])), rows
 
 
-def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | None, scale: float,
-                   generator: torch.Generator | None = None, use_triton: bool = False) -> torch.Tensor:
+def sampled_scores(
+    q,
+    k,
+    config: PyramidConfig,
+    seq_layout: SequenceLayout | None,
+    scale: float,
+    generator: torch.Generator | None = None,
+    use_triton: bool = False,
+) -> torch.Tensor:
     """Sampled max-attention scores ``S [B, H, n_q, n_k]`` (float32, rows sum to 1), spec §2.4.
 
     ``use_triton`` runs the two-pass Triton kernel (sample counts must be powers of two), else a
@@ -66,8 +75,18 @@ def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | Non
     if use_triton and sq & (sq - 1) == 0 and sk & (sk - 1) == 0:
         from ..kernels.pyramid import sampled_scores as _kernel
 
-        s = _kernel(qs, ks, qrows, krows, nq, nk, scale, softmax=config.estimator == "sampled_softmax_max",
-                    mean=config.reduce == "mean", causal=config.causal)
+        s = _kernel(
+            qs,
+            ks,
+            qrows,
+            krows,
+            nq,
+            nk,
+            scale,
+            softmax=config.estimator == "sampled_softmax_max",
+            mean=config.reduce == "mean",
+            causal=config.causal,
+        )
         return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
     qs, ks = qs.float(), ks.float()
     per_block = B * H * sq * nk * sk * 4
@@ -75,9 +94,9 @@ def sampled_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout | Non
     out = []
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
-        lg = torch.matmul(qs[:, :, i0 * sq:i1 * sq], ks.transpose(-1, -2)) * scale  # [B, H, r, nk*sk]
+        lg = torch.matmul(qs[:, :, i0 * sq : i1 * sq], ks.transpose(-1, -2)) * scale  # [B, H, r, nk*sk]
         if config.causal:
-            fut = krows[:, :, None, :] > qrows[:, :, i0 * sq:i1 * sq, None]
+            fut = krows[:, :, None, :] > qrows[:, :, i0 * sq : i1 * sq, None]
             lg = lg.masked_fill(fut, float("-inf"))
         m_blk = lg.view(B, H, -1, nk, sk).amax(-1)  # [B, H, r, nk]
         m_row = m_blk.amax(-1, keepdim=True)
@@ -100,7 +119,7 @@ def antidiagonal_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout 
     nq, nk = _cdiv(nv, bq), _cdiv(nv, bk)
 
     def groups(x, blocks, block, reverse):
-        x = x[:, :, vs:vs + nv].float()
+        x = x[:, :, vs : vs + nv].float()
         x = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - nv))
         x = x.view(B, H, -1, S, D)
         return (x.flip(3) if reverse else x).flatten(3)  # [B, H, G, S*D]
@@ -115,7 +134,9 @@ def antidiagonal_scores(q, k, config: PyramidConfig, seq_layout: SequenceLayout 
         lg = torch.matmul(qg[:, :, g0:g1], kg.transpose(-1, -2)) / (math.sqrt(D) * S)
         mask = ~key_ok[None, :]
         if config.causal:
-            mask = mask | (torch.arange(gk, device=q.device)[None, :] > torch.arange(g0, g1, device=q.device)[:, None])
+            mask = mask | (
+                torch.arange(gk, device=q.device)[None, :] > torch.arange(g0, g1, device=q.device)[:, None]
+            )
         lg = lg.masked_fill(mask, float("-inf"))
         p = torch.softmax(lg, -1).nan_to_num(0.0)
         p = p * (torch.arange(g0, g1, device=q.device) * S < nv)[:, None]  # padded query groups
@@ -132,7 +153,7 @@ def assign_ends(scores: torch.Tensor, config: PyramidConfig) -> tuple[torch.Tens
     C = cum / cum[..., -1:].clamp_min(1e-30)
     e_prev = torch.zeros(scores.shape[:-1], dtype=torch.long, device=scores.device)
     ends = []
-    for m, tau in zip(FACTORS, config.level_ends):
+    for m, tau in zip(FACTORS, config.level_ends, strict=False):
         if config.mode == "topk":
             e = torch.clamp(e_prev, min=min(nk, int(nk * tau)))
         elif config.mode == "thresholdbound":
@@ -159,10 +180,10 @@ def similarity_cap(k, config: PyramidConfig, seq_layout: SequenceLayout | None) 
     bk = config.block_k
     vs, nv = _video_span(N, seq_layout)
     nk = _cdiv(nv, bk)
-    x = torch.nn.functional.pad(k[:, :, vs:vs + nv].float(), (0, 0, 0, nk * bk - nv)).view(B, H, nk, bk, D)
+    x = torch.nn.functional.pad(k[:, :, vs : vs + nv].float(), (0, 0, 0, nk * bk - nv)).view(B, H, nk, bk, D)
     blen = (nv - torch.arange(nk, device=k.device) * bk).clamp(max=bk)
     cap = torch.ones((B, H, nk), dtype=torch.long, device=k.device)
-    for m, th in zip((2, 4, 8), config.sim_thresholds):
+    for m, th in zip((2, 4, 8), config.sim_thresholds, strict=False):
         g = x.view(B, H, nk, bk // m, m, D)
         start = torch.arange(bk // m, device=k.device) * m
         cnt = (blen[:, None] - start[None]).clamp(0, m)  # [nk, P] real tokens per group
@@ -176,12 +197,54 @@ def similarity_cap(k, config: PyramidConfig, seq_layout: SequenceLayout | None) 
     return cap
 
 
-def build_plan(scores: torch.Tensor, config: PyramidConfig, *, seq_len: int, seq_layout: SequenceLayout | None,
-               k: torch.Tensor | None = None, keep_scores: bool = False) -> PyramidPlan:
-    """Level map from ``scores`` (video blocks) by the rules of ``config``, plus text rows and columns."""
+def _kernel_plan(scores, config: PyramidConfig, seq_len: int, seq_layout, keep_scores: bool) -> PyramidPlan:
+    from ..kernels.pyramid import pyramid_plan_lists
+
+    nk = scores.shape[-1]
+    bq, bk = config.block_q, config.block_k
+    ntq = _cdiv(seq_layout.text_len, bq) if seq_layout is not None else 0
+    ntk = _cdiv(seq_layout.text_len, bk) if seq_layout is not None else 0
+    aligns = [-(-m * config.align_tile // bk) if config.align == "upstream" else 1 for m in FACTORS]
+    kv_index, level_ptr = pyramid_plan_lists(
+        scores,
+        n_tq=ntq,
+        n_tk=ntk,
+        mode=config.mode,
+        ends=config.level_ends,
+        topk_ends=[min(nk, int(nk * t)) for t in config.level_ends],
+        aligns=aligns,
+        min_full=min(nk, int(nk * config.min_full_fraction) + 1),
+    )
+    return PyramidPlan(
+        kv_index, level_ptr, bq, bk, seq_len, seq_layout, config, scores if keep_scores else None
+    )
+
+
+def build_plan(
+    scores: torch.Tensor,
+    config: PyramidConfig,
+    *,
+    seq_len: int,
+    seq_layout: SequenceLayout | None,
+    k: torch.Tensor | None = None,
+    keep_scores: bool = False,
+    use_triton: bool = False,
+) -> PyramidPlan:
+    """Level map from ``scores`` (video blocks) by the rules of ``config``, plus text rows and columns.
+
+    ``use_triton``: the one-kernel planner for topk / thresholdbound rows of at most 2048 blocks
+    without the similarity cap or causal masking (the same lists as the torch path)."""
     B, H, nq, nk = scores.shape
     dev = scores.device
     bq, bk = config.block_q, config.block_k
+    if (
+        use_triton
+        and config.mode in ("topk", "thresholdbound")
+        and not config.causal
+        and config.sim_thresholds is None
+        and nk <= 2048
+    ):
+        return _kernel_plan(scores, config, seq_len, seq_layout, keep_scores)
     vs, nv = _video_span(seq_len, seq_layout)
     if config.causal:  # blocks fully in the future never rank
         first = torch.arange(nq, device=dev) * bq
@@ -211,12 +274,31 @@ def build_plan(scores: torch.Tensor, config: PyramidConfig, *, seq_len: int, seq
         lv = torch.where(diag, 1, lv)  # the diagonal block at m = 1
     if seq_layout is not None and seq_layout.text_len > 0:
         ntq, ntk = _cdiv(seq_layout.text_len, bq), _cdiv(seq_layout.text_len, bk)
-        lv = torch.cat([lv, torch.ones((B, H, nq, ntk), dtype=lv.dtype, device=dev)], -1)  # text keys at m = 1
-        lv = torch.cat([lv, torch.ones((B, H, ntq, nk + ntk), dtype=lv.dtype, device=dev)], -2)  # dense text rows
+        lv = torch.cat(
+            [lv, torch.ones((B, H, nq, ntk), dtype=lv.dtype, device=dev)], -1
+        )  # text keys at m = 1
+        lv = torch.cat(
+            [lv, torch.ones((B, H, ntq, nk + ntk), dtype=lv.dtype, device=dev)], -2
+        )  # dense text rows
         rank = torch.cat([rank, torch.arange(nk, nk + ntk, device=dev).expand(B, H, nq, ntk)], -1)
         rank = torch.cat([rank, torch.arange(nk + ntk, device=dev).expand(B, H, ntq, nk + ntk)], -2)
-    return PyramidPlan.from_dense(lv, block_q=bq, block_k=bk, seq_len=seq_len, seq_layout=seq_layout, config=config,
-                                  rank=rank, scores=scores if keep_scores else None)
+    return PyramidPlan.from_dense(
+        lv,
+        block_q=bq,
+        block_k=bk,
+        seq_len=seq_len,
+        seq_layout=seq_layout,
+        config=config,
+        rank=rank,
+        scores=scores if keep_scores else None,
+    )
 
 
-__all__ = ["sampled_scores", "antidiagonal_scores", "assign_ends", "similarity_cap", "build_plan", "sample_offsets"]
+__all__ = [
+    "sampled_scores",
+    "antidiagonal_scores",
+    "assign_ends",
+    "similarity_cap",
+    "build_plan",
+    "sample_offsets",
+]

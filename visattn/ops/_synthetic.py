@@ -22,15 +22,27 @@ KINDS = {
     "frame": (1.0, math.inf, math.inf),
     "broad": (4.0, 6.0, 6.0),
 }
-ALPHA2_OVER_SQRT_D = 10.5  # s * a^2: local head puts ~56 % of dense mass in its 3x3x3 neighbourhood at 16x32x32, D=128
+ALPHA2_OVER_SQRT_D = (
+    10.5  # s * a^2: local head puts ~56 % of dense mass in its 3x3x3 neighbourhood at 16x32x32, D=128
+)
 SIGMA = 0.5
 
 
-def local_qkv(grid: tuple[int, int, int], heads: int = 4, head_dim: int = 64, *, batch: int = 1,
-              kinds: tuple[str, ...] = ("local", "temporal", "frame", "broad"), seed: int = 0, order: str = "gilbert",
-              dtype: torch.dtype = torch.float32, device=None, gain: float = ALPHA2_OVER_SQRT_D,
-              sigma: float = SIGMA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Synthetic ``(q, k, v)``, each ``[batch, T*H*W, heads, head_dim]``; head ``h`` has kind ``kinds[h % len]``."""
+def local_qkv(
+    grid: tuple[int, int, int],
+    heads: int = 4,
+    head_dim: int = 64,
+    *,
+    batch: int = 1,
+    kinds: tuple[str, ...] = ("local", "temporal", "frame", "broad"),
+    seed: int = 0,
+    order: str = "gilbert",
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    gain: float = ALPHA2_OVER_SQRT_D,
+    sigma: float = SIGMA,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic ``(q, k, v)``, each ``[batch, T*H*W, heads, head_dim]``; head h has kind ``kinds[h % len]``."""
     if order not in ("gilbert", "raster"):
         raise ValueError(f"expected order 'gilbert' or 'raster', got order={order!r}")
     for kd in kinds:
@@ -62,8 +74,14 @@ def local_qkv(grid: tuple[int, int, int], heads: int = 4, head_dim: int = 64, *,
     return tuple(out)  # type: ignore[return-value]
 
 
-def neighbourhood_mass(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], head: int = 0,
-                       rows: int = 256, seed: int = 0) -> float:
+def neighbourhood_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grid: tuple[int, int, int],
+    head: int = 0,
+    rows: int = 256,
+    seed: int = 0,
+) -> float:
     """Mean dense-attention mass of sampled raster-order query rows in their 3x3x3 neighbourhood."""
     T, H, W = grid
     N, D = q.shape[1], q.shape[-1]
@@ -74,7 +92,11 @@ def neighbourhood_mass(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, i
     t, y, x = idx // (H * W), idx // W % H, idx % W
     kt = torch.arange(N) // (H * W)
     ky, kx = torch.arange(N) // W % H, torch.arange(N) % W
-    near = ((kt[None] - t[:, None]).abs() <= 1) & ((ky[None] - y[:, None]).abs() <= 1) & ((kx[None] - x[:, None]).abs() <= 1)
+    near = (
+        ((kt[None] - t[:, None]).abs() <= 1)
+        & ((ky[None] - y[:, None]).abs() <= 1)
+        & ((kx[None] - x[:, None]).abs() <= 1)
+    )
     return (p * near).sum(-1).mean().item()
 
 

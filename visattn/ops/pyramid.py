@@ -13,8 +13,6 @@ custom ops ``visattn::pyramid_fwd`` / ``visattn::pyramid_bwd`` (fake impls and a
 
 from __future__ import annotations
 
-
-
 import torch
 
 from . import _dispatch
@@ -38,14 +36,17 @@ def _check_inputs(q, k, v, layout, seq_layout):
     layout = check_layout(layout)
     B, Nq, Nk, H, Hk, D = check_qkv(q, k, v, layout)
     if Hk != H:
-        raise NotImplementedError(f"pyramid attention does not support GQA/MQA yet, got {H} query heads and "
-                                  f"{Hk} key/value heads")
+        raise NotImplementedError(
+            f"pyramid attention does not support GQA/MQA yet, got {H} query heads and {Hk} key/value heads"
+        )
     if Nq != Nk:
         raise ValueError(f"expected self-attention (N_q == N_k), got N_q={Nq}, N_k={Nk}")
     if seq_layout is not None:
         if not isinstance(seq_layout, SequenceLayout):
-            raise ValueError(f"expected seq_layout to be a visattn.ops.SequenceLayout or None, "
-                             f"got seq_layout={type(seq_layout).__name__}")
+            raise ValueError(
+                f"expected seq_layout to be a visattn.ops.SequenceLayout or None, "
+                f"got seq_layout={type(seq_layout).__name__}"
+            )
         seq_layout.check_length(Nq, "seq_layout")
     return layout, B, Nq, H, D
 
@@ -61,10 +62,18 @@ def _plan_layout(config: PyramidConfig, seq_layout: SequenceLayout | None) -> Se
     return None if config.text_keys == "as_video" else seq_layout
 
 
-def pyramid_plan(q: torch.Tensor, k: torch.Tensor, *, config: PyramidConfig | None = None,
-                 seq_layout: SequenceLayout | None = None, layout: Layout = "BNHD", scores: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, backend: str | None = None,
-                 keep_scores: bool = False) -> PyramidPlan:
+def pyramid_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    config: PyramidConfig | None = None,
+    seq_layout: SequenceLayout | None = None,
+    layout: Layout = "BNHD",
+    scores: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+    keep_scores: bool = False,
+) -> PyramidPlan:
     """Estimate block importance and assign pool levels (spec §2.4-2.5); runs under ``no_grad``.
 
     Args:
@@ -95,29 +104,48 @@ def pyramid_plan(q: torch.Tensor, k: torch.Tensor, *, config: PyramidConfig | No
             raise ValueError(f"expected config.antidiagonal_stride to divide block_q and block_k, got {S}")
     with torch.no_grad():
         qb, kb = _bhnd(q, layout), _bhnd(k, layout)
+        use_triton = backend == "triton" or (
+            backend in (None, "auto")
+            and q.device.type == "cuda"
+            and _dispatch.current_backend() in ("auto", "triton")
+            and q.dtype in _TRITON_DTYPES
+        )
+        if use_triton and q.device.type == "cpu" and not _triton_interpreted():
+            raise NotImplementedError(
+                "the Triton planner needs a CUDA GPU or TRITON_INTERPRET=1; use backend='torch'"
+            )
         if scores is not None:
             if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, H, nq, nk):
-                raise ValueError(f"expected scores of shape {(B, H, nq, nk)}, got scores.shape="
-                                 f"{tuple(getattr(scores, 'shape', ()))}")
+                raise ValueError(
+                    f"expected scores of shape {(B, H, nq, nk)}, got scores.shape="
+                    f"{tuple(getattr(scores, 'shape', ()))}"
+                )
             s = scores.to(device=q.device, dtype=torch.float32)
         elif config.estimator == "antidiagonal":
             s = antidiagonal_scores(qb, kb, config, lay)
         else:
-            use_triton = backend == "triton" or (backend in (None, "auto") and q.device.type == "cuda"
-                                                 and _dispatch.current_backend() in ("auto", "triton")
-                                                 and q.dtype in _TRITON_DTYPES)
-            if (use_triton and q.dtype not in _TRITON_DTYPES) or (use_triton and q.device.type == "cpu" and not
-                                                                 _triton_interpreted()):
-                raise NotImplementedError(f"the Triton estimator cannot run {q.dtype} on {q.device}; "
-                                          "use backend='torch'")
+            if use_triton and q.dtype not in _TRITON_DTYPES:
+                raise NotImplementedError(f"the Triton estimator cannot run {q.dtype}; use backend='torch'")
             s = sampled_scores(qb, kb, config, lay, D**-0.5, generator, use_triton=use_triton)
-        return build_plan(s, config, seq_len=N, seq_layout=lay, k=kb, keep_scores=keep_scores)
+        return build_plan(
+            s, config, seq_len=N, seq_layout=lay, k=kb, keep_scores=keep_scores, use_triton=use_triton
+        )
 
 
-def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: PyramidPlan | None = None,
-                      config: PyramidConfig | None = None, seq_layout: SequenceLayout | None = None,
-                      layout: Layout = "BNHD", scale: float | None = None, backend: str | None = None,
-                      return_plan: bool = False, return_lse: bool = False):
+def pyramid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    plan: PyramidPlan | None = None,
+    config: PyramidConfig | None = None,
+    seq_layout: SequenceLayout | None = None,
+    layout: Layout = "BNHD",
+    scale: float | None = None,
+    backend: str | None = None,
+    return_plan: bool = False,
+    return_lse: bool = False,
+):
     """Pyramid sparse attention (spec §2.3): per (query tile, KV block) raw, pooled x2/x4/x8 or skipped.
 
     Equivalent PyTorch: :func:`pyramid_attention_ref` (dense softmax over group means with a
@@ -147,17 +175,30 @@ def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan
     else:
         if not isinstance(plan, PyramidPlan):
             raise ValueError(f"expected plan to be a PyramidPlan or None, got plan={type(plan).__name__}")
-        if config is not None and plan.config is not None and (
-                (config.block_q, config.block_k, config.causal) != (plan.block_q, plan.block_k, plan.causal)):
-            raise ValueError(f"expected config to agree with plan (block_q, block_k, causal), got config="
-                             f"{(config.block_q, config.block_k, config.causal)}, plan="
-                             f"{(plan.block_q, plan.block_k, plan.causal)}")
+        if (
+            config is not None
+            and plan.config is not None
+            and ((config.block_q, config.block_k, config.causal) != (plan.block_q, plan.block_k, plan.causal))
+        ):
+            raise ValueError(
+                f"expected config to agree with plan (block_q, block_k, causal), got config="
+                f"{(config.block_q, config.block_k, config.causal)}, plan="
+                f"{(plan.block_q, plan.block_k, plan.causal)}"
+            )
         lay = seq_layout if plan.seq_layout is not None else None
         plan.check_against(B, H, N, lay)
         if plan.device != q.device:
             raise ValueError(f"expected the plan on q's device {q.device}, got plan.device={plan.device}")
-    chosen = _dispatch.select("pyramid", backend, q.device,
-                              describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}", q, k, v, plan)
+    chosen = _dispatch.select(
+        "pyramid",
+        backend,
+        q.device,
+        describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
+        q,
+        k,
+        v,
+        plan,
+    )
     out, lse = chosen.fn(q, k, v, plan, scale, layout)
     res = (out,) + ((lse,) if return_lse else ()) + ((plan,) if return_plan else ())
     return res[0] if len(res) == 1 else res
@@ -167,9 +208,19 @@ def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan
 # reference
 
 
-def pyramid_attention_ref(q, k, v, plan: PyramidPlan, *, scale: float | None = None, layout: Layout = "BNHD",
-                          return_lse: bool = False, upcast: bool = True, tail: str | None = None,
-                          chunk_rows: int = 1024):
+def pyramid_attention_ref(
+    q,
+    k,
+    v,
+    plan: PyramidPlan,
+    *,
+    scale: float | None = None,
+    layout: Layout = "BNHD",
+    return_lse: bool = False,
+    upcast: bool = True,
+    tail: str | None = None,
+    chunk_rows: int = 1024,
+):
     """Pure-PyTorch reference of spec §2.3: chunked over query tiles, differentiable.
 
     Group means over real tokens (``tail="exact"``; ``"replicate"`` pads the last block of a
@@ -211,7 +262,12 @@ def pyramid_attention_ref(q, k, v, plan: PyramidPlan, *, scale: float | None = N
         km = km / cnt.clamp(min=1)[:, None, ..., None]
         vm = vm / cnt.clamp(min=1)[:, None, ..., None]
         bias = torch.where(cnt > 0, torch.log(cnt.clamp(min=1).to(dtype)), float("-inf"))
-        g_last = kstart[..., None] + torch.arange(P, device=dev) * m + torch.minimum(cnt, real.view(B, nkb, P, m).sum(-1)) - 1
+        g_last = (
+            kstart[..., None]
+            + torch.arange(P, device=dev) * m
+            + torch.minimum(cnt, real.view(B, nkb, P, m).sum(-1))
+            - 1
+        )
         levels.append((m, km.flatten(2, 3), vm.flatten(2, 3), bias.flatten(1), g_last.flatten(1), P))
     tiles_per_chunk = max(1, chunk_rows // bq)
     outs, rows_all = [], []
@@ -243,7 +299,9 @@ def pyramid_attention_ref(q, k, v, plan: PyramidPlan, *, scale: float | None = N
         rows_all.append(rows[ok])
     rows_all = torch.cat(rows_all)
     out = torch.zeros_like(qb).index_copy(2, rows_all, torch.cat(outs, 2))
-    lse = torch.full((B, H, N), float("-inf"), dtype=dtype, device=dev).index_copy(2, rows_all, torch.cat(lses, 2))
+    lse = torch.full((B, H, N), float("-inf"), dtype=dtype, device=dev).index_copy(
+        2, rows_all, torch.cat(lses, 2)
+    )
     out = _bhnd(out.to(q.dtype), layout)
     lse = lse if q.dtype == torch.float64 else lse.float()
     return (out, lse) if return_lse else out
@@ -260,10 +318,20 @@ def _segments(video_start, num_video, text_start, text_len, text_valid, use_segm
 
 
 @torch.library.custom_op("visattn::pyramid_fwd", mutates_args=())
-def _pyramid_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
-                    level_ptr: torch.Tensor, block_q: int, block_k: int, scale: float, seg: list[int],
-                    text_valid: torch.Tensor | None, use_segments: bool, causal: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _pyramid_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_index: torch.Tensor,
+    level_ptr: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    seg: list[int],
+    text_valid: torch.Tensor | None,
+    use_segments: bool,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.block_sparse import block_sparse_fwd
     from ..kernels.pyramid import pyramid_pool
 
@@ -273,8 +341,21 @@ def _pyramid_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index:
     n = (level_ptr[..., 1:] - level_ptr[..., :-1]).float()
     work = n[..., 0] + 0.5 * n[..., 1] + 0.25 * n[..., 2] + 0.125 * n[..., 3]  # no host tensor: graph-safe
     order = work.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-    return block_sparse_fwd(q, k, v, kv_index, level_ptr[..., 4], block_q, block_k, scale, segments=segments,
-                            level_ptr=level_ptr, pyramid=pyr, causal=causal, tile_order=order)
+    return block_sparse_fwd(
+        q,
+        k,
+        v,
+        kv_index,
+        level_ptr[..., 4],
+        block_q,
+        block_k,
+        scale,
+        segments=segments,
+        level_ptr=level_ptr,
+        pyramid=pyr,
+        causal=causal,
+        tile_order=order,
+    )
 
 
 @_pyramid_fwd_op.register_fake
@@ -284,21 +365,70 @@ def _(q, k, v, kv_index, level_ptr, block_q, block_k, scale, seg, text_valid, us
 
 
 @torch.library.custom_op("visattn::pyramid_bwd", mutates_args=())
-def _pyramid_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, dlse: torch.Tensor | None, kv_index: torch.Tensor, level_ptr: torch.Tensor,
-                    q_index: torch.Tensor, q_count: torch.Tensor, block_q: int, block_k: int, scale: float,
-                    seg: list[int], text_valid: torch.Tensor | None, use_segments: bool, causal: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pyramid_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    kv_index: torch.Tensor,
+    level_ptr: torch.Tensor,
+    q_index: torch.Tensor,
+    q_count: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    seg: list[int],
+    text_valid: torch.Tensor | None,
+    use_segments: bool,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.pyramid import pyramid_bwd
 
     segments = _segments(*seg, text_valid, use_segments)
-    return pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_count, block_q, block_k,
-                       scale, segments=segments, causal=causal)
+    return pyramid_bwd(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        kv_index,
+        level_ptr,
+        q_index,
+        q_count,
+        block_q,
+        block_k,
+        scale,
+        segments=segments,
+        causal=causal,
+    )
 
 
 @_pyramid_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_count, block_q, block_k, scale, seg,
-      text_valid, use_segments, causal):
+def _(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    kv_index,
+    level_ptr,
+    q_index,
+    q_count,
+    block_q,
+    block_k,
+    scale,
+    seg,
+    text_valid,
+    use_segments,
+    causal,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -315,8 +445,26 @@ def _backward(ctx, dout, dlse):
     q_index, q_count = _transpose(kv_index, level_ptr, k.shape[1], block_k, seg, use_segments)
     dout = torch.zeros_like(out) if dout is None else (dout if dout.stride(-1) == 1 else dout.contiguous())
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = _pyramid_bwd_op(dout, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_count, block_q,
-                                 block_k, scale, seg, text_valid, use_segments, causal)
+    dq, dk, dv = _pyramid_bwd_op(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        kv_index,
+        level_ptr,
+        q_index,
+        q_count,
+        block_q,
+        block_k,
+        scale,
+        seg,
+        text_valid,
+        use_segments,
+        causal,
+    )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -335,8 +483,7 @@ def _kernel_args(plan: PyramidPlan, B: int, device):
     lay = plan.seq_layout
     if lay is None:
         return [0, 0, 0, 0], None, False
-    return ([lay.video_start, lay.num_video, lay.text_start, lay.text_len],
-            lay.valid_text(B, device), True)
+    return ([lay.video_start, lay.num_video, lay.text_start, lay.text_len], lay.valid_text(B, device), True)
 
 
 def _as_bnhd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -353,7 +500,9 @@ def _triton_can_run(q, k, v, plan) -> list[str]:
     if q.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU")
+        reasons.append(
+            "Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU"
+        )
     if q.shape[-1] > 256:
         reasons.append(f"head dim {q.shape[-1]} > 256 is not supported")
     if plan.config is not None and plan.config.tail == "replicate":
@@ -361,19 +510,30 @@ def _triton_can_run(q, k, v, plan) -> list[str]:
     return reasons
 
 
-@_dispatch.register_backend("pyramid", "triton", can_run=_triton_can_run, doc="block-sparse core + PSA levels")
+@_dispatch.register_backend(
+    "pyramid", "triton", can_run=_triton_can_run, doc="block-sparse core + PSA levels"
+)
 def _run_triton(q, k, v, plan, scale, layout):
     seg, text_valid, use_seg = _kernel_args(plan, q.shape[0], q.device)
-    out, lse = _pyramid_fwd_op(_as_bnhd(q, layout), _as_bnhd(k, layout), _as_bnhd(v, layout), plan.kv_index,
-                               plan.level_ptr, plan.block_q, plan.block_k, scale, seg, text_valid, use_seg,
-                               plan.causal)
+    out, lse = _pyramid_fwd_op(
+        _as_bnhd(q, layout),
+        _as_bnhd(k, layout),
+        _as_bnhd(v, layout),
+        plan.kv_index,
+        plan.level_ptr,
+        plan.block_q,
+        plan.block_k,
+        scale,
+        seg,
+        text_valid,
+        use_seg,
+        plan.causal,
+    )
     return (out.transpose(1, 2) if layout == "BHND" else out), lse
 
 
-@_dispatch.register_backend("pyramid", "torch", can_run=lambda *a: [], auto_devices=("cpu",),
-                            doc="pure-PyTorch reference")
+@_dispatch.register_backend(
+    "pyramid", "torch", can_run=lambda *a: [], auto_devices=("cpu",), doc="pure-PyTorch reference"
+)
 def _run_torch(q, k, v, plan, scale, layout):
     return pyramid_attention_ref(q, k, v, plan, scale=scale, layout=layout, return_lse=True, upcast=False)
-
-
-

@@ -24,8 +24,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def block_ranges(seq_len: int, block: int, seq_layout: SequenceLayout | None, batch: int, device,
-                 valid_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def block_ranges(
+    seq_len: int, block: int, seq_layout: SequenceLayout | None, batch: int, device, valid_text: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ranges ``(start, length)`` int64 ``[B, n_blocks]`` of the blocks a plan indexes.
 
     With a layout: video blocks, then text blocks (text lengths limited to the valid text when
@@ -41,7 +42,9 @@ def block_ranges(seq_len: int, block: int, seq_layout: SequenceLayout | None, ba
     vstart = L.video_start + torch.arange(nv, device=device) * block
     vlen = (L.video_start + L.num_video - vstart).clamp(max=block)
     tstart = L.text_start + torch.arange(nt, device=device) * block
-    tend = (L.valid_text(batch, device).long() if valid_text else torch.full((batch,), L.text_len, device=device))
+    tend = (
+        L.valid_text(batch, device).long() if valid_text else torch.full((batch,), L.text_len, device=device)
+    )
     tlen = (L.text_start + tend[:, None] - tstart[None]).clamp(0, block)
     start = torch.cat([vstart, tstart]).expand(batch, nv + nt)
     length = torch.cat([vlen.expand(batch, nv), tlen], 1)
@@ -75,15 +78,25 @@ class PyramidPlan:
     def __post_init__(self) -> None:
         idx, lp = self.kv_index, self.level_ptr
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int32 or idx.dim() != 4:
-            raise ValueError(f"expected plan.kv_index int32 [B, H, n_q_tiles, n_kv_blocks], got "
-                             f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
-        if not isinstance(lp, torch.Tensor) or lp.dtype != torch.int32 or tuple(lp.shape) != (*idx.shape[:3], 5):
-            raise ValueError(f"expected plan.level_ptr int32 of shape {(*idx.shape[:3], 5)}, got "
-                             f"{getattr(lp, 'dtype', type(lp))} {tuple(getattr(lp, 'shape', ()))}")
+            raise ValueError(
+                f"expected plan.kv_index int32 [B, H, n_q_tiles, n_kv_blocks], got "
+                f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}"
+            )
+        if (
+            not isinstance(lp, torch.Tensor)
+            or lp.dtype != torch.int32
+            or tuple(lp.shape) != (*idx.shape[:3], 5)
+        ):
+            raise ValueError(
+                f"expected plan.level_ptr int32 of shape {(*idx.shape[:3], 5)}, got "
+                f"{getattr(lp, 'dtype', type(lp))} {tuple(getattr(lp, 'shape', ()))}"
+            )
         nq, nk = self.num_q_tiles_expected, self.num_kv_blocks
         if idx.shape[2] != nq or idx.shape[3] < 1:
-            raise ValueError(f"expected plan.kv_index.shape[2] == {nq} query tiles for seq_len={self.seq_len}, "
-                             f"got plan.kv_index.shape={tuple(idx.shape)}")
+            raise ValueError(
+                f"expected plan.kv_index.shape[2] == {nq} query tiles for seq_len={self.seq_len}, "
+                f"got plan.kv_index.shape={tuple(idx.shape)}"
+            )
         if idx.stride(-1) != 1:
             self.kv_index = idx.contiguous()
         if lp.stride(-1) != 1:
@@ -121,16 +134,21 @@ class PyramidPlan:
     def causal(self) -> bool:
         return bool(self.config is not None and self.config.causal)
 
-    def check_against(self, batch: int, heads: int, seq_len: int, seq_layout: SequenceLayout | None,
-                      name: str = "plan") -> None:
+    def check_against(
+        self, batch: int, heads: int, seq_len: int, seq_layout: SequenceLayout | None, name: str = "plan"
+    ) -> None:
         bp, hp = self.kv_index.shape[:2]
         if bp not in (1, batch) or hp not in (1, heads):
-            raise ValueError(f"expected {name} for B={batch}, H={heads}, got {name}.kv_index.shape="
-                             f"{tuple(self.kv_index.shape)}")
+            raise ValueError(
+                f"expected {name} for B={batch}, H={heads}, got {name}.kv_index.shape="
+                f"{tuple(self.kv_index.shape)}"
+            )
         if seq_len != self.seq_len:
             raise ValueError(f"expected {name} made for N={seq_len}, got {name}.seq_len={self.seq_len}")
         if seq_layout is not None and self.seq_layout is not None and seq_layout != self.seq_layout:
-            raise ValueError(f"expected {name}.seq_layout == seq_layout, got {self.seq_layout!r} and {seq_layout!r}")
+            raise ValueError(
+                f"expected {name}.seq_layout == seq_layout, got {self.seq_layout!r} and {seq_layout!r}"
+            )
 
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> torch.Tensor:
@@ -148,16 +166,27 @@ class PyramidPlan:
         return out[..., :nk]
 
     @classmethod
-    def from_dense(cls, levels: torch.Tensor, *, block_q: int, block_k: int, seq_len: int | None = None,
-                   seq_layout: SequenceLayout | None = None, config: PyramidConfig | None = None,
-                   rank: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> PyramidPlan:
+    def from_dense(
+        cls,
+        levels: torch.Tensor,
+        *,
+        block_q: int,
+        block_k: int,
+        seq_len: int | None = None,
+        seq_layout: SequenceLayout | None = None,
+        config: PyramidConfig | None = None,
+        rank: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> PyramidPlan:
         """Plan from a pool-factor map ``[B, H, n_q_tiles, n_kv_blocks]`` (values 0, 1, 2, 4, 8).
 
         Entries are grouped by factor, ordered by ``rank`` (default: block index) within a group.
         """
         if not isinstance(levels, torch.Tensor) or levels.dim() != 4:
-            raise ValueError(f"expected levels as a [B, H, n_q_tiles, n_kv_blocks] tensor, got "
-                             f"{tuple(getattr(levels, 'shape', ()))}")
+            raise ValueError(
+                f"expected levels as a [B, H, n_q_tiles, n_kv_blocks] tensor, got "
+                f"{tuple(getattr(levels, 'shape', ()))}"
+            )
         if seq_len is None:
             seq_len = seq_layout.seq_len if seq_layout is not None else levels.shape[2] * block_q
         lv = levels.long()
@@ -171,8 +200,9 @@ class PyramidPlan:
         index = key.argsort(dim=-1, stable=True).to(torch.int32)
         counts = torch.stack([(code == c).sum(-1) for c in range(4)], -1)
         level_ptr = torch.cat([torch.zeros_like(counts[..., :1]), counts.cumsum(-1)], -1).to(torch.int32)
-        return cls(index.contiguous(), level_ptr.contiguous(), block_q, block_k, seq_len, seq_layout, config,
-                   scores)
+        return cls(
+            index.contiguous(), level_ptr.contiguous(), block_q, block_k, seq_len, seq_layout, config, scores
+        )
 
     def transpose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (KV block, level): the query tiles that attend it. ``(q_index, q_count)``:
@@ -183,7 +213,9 @@ class PyramidPlan:
         dense = self.to_dense().long()
         mask = torch.stack([dense == m for m in FACTORS], 2).transpose(-1, -2)  # [B, H, 4, nk, nq]
         q_count = mask.sum(-1, dtype=torch.int32).contiguous()
-        q_index = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+        q_index = (
+            torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+        )
         self._cache["transpose"] = (q_index, q_count)
         return q_index, q_count
 
@@ -205,9 +237,16 @@ class PyramidPlan:
         return flops / float(self.seq_len) ** 2
 
     def to(self, device) -> PyramidPlan:
-        return PyramidPlan(self.kv_index.to(device), self.level_ptr.to(device), self.block_q, self.block_k,
-                           self.seq_len, self.seq_layout, self.config,
-                           None if self.scores is None else self.scores.to(device))
+        return PyramidPlan(
+            self.kv_index.to(device),
+            self.level_ptr.to(device),
+            self.block_q,
+            self.block_k,
+            self.seq_len,
+            self.seq_layout,
+            self.config,
+            None if self.scores is None else self.scores.to(device),
+        )
 
     # ------------------------------------------------------------------ upstream's separator format
     def to_upstream(self) -> torch.Tensor:
@@ -225,8 +264,16 @@ class PyramidPlan:
         return out.to(torch.int32)
 
     @classmethod
-    def from_upstream(cls, mask: torch.Tensor, *, block_q: int, block_k: int, seq_len: int,
-                      seq_layout: SequenceLayout | None = None, config: PyramidConfig | None = None) -> PyramidPlan:
+    def from_upstream(
+        cls,
+        mask: torch.Tensor,
+        *,
+        block_q: int,
+        block_k: int,
+        seq_len: int,
+        seq_layout: SequenceLayout | None = None,
+        config: PyramidConfig | None = None,
+    ) -> PyramidPlan:
         """Inverse of :meth:`to_upstream`."""
         m = mask.long()
         nk = m.shape[-1] - 5
@@ -235,31 +282,66 @@ class PyramidPlan:
         ok = (m >= 0) & (sep < 4)
         fac = torch.where(ok, 1 << sep.clamp(max=3), 0).to(torch.int8)
         dense.scatter_(-1, torch.where(ok, m, nk), fac)
-        return cls.from_dense(dense[..., :nk], block_q=block_q, block_k=block_k, seq_len=seq_len,
-                              seq_layout=seq_layout, config=config)
+        return cls.from_dense(
+            dense[..., :nk],
+            block_q=block_q,
+            block_k=block_k,
+            seq_len=seq_len,
+            seq_layout=seq_layout,
+            config=config,
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
         """Write the plan (tensors on the CPU) with ``torch.save``."""
         L = self.seq_layout
-        lay = None if L is None else dict(video_grid=L.video_grid, text_len=L.text_len, text_position=L.text_position,
-                                           text_valid_len=L.text_valid_len if not isinstance(L.text_valid_len, torch.Tensor)
-                                           else L.text_valid_len.cpu(), token_order=L.token_order)
-        cfg = None if self.config is None else {k: getattr(self.config, k) for k in PyramidConfig.__dataclass_fields__}
-        torch.save(dict(kv_index=self.kv_index.cpu(), level_ptr=self.level_ptr.cpu(), block_q=self.block_q,
-                        block_k=self.block_k, seq_len=self.seq_len, seq_layout=lay, config=cfg,
-                        scores=None if self.scores is None else self.scores.cpu()), path)
+        lay = (
+            None
+            if L is None
+            else dict(
+                video_grid=L.video_grid,
+                text_len=L.text_len,
+                text_position=L.text_position,
+                text_valid_len=L.text_valid_len
+                if not isinstance(L.text_valid_len, torch.Tensor)
+                else L.text_valid_len.cpu(),
+                token_order=L.token_order,
+            )
+        )
+        cfg = (
+            None
+            if self.config is None
+            else {k: getattr(self.config, k) for k in PyramidConfig.__dataclass_fields__}
+        )
+        torch.save(
+            dict(
+                kv_index=self.kv_index.cpu(),
+                level_ptr=self.level_ptr.cpu(),
+                block_q=self.block_q,
+                block_k=self.block_k,
+                seq_len=self.seq_len,
+                seq_layout=lay,
+                config=cfg,
+                scores=None if self.scores is None else self.scores.cpu(),
+            ),
+            path,
+        )
 
     @classmethod
     def load(cls, path, map_location=None) -> PyramidPlan:
         d = torch.load(path, map_location=map_location, weights_only=True)
         lay = None if d["seq_layout"] is None else SequenceLayout(**d["seq_layout"])
         cfg = None if d["config"] is None else PyramidConfig(**d["config"])
-        return cls(d["kv_index"], d["level_ptr"], d["block_q"], d["block_k"], d["seq_len"], lay, cfg, d["scores"])
+        return cls(
+            d["kv_index"], d["level_ptr"], d["block_q"], d["block_k"], d["seq_len"], lay, cfg, d["scores"]
+        )
 
     def __repr__(self) -> str:
-        return (f"PyramidPlan(kv_index={tuple(self.kv_index.shape)}, block_q={self.block_q}, block_k={self.block_k}, "
-                f"seq_len={self.seq_len}, seq_layout={self.seq_layout!r}, device={self.device})")
+        return (
+            f"PyramidPlan(kv_index={tuple(self.kv_index.shape)}, "
+            f"block_q={self.block_q}, block_k={self.block_k}, "
+            f"seq_len={self.seq_len}, seq_layout={self.seq_layout!r}, device={self.device})"
+        )
 
 
 __all__ = ["PyramidPlan", "block_ranges"]

@@ -20,6 +20,7 @@ from ._registry import MethodSpec, get_method, list_methods, register_method
 from .apply import ApplyHandle, apply, remove
 from .schedule import Schedule
 from .sdpa import sdpa_override
+from .token_order import install_token_order
 
 __all__ = [
     "apply",
@@ -36,5 +37,6 @@ __all__ = [
     "parse_assignment",
     "Schedule",
     "sdpa_override",
+    "install_token_order",
     "VisattnProcessor",
 ]

@@ -29,6 +29,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..ops import SequenceLayout, clamp_neighborhood, neighborhood_attention
+from ..ops._dispatch import current_backend
 from ._base import VisattnProcessor, dispatch_dense
 from ._config import PipelineConfig
 from ._families import (
@@ -182,6 +183,16 @@ class _Neighborhood(VisattnProcessor):
             return self.fallback(
                 "neighborhood: window larger than the grid (clamp=False)", q, k, v, attn_mask
             )
+        try:
+            return self._sparse(q, k, v, attn_mask, seq, geom)
+        except NotImplementedError as e:  # no op backend can run these inputs
+            if self.config.backend not in (None, "auto") or current_backend() != "auto":
+                raise  # a backend asked for by name raises with its reasons
+            reasons = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip().startswith("- ")]
+            why = reasons[0] if reasons else str(e).splitlines()[0]
+            return self.fallback(f"neighborhood: the op cannot run these inputs ({why})", q, k, v, attn_mask)
+
+    def _sparse(self, q, k, v, attn_mask, seq: SequenceLayout, geom):
         grid = geom[0]
         vs = seq.video_slice
         qv, kv, vv = (t[:, vs].unflatten(1, grid) for t in (q, k, v))  # [B, *grid, H, D] views

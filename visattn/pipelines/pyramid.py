@@ -10,12 +10,15 @@ preset and are keyed by the real denoising step (``Schedule``), never by countin
 Fallbacks (dispatcher, counted by reason): an attention mask that is not text padding, sequences
 shorter than ``min_seq_len``, context parallelism. Calls with an unknown layout run PSA over the
 whole sequence as one segment (upstream's plug-and-play semantics). Presets that name the Gilbert
-token order expect the shared token-order adapter to permute tokens once per transformer forward;
-without it the call runs in raster order and is counted as ``"pyramid: raster order"``.
+token order (``token_order="gilbert"``, ``axis_order="largest"`` as upstream) install the shared
+token-order adapter (``pipelines/token_order.py``): tokens are permuted once per transformer forward,
+never inside an attention call. Models without an adapter, or a tree without the token-order module
+(``visattn.ops._token_order``), run in raster order, counted as ``"pyramid: raster order"``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from ..ops import SequenceLayout
@@ -25,6 +28,8 @@ from ._config import PipelineConfig
 from ._families import CogVideoXAttnBase, HunyuanVideoAttnBase, WanAttnBase, processor_table
 from ._registry import MethodSpec, register_method
 from .schedule import Schedule
+from .token_order import SUPPORTED as _ORDER_MODELS
+from .token_order import install_token_order
 
 _BACKENDS = (None, "auto", "triton", "torch")
 
@@ -86,6 +91,22 @@ class PyramidCogVideoXAttnProcessor(_Pyramid, CogVideoXAttnBase):
     """PSA for CogVideoX 1.0/1.5: ``[text (226), video]``."""
 
 
+def _gilbert(axis_order: str):
+    from ..ops._token_order import gilbert_order  # shared token order (specs/rectified.md §2.2)
+
+    axes = "largest" if axis_order == "largest" else tuple(axis_order)
+    return lambda grid: gilbert_order(tuple(grid), axis_order=axes)
+
+
+def _install(model, handle) -> None:
+    cfg = handle.config
+    if getattr(cfg, "token_order", None) != "gilbert" or type(model).__name__ not in _ORDER_MODELS:
+        return
+    if importlib.util.find_spec("visattn.ops._token_order") is None:
+        return  # counted per call as "pyramid: raster order"
+    install_token_order(model, handle, _gilbert(cfg.axis_order))
+
+
 SPEC = register_method(
     MethodSpec(
         slug="pyramid",
@@ -97,6 +118,7 @@ SPEC = register_method(
                 CogVideoXAttnBase: PyramidCogVideoXAttnProcessor,
             }
         ),
+        install=_install,
         description="multi-level (raw / 2x / 4x / 8x pooled) block-sparse attention",
     )
 )

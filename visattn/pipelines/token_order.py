@@ -1,145 +1,204 @@
-"""Token order for pipelines: the Gilbert order (``visattn.ops._token_order``, spec rectified.md §2.2)
-and model-level adapters that permute the video tokens once per transformer forward (§5).
+"""Token-order adapters: run a transformer's blocks on permuted video tokens (specs/diffusers.md §6).
 
-An adapter is a set of diffusers ``ModelHook``s (no class patching), registered through
-``ApplyHandle.add_hook`` so ``remove()`` takes them off. Wan (``WanTransformer3DModel``): the
-patch-embedding output is reordered along the flattened (F, H, W) axis (the model's own
-``flatten(2).transpose(1, 2)`` then yields curve order), the RoPE tables (cos, sin) and per-token
-timestep projections (Wan2.2 TI2V) follow, and ``norm_out``'s input is put back into raster order,
-so everything after it (shift/scale, ``proj_out``, unpatchify) is unchanged. Attention processors
-find the active order in ``context.extras["token_order"][component] = (video_grid, order name)``.
-Other families use the per-call fallback of their processors.
+Sparse block methods (rectified, pyramid) want video tokens in a locality-preserving order (e.g. a 3-D
+Gilbert curve). The adapters permute every tensor indexed by video token **once per transformer
+forward**, through diffusers hooks (no class patching), and undo it before the output head:
+
+* Wan: the RoPE tables (``rope`` output), the hidden states entering ``blocks[0]``, per-token timestep
+  projections (Wan 2.2 TI2V) entering every block; inverse before ``norm_out``.
+* HunyuanVideo: the ``rope`` output rows, the video hidden states entering the first block; inverse
+  before ``norm_out`` (the ``token_replace`` image condition is refused).
+* Flux: the image rows of the ``pos_embed`` output (text rows first), the image hidden states entering
+  the first block; inverse before ``norm_out`` (ControlNet residuals would arrive in raster order).
+* CogVideoX: the ``image_rotary_emb`` argument, the video part of the ``patch_embed`` output; inverse
+  before ``norm_final``.
+
+The component's :class:`SequenceLayout` gets ``token_order=<name>`` while the blocks run, so
+processors that need raster order (neighborhood) fall back, and those that use the order know it.
+``order_fn(video_grid) -> TokenOrder`` supplies the permutation (``perm[i]`` = raster index of the
+i-th token, ``inverse`` its inverse, CPU int64, and a ``name``), e.g. ``visattn.ops``' Gilbert order.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 from diffusers.hooks import ModelHook
 
-from ..ops._token_order import TokenOrder, block_neighbours, gilbert_order, order_from_name
+from ._context import AttnContext
+from .hooks import LayoutHook, bind_forward
 
-EXTRAS_KEY = "token_order"
+_NAME = "visattn_token_order"
+SUPPORTED = (
+    "WanTransformer3DModel",
+    "HunyuanVideoTransformer3DModel",
+    "FluxTransformer2DModel",
+    "CogVideoXTransformer3DModel",
+)
+
+
+class _FnHook(ModelHook):
+    def __init__(self, pre=None, post=None) -> None:
+        super().__init__()
+        self._pre, self._post = pre, post
+
+    def pre_forward(self, module, *args, **kwargs):
+        return self._pre(module, args, kwargs) if self._pre is not None else (args, kwargs)
+
+    def post_forward(self, module, output):
+        return self._post(module, output) if self._post is not None else output
+
+
+def _replace(module, args, kwargs, name: str, fn):
+    """Apply ``fn`` to the forward argument ``name`` wherever it was passed (by position or keyword)."""
+    params = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
+    i = params.index(name) if name in params else None
+    if i is not None and i < len(args):
+        args = (*args[:i], fn(args[i]), *args[i + 1 :])
+    elif name in kwargs:
+        kwargs = {**kwargs, name: fn(kwargs[name])}
+    return args, kwargs
+
+
+def _first_arg(args, kwargs, fn):
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: fn(kwargs[key])}
 
 
 class _State:
-    """The current forward's permutation (device tensors), shared by the adapter's hooks."""
+    """The permutation of the current forward (indices cached per grid and device)."""
 
-    def __init__(self) -> None:
-        self.idx = self.inv = None
-        self.n = -1
+    def __init__(self, order_fn, context: AttnContext, component: str) -> None:
+        self.order_fn, self.context, self.component = order_fn, context, component
         self._cache: dict = {}
+        self.perm = self.inv = self.name = None
+        self.text_len = 0
+        self.n_video = 0
+        self._temb: tuple | None = None
+        self._probe = LayoutHook(AttnContext(), component)  # computes the grid without touching the context
 
-    def set(self, grid, axis_order, device) -> str:
-        key = (grid, tuple(axis_order) if not isinstance(axis_order, str) else axis_order, str(device))
-        hit = self._cache.get(key)
-        if hit is None:
-            order = gilbert_order(grid, axis_order)
-            hit = self._cache[key] = (order.perm.to(device), order.inverse.to(device), order.name)
-        self.idx, self.inv, name = hit
-        self.n = self.idx.numel()
-        return name
+    def begin(self, module, args, kwargs) -> None:
+        layout = self._probe.compute(module, bind_forward(module, args, kwargs))
+        self.perm = None
+        self._temb = None
+        if layout is None:
+            return
+        x = bind_forward(module, args, kwargs).get("hidden_states")
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        key = (layout.video_grid, device)
+        if key not in self._cache:
+            order = self.order_fn(layout.video_grid)
+            self._cache[key] = (order.perm.to(device), order.inverse.to(device), order.name)
+        self.perm, self.inv, self.name = self._cache[key]
+        self.text_len, self.n_video = layout.text_len, layout.num_video
+
+    def mark_layout(self) -> None:
+        lay = self.context.layouts.get(self.component)
+        if lay is not None and self.perm is not None:
+            self.context.layouts[self.component] = lay.replace(token_order=self.name)
+
+    def rows(self, x: torch.Tensor, dim: int, offset: int = 0, inverse: bool = False) -> torch.Tensor:
+        if self.perm is None:
+            return x
+        idx = self.inv if inverse else self.perm
+        if offset == 0 and x.shape[dim] == self.n_video:
+            return x.index_select(dim, idx)
+        head, video = x.narrow(dim, 0, offset), x.narrow(dim, offset, self.n_video)
+        return torch.cat([head, video.index_select(dim, idx)], dim=dim)
+
+    def temb(self, t: torch.Tensor) -> torch.Tensor:
+        # Wan 2.2 TI2V per-token timestep projections [B, S, 6, C]: permuted once per forward
+        if self.perm is None or t.ndim != 4:
+            return t
+        if self._temb is None or self._temb[0] is not t:
+            self._temb = (t, t.index_select(1, self.perm))
+        return self._temb[1]
 
 
-class _ModelHook(ModelHook):
-    """On the transformer: derive the grid, select the permutation, publish it to the context."""
+def install_token_order(
+    model: torch.nn.Module, handle, order_fn: Callable, component: str | None = None
+) -> None:
+    """Register the token-order hooks of ``model`` (see the module docstring) on ``handle``.
 
-    _is_stateful = False
+    Call from a method's ``MethodSpec.install`` (the hooks go through ``handle.add_hook``, so
+    ``handle.remove()`` takes them off).
 
-    def __init__(self, state: _State, context, component: str, axis_order) -> None:
-        super().__init__()
-        self.state, self.context, self.component, self.axis_order = state, context, component, axis_order
+    Raises:
+        ValueError: the model family has no adapter (supported: :data:`SUPPORTED`), or it uses a
+            conditioning that indexes tokens by raster position (HunyuanVideo ``token_replace``).
+    """
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        raise ValueError(f"no token-order adapter for {name}; supported: {list(SUPPORTED)}")
+    if component is None:
+        component = next(c for c, m in handle.components.items() if m is model)
+    st = _State(order_fn, handle.context, component)
 
-    def pre_forward(self, module, *args, **kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        orders = self.context.extras.setdefault(EXTRAS_KEY, {})
-        if isinstance(x, torch.Tensor) and x.dim() == 5:
-            pt, ph, pw = module.config.patch_size
-            grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
-            orders[self.component] = (grid, self.state.set(grid, self.axis_order, x.device))
-        else:
-            orders.pop(self.component, None)
-            self.state.n = -1
+    def root_pre(module, args, kwargs):
+        st.begin(module, args, kwargs)
+        if name.startswith("CogVideoX"):
+            args, kwargs = _replace(
+                module,
+                args,
+                kwargs,
+                "image_rotary_emb",
+                lambda r: r if r is None else tuple(st.rows(t, 0) for t in r),
+            )
         return args, kwargs
 
+    def first_block_pre(module, args, kwargs):
+        st.mark_layout()
+        return _replace(module, args, kwargs, "hidden_states", lambda x: st.rows(x, 1))
 
-class _PatchHook(ModelHook):
-    """patch_embedding output [B, C, F, H, W]: reorder the flattened token axis."""
+    def inverse_pre(module, args, kwargs):
+        if name.startswith("CogVideoX"):
+            return _first_arg(args, kwargs, lambda x: st.rows(x, 1, x.shape[1] - st.n_video, inverse=True))
+        return _first_arg(args, kwargs, lambda x: st.rows(x, 1, inverse=True))
 
-    def __init__(self, state: _State) -> None:
-        super().__init__()
-        self.state = state
-
-    def post_forward(self, module, output):
-        if self.state.n != output[0, 0].numel():
-            return output
-        return output.flatten(2)[:, :, self.state.idx].view(output.shape)
-
-
-class _RopeHook(ModelHook):
-    """rope output (cos, sin), each [1, N, 1, D]: reorder dim 1."""
-
-    def __init__(self, state: _State) -> None:
-        super().__init__()
-        self.state = state
-
-    def post_forward(self, module, output):
-        if self.state.n < 0 or not isinstance(output, tuple) or output[0].shape[1] != self.state.n:
-            return output
-        return tuple(t[:, self.state.idx] for t in output)
-
-
-class _ConditionHook(ModelHook):
-    """condition_embedder output (temb, timestep_proj, ...): per-token timestep_proj [B, N, 6C] follows."""
-
-    def __init__(self, state: _State) -> None:
-        super().__init__()
-        self.state = state
-
-    def post_forward(self, module, output):
-        tp = output[1]
-        if self.state.n < 0 or tp.dim() != 3 or tp.shape[1] != self.state.n:
-            return output
-        return (output[0], tp[:, self.state.idx], *output[2:])
-
-
-class _InverseHook(ModelHook):
-    """norm_out input [B, N, C]: back to raster order."""
-
-    def __init__(self, state: _State) -> None:
-        super().__init__()
-        self.state = state
-
-    def pre_forward(self, module, *args, **kwargs):
-        if self.state.n < 0 or not args or args[0].shape[1] != self.state.n:
-            return args, kwargs
-        return (args[0][:, self.state.inv], *args[1:]), kwargs
+    handle.add_hook(model, _FnHook(pre=root_pre), _NAME)
+    if name.startswith("Wan"):
+        handle.add_hook(model.rope, _FnHook(post=lambda m, out: tuple(st.rows(t, 1) for t in out)), _NAME)
+        handle.add_hook(model.blocks[0], _FnHook(pre=first_block_pre), _NAME + "_in")
+        for block in model.blocks:
+            handle.add_hook(block, _FnHook(pre=lambda m, a, k: _replace(m, a, k, "temb", st.temb)), _NAME)
+        handle.add_hook(model.norm_out, _FnHook(pre=inverse_pre), _NAME)
+    elif name.startswith("HunyuanVideo"):
+        if getattr(model.config, "image_condition_type", None) == "token_replace":
+            raise ValueError(
+                "HunyuanVideo's token_replace image condition indexes tokens by raster position; "
+                "it cannot run on permuted tokens"
+            )
+        handle.add_hook(model.rope, _FnHook(post=lambda m, out: tuple(st.rows(t, 0) for t in out)), _NAME)
+        first = (
+            model.transformer_blocks[0]
+            if len(model.transformer_blocks)
+            else model.single_transformer_blocks[0]
+        )
+        handle.add_hook(first, _FnHook(pre=first_block_pre), _NAME)
+        handle.add_hook(model.norm_out, _FnHook(pre=inverse_pre), _NAME)
+    elif name.startswith("Flux"):
+        handle.add_hook(
+            model.pos_embed,
+            _FnHook(post=lambda m, out: tuple(st.rows(t, 0, st.text_len) for t in out)),
+            _NAME,
+        )
+        first = (
+            model.transformer_blocks[0]
+            if len(model.transformer_blocks)
+            else model.single_transformer_blocks[0]
+        )
+        handle.add_hook(first, _FnHook(pre=first_block_pre), _NAME)
+        handle.add_hook(model.norm_out, _FnHook(pre=inverse_pre), _NAME)
+    else:  # CogVideoX: text first in the patch-embedding output
+        handle.add_hook(model.patch_embed, _FnHook(post=lambda m, out: st.rows(out, 1, st.text_len)), _NAME)
+        handle.add_hook(
+            model.transformer_blocks[0], _FnHook(pre=lambda m, a, k: (st.mark_layout(), (a, k))[1]), _NAME
+        )
+        handle.add_hook(model.norm_final, _FnHook(pre=inverse_pre), _NAME)
 
 
-def install_wan_token_order(model, handle, component: str, axis_order=("w", "h", "t")) -> bool:
-    """Install the Wan adapter on ``model`` (a ``WanTransformer3DModel``); returns whether it did."""
-    if type(model).__name__ != "WanTransformer3DModel":
-        return False
-    state = _State()
-    name = "visattn_token_order"
-    handle.add_hook(model, _ModelHook(state, handle.context, component, axis_order), name)
-    handle.add_hook(model.patch_embedding, _PatchHook(state), name)
-    handle.add_hook(model.rope, _RopeHook(state), name)
-    handle.add_hook(model.condition_embedder, _ConditionHook(state), name)
-    handle.add_hook(model.norm_out, _InverseHook(state), name)
-    return True
-
-
-def active_order(context, component: str, video_grid) -> str | None:
-    """The order name an adapter applied to this component's current forward, if its grid matches."""
-    hit = context.extras.get(EXTRAS_KEY, {}).get(component)
-    return hit[1] if hit is not None and tuple(hit[0]) == tuple(video_grid) else None
-
-
-__all__ = [
-    "TokenOrder",
-    "block_neighbours",
-    "gilbert_order",
-    "order_from_name",
-    "install_wan_token_order",
-    "active_order",
-]
+__all__ = ["install_token_order", "SUPPORTED"]
