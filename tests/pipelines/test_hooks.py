@@ -179,3 +179,24 @@ def test_compile_fullgraph_flux_neighborhood_schedule():
     finally:
         h.remove()
         torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy= in diffusers' Heun
+def test_second_order_scheduler_steps():
+    """Heun calls the model twice per step (after the first); its step_index counts calls."""
+    from diffusers import HeunDiscreteScheduler
+
+    from visattn.pipelines.tiny import tiny_inputs, tiny_model
+
+    sched = HeunDiscreteScheduler()
+    pipe = SimpleNamespace(transformer=tiny_model("dit"), scheduler=sched)
+    x = tiny_inputs("dit", size=8)
+    seen = []
+    with vp.apply(pipe, "dense") as h, torch.no_grad():
+        sched.set_timesteps(3)
+        sample = x["hidden_states"]
+        for t in sched.timesteps:
+            out = pipe.transformer(**{**x, "hidden_states": sample, "timestep": t.expand(1)})[0][:, :4]
+            seen.append(h.context.step_index)
+            sample = sched.step(out, t, sample).prev_sample
+    assert seen == [0, 1, 1, 2, 2]

@@ -59,7 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/generate", help="output folder")
     p.add_argument("--format", choices=["auto", "png", "mp4", "npy"], default="auto")
-    p.add_argument("--warmup", type=int, default=0, help="untimed warm-up generations of --steps steps")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed warm-up generations (default 0; 1 with --compile, so compiling is not timed)",
+    )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the repeated blocks (wall times only)"
     )
@@ -137,6 +141,7 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
             "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,
             "calls": st["calls"],
             "total_calls": st["total_calls"],
+            "dense_by_schedule": st["dense_by_schedule"],
             "fallbacks": st["fallbacks"],
             "density": density,
             "step_source": handle.context.step_source,
@@ -168,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     t_start = time.perf_counter()
     spec, overrides, device, dtype = _resolve(args)  # bad method / --set fail before loading anything
+    if args.warmup is None:
+        args.warmup = 1 if args.compile else 0
     if args.tiny and args.height is None:
         args.height = args.width = 64 if args.width is None else args.width
     out = Path(args.out)

@@ -127,7 +127,7 @@ class VisattnProcessor:
             # context parallelism shards the sequence: a global sparse pattern on local shards is wrong
             return self.fallback("context parallelism (_parallel_config is set)", q, k, v, attn_mask)
         if self.dense_now():
-            self.context.stats.add_call("dense_by_schedule")
+            self.context.stats.add_dense_by_schedule()
             return self.dispatch(q, k, v, attn_mask)
         return self.attend(q, k, v, attn_mask=attn_mask, seq=seq)
 

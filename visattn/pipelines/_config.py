@@ -11,6 +11,7 @@ of the wrong type raise ``TypeError`` listing the valid fields; values out of ra
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import Any, ClassVar
 
 import yaml
 
-PRESET_ROOT = Path(__file__).resolve().parents[2] / "configs" / "pipelines"
+# presets ship in the repository's configs/ (not inside the wheel); VISATTN_PRESET_ROOT points elsewhere
+PRESET_ROOT = Path(
+    os.environ.get("VISATTN_PRESET_ROOT") or Path(__file__).resolve().parents[2] / "configs" / "pipelines"
+)
 
 
 class PipelineConfig:

@@ -31,6 +31,7 @@ class AttnStats:
     def reset(self) -> None:
         self.calls: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
+        self.dense_by_schedule = 0  # calls the dense-step / dense-block schedule ran dense
         self.cpu_time_s = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -40,6 +41,10 @@ class AttnStats:
     def add_call(self, name: str) -> None:
         if self._active():
             self.calls[name] += 1
+
+    def add_dense_by_schedule(self) -> None:
+        if self._active():
+            self.dense_by_schedule += 1
 
     def add_fallback(self, reason: str) -> None:
         # fallbacks are counted even with stats off: they are never silent (DESIGN.md §3)
@@ -79,6 +84,7 @@ class AttnStats:
         return {
             "calls": dict(self.calls),
             "total_calls": sum(self.calls.values()),
+            "dense_by_schedule": self.dense_by_schedule,
             "fallbacks": dict(self.fallbacks),
             "total_fallbacks": sum(self.fallbacks.values()),
             "attention_time_s": self.attention_time_s,

@@ -5,7 +5,8 @@
   :class:`SequenceLayout`, plus a UNet's latent ``(H0, W0)``.
 * :class:`StepHook` (``"visattn_step"``): the real denoising step of every denoiser call, from the
   first available source: ``CacheContext.step_index`` (``model.cache_context(..., step_index=)``),
-  ``pipe.scheduler.step_index``, the ``timestep`` argument (matched in ``pipe.scheduler.timesteps``,
+  ``pipe.scheduler.step_index`` (second-order schedulers such as Heun: ``(step_index + 1) // 2``),
+  the ``timestep`` argument (matched in ``pipe.scheduler.timesteps``,
   otherwise counted as distinct values; a rising timestep starts a new generation), and last the
   handle's ``callback``. It then resolves the dense-step schedule once for the call.
 
@@ -207,7 +208,10 @@ class StepHook(ModelHook):
             num = getattr(sched, "num_inference_steps", None)
         if step is None and sched is not None and "step_index" in dir(type(sched)):
             si = sched.step_index  # a Python int: None before the first scheduler.step()
-            step, source = (0 if si is None else int(si)), "scheduler"
+            si = 0 if si is None else int(si)
+            if getattr(sched, "order", 1) == 2:  # Heun-like: two model calls per step after the first
+                si = (si + 1) // 2
+            step, source = si, "scheduler"
         if step is None:
             t = bind_forward(module, args, kwargs).get("timestep")
             if t is not None:
