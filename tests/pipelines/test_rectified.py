@@ -74,9 +74,10 @@ def test_wan_triton_matches_torch(tiny):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_wan_adapter_equals_per_call_permutation(tiny):
-    model = tiny("wan")
-    inputs = tiny_inputs("wan", size=16)
+@pytest.mark.parametrize("name", _MODELS)
+def test_adapter_equals_per_call_permutation(name, tiny):
+    model = tiny(name)
+    inputs = tiny_inputs(name, size=16)
     before = _run(model, inputs)
     with vp.apply(model, "rectified", _SPARSE.replace(adapter=False), stats=True) as h:
         per_call = _run(model, inputs)

@@ -9,10 +9,11 @@ cross-attention) stays dense. Dense blocks and steps come from the preset and ar
 denoising step (``Schedule``).
 
 Token order: with ``token_order="gilbert"`` the op wants the video tokens on the 3-D Gilbert curve
-(``axis_order``, default ``("w", "h", "t")`` as upstream). Wan gets a model-level adapter
-(``pipelines/token_order.py``, ``adapter=True``): the tokens are permuted once per transformer
-forward and the calls use them as they are. Other families (or ``adapter=False``) permute q/k/v per
-call (one gather each, and the inverse on the output), counted as ``"rectified: per-call token order"``.
+(``axis_order``, default ``("w", "h", "t")`` as upstream). Wan, HunyuanVideo, Flux and CogVideoX get
+the shared model-level adapter (``pipelines/token_order.py``, ``adapter=True``): the tokens are
+permuted once per transformer forward and the layout names the order, so the calls use them as they
+are. Other models (or ``adapter=False``) permute q/k/v per call (one gather each, and the inverse on
+the output), counted as ``"rectified: per-call token order"``.
 
 Fallbacks (dispatcher, counted by reason): unknown layout, an attention mask that is not text
 padding, sequences shorter than ``min_seq_len``, context parallelism.
@@ -33,7 +34,8 @@ from ._config import PipelineConfig
 from ._families import CogVideoXAttnBase, FluxAttnBase, HunyuanVideoAttnBase, WanAttnBase, processor_table
 from ._registry import MethodSpec, register_method
 from .schedule import Schedule
-from .token_order import active_order, install_wan_token_order
+from .token_order import SUPPORTED as _ORDER_MODELS
+from .token_order import install_token_order
 
 _BACKENDS = (None, "auto", "triton", "torch")
 _PERMS: dict = {}
@@ -47,7 +49,7 @@ class RectifiedPipelineConfig(RectifiedConfig, PipelineConfig):
         backend: visattn op backend (``None`` follows ``visattn.use_backend``).
         min_seq_len: shorter sequences run dense through the dispatcher.
         dispatch_backend: diffusers backend for dense steps/blocks and fallbacks (``None``: global).
-        adapter: permute the video tokens once per forward where a model adapter exists (Wan).
+        adapter: permute the video tokens once per forward where a model adapter exists.
     """
 
     slug = "rectified"
@@ -98,11 +100,7 @@ class _Rectified(VisattnProcessor):
         if q.shape[1] < cfg.min_seq_len:
             return self.fallback("rectified: sequence shorter than min_seq_len", q, k, v, attn_mask)
         with self.timed(q.device):
-            if cfg.token_order == "gilbert" and seq.token_order is None:
-                name = active_order(self.context, self.component, seq.video_grid)
-                if name is not None:  # the model-level adapter already permuted the tokens
-                    return rectified_attention(q, k, v, seq_layout=seq.replace(token_order=name), config=cfg,
-                                               backend=cfg.backend)
+            if cfg.token_order == "gilbert" and seq.token_order is None:  # no model-level adapter ran
                 self.context.stats.add_call("rectified: per-call token order")
                 idx, inv, name = _permutation(seq, cfg.axis_order, q.device)
                 q, k, v = q[:, idx], k[:, idx], v[:, idx]
@@ -130,10 +128,9 @@ class RectifiedFluxAttnProcessor(_Rectified, FluxAttnBase):
 
 def _install(model, handle) -> None:
     cfg = handle.config
-    if cfg.token_order == "gilbert" and cfg.adapter:
-        comp = next((c for c, m in handle.components.items() if m is model), None)
-        if comp is not None:
-            install_wan_token_order(model, handle, comp, cfg.axis_order)
+    if cfg.token_order == "gilbert" and cfg.adapter and type(model).__name__ in _ORDER_MODELS:
+        axis_order = cfg.axis_order
+        install_token_order(model, handle, lambda grid: gilbert_order(grid, axis_order))
 
 
 SPEC = register_method(
