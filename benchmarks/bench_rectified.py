@@ -6,6 +6,7 @@ N = 16384, rectified against plain block-sparse attention with the same mask.
 
 Usage:
   python benchmarks/bench_rectified.py [--quick] [--out DIR] [--skip-error] [--skip-speed]
+  TRITON_INTERPRET=1 python benchmarks/bench_rectified.py --smoke --out /tmp/x   # exercise the script on CPU
 Writes DIR/rectified_<device>.json and .md (default DIR: benchmarks/results).
 """
 
@@ -34,6 +35,15 @@ SHAPES = {  # name: (B, H, grid, D, text_len, text_valid)
     "wan21_1p3b_480p": (1, 12, (21, 30, 52), 128, 0, None),
     "hunyuanvideo_720p": (1, 24, (33, 45, 80), 128, 256, 120),
 }
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(dev) -> torch.dtype:
+    # the interpreter refuses bf16 dots (wrong results in Triton's interpreter): fp32 for --smoke
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 def _sdpa(backend):
@@ -79,8 +89,8 @@ def _gilbert_qkv(grid, H, D, dtype, dev):
 
 def speed(shape: str, quick: bool, drops=(0.75, 0.9), log=print) -> list[dict]:
     B, H, grid, D, L, tv = SHAPES[shape]
-    dev = torch.device("cuda")
-    q, k, v = _gilbert_qkv(grid, H, D, torch.bfloat16, dev)
+    dev = _device()
+    q, k, v = _gilbert_qkv(grid, H, D, _dtype(dev), dev)
     if L:  # text after the video: random text tokens, 256 slots of which `tv` valid
         pad = lambda x: torch.cat([x, torch.randn(B, L, H, D, device=dev, dtype=x.dtype)], 1)  # noqa: E731
         q, k, v = pad(q), pad(k), pad(v)
@@ -120,6 +130,8 @@ def speed(shape: str, quick: bool, drops=(0.75, 0.9), log=print) -> list[dict]:
             bsp = BlockSparsePlan.from_mask(plan.kept_visual(), cfg.block_size, cfg.block_size)
             row["plain_block_sparse_ms"] = t(lambda: block_sparse_attention(q, k, v, bsp, backend="triton"))
         try:
+            if dev.type != "cuda":
+                raise RuntimeError("skipped off CUDA (--smoke)")
             flex = _flex_runner(plan, q)
             row["flex_kept_blocks_ms"] = t(lambda: flex(q, k, v))
         except Exception as e:  # noqa: BLE001
@@ -146,8 +158,10 @@ def _rel(a, b):
 def error_table(quick: bool, log=print) -> list[dict]:
     """Relative L2 to dense, rectified vs plain block-sparse with the same kept blocks (Wan path: no
     text, no neighbour table), N = 16384 (16x32x32), H = 4, D = 128, fp32."""
-    dev = torch.device("cuda")
+    dev = _device()
     grid = (16, 32, 32) if not quick else (8, 32, 32)
+    if dev.type == "cpu":  # --smoke: exercise the script only
+        grid = (2, 8, 16)
     q, k, v = _gilbert_qkv(grid, 4, 128, torch.float32, dev)
     lay = SequenceLayout(grid, token_order="gilbert")
     dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
@@ -238,11 +252,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--skip-error", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the script (TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_rectified needs a CUDA GPU")
+    if a.smoke:
+        SHAPES["wan21_1p3b_480p"] = (1, 2, (2, 8, 16), 32, 0, None)
+        a.quick = True
+    elif not torch.cuda.is_available():
+        print("bench_rectified needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
         return 1
-    env = environment(torch.device("cuda"))
+    env = environment(_device())
     speed_rows = []
     if not a.skip_speed:
         for shape in ["wan21_1p3b_480p"] if a.quick else list(SHAPES):
