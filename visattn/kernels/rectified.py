@@ -1,7 +1,7 @@
 """Rectified SpaAttn kernels: per-block statistics (Triton), the planner, and the rectified forward.
 
-"Rectified SpaAttn: Revisiting Attention Sparsity for Efficient Video Generation" (Liu, Li, Zhang,
-Chen, Gu; https://arxiv.org/abs/2511.19835); semantics in ``specs/rectified.md`` §2.
+"Rectified SpaAttn" (Liu, Li, Zhang, Chen, Gu; https://arxiv.org/abs/2511.19835); semantics in
+``specs/rectified.md`` §2.
 
 - ``_rectified_stats_kernel``: one program per (visual block, batch x head) reads its q, k, v tile
   once and writes the fp32 means q̄, k̄, V̄ and the mean absolute deviations δq, δk over the valid

@@ -1,16 +1,16 @@
 """Rectified SpaAttn: block-sparse attention with IPAR reweighting and GAPR pooled compensation.
 
-"Rectified SpaAttn: Revisiting Attention Sparsity for Efficient Video Generation" (Liu, Li, Zhang,
-Chen, Gu; https://arxiv.org/abs/2511.19835). Jenga-style critical blocks are chosen from mean-pooled
-q/k (text keys stay unpooled); the sparse output of every query block is scaled by R (the pooled
+"Rectified SpaAttn" (Liu, Li, Zhang, Chen, Gu; https://arxiv.org/abs/2511.19835). Jenga-style
+critical blocks are chosen from mean-pooled q/k (text keys stay unpooled); the sparse output of every query block is scaled by R (the pooled
 mass outside the rectified dropped blocks) and compensated by Σ P·V̄ over dropped blocks whose
 pooled estimate passes the gain/error test (``specs/rectified.md`` §2).
 
 Contents: :func:`rectified_plan` and :func:`rectified_attention` (public ops); the custom op
-``visattn::rectified_fwd`` (the shared block-sparse core with segments and the R/C epilogue);
-:func:`rectified_attention_ref`, the float64 reference written from the spec (independent of the
-planner); backends ``"triton"`` and ``"torch"``. Config and plan: ``rectified_plan.py``; statistics
-kernel and planner: ``kernels/rectified.py``.
+``visattn::rectified_fwd`` (the shared block-sparse core with segments and the R/C epilogue); the
+plan applied in torch (``"torch"`` backend, differentiable); backends ``"triton"`` and ``"torch"``.
+:func:`rectified_attention_ref`, the float64 reference written from the spec, lives in
+``_rectified_ref.py``; config and plan in ``rectified_plan.py``; statistics and planner kernels in
+``kernels/rectified.py``.
 """
 
 from __future__ import annotations
