@@ -1,9 +1,10 @@
 """Rectified SpaAttn: block-sparse attention with IPAR reweighting and GAPR pooled compensation.
 
 "Rectified SpaAttn" (Liu, Li, Zhang, Chen, Gu; https://arxiv.org/abs/2511.19835). Jenga-style
-critical blocks are chosen from mean-pooled q/k (text keys stay unpooled); the sparse output of every query block is scaled by R (the pooled
-mass outside the rectified dropped blocks) and compensated by Σ P·V̄ over dropped blocks whose
-pooled estimate passes the gain/error test (``specs/rectified.md`` §2).
+critical blocks are chosen from mean-pooled q/k (text keys stay unpooled); the sparse output of
+every query block is scaled by R (the pooled mass outside the rectified dropped blocks) and
+compensated by Σ P·V̄ over dropped blocks whose pooled estimate passes the gain/error test
+(``specs/rectified.md`` §2).
 
 Contents: :func:`rectified_plan` and :func:`rectified_attention` (public ops); the custom op
 ``visattn::rectified_fwd`` (the shared block-sparse core with segments and the R/C epilogue); the
