@@ -152,3 +152,15 @@ def test_fused_planner_matches_torch_planner(case):
     if cfg.gapr:
         assert want["rect_map"].any()
         torch.testing.assert_close(got["rect_prob"], want["rect_prob"], atol=1e-6, rtol=1e-5)
+
+
+def test_compile_fullgraph_with_plan():
+    """A given plan runs under ``torch.compile(fullgraph=True)`` (custom op + fake impl; aot_eager on CPU)."""
+    dev = _dev()
+    lay = SequenceLayout((2, 6, 8), text_len=9, text_valid_len=torch.tensor([9, 4], device=dev))
+    q, k, v = (torch.randn(2, lay.seq_len, 2, 32, device=dev) for _ in range(3))
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=CFG, backend="triton")
+    eager = rectified_attention(q, k, v, plan=plan, backend="triton")
+    fn = torch.compile(lambda q, k, v: rectified_attention(q, k, v, plan=plan, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v), eager)
