@@ -161,6 +161,9 @@ def test_compile_fullgraph_with_plan():
     q, k, v = (torch.randn(2, lay.seq_len, 2, 32, device=dev) for _ in range(3))
     plan = rectified_plan(q, k, v, seq_layout=lay, config=CFG, backend="triton")
     eager = rectified_attention(q, k, v, plan=plan, backend="triton")
-    fn = torch.compile(lambda q, k, v: rectified_attention(q, k, v, plan=plan, backend="triton"), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda q, k, v: rectified_attention(q, k, v, plan=plan, backend="triton"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     torch.testing.assert_close(fn(q, k, v), eager)
