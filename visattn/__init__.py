@@ -18,6 +18,7 @@ from .ops import (
 from .ops import AgentBias, agent_attention, agent_attention_ref
 from .ops import bilevel_routing_attention, bilevel_routing_attention_ref, region_routing, routed_attention
 from .ops import pyramid_attention, pyramid_attention_ref
+from .ops import rectified_attention, rectified_attention_ref
 from .ops._dispatch import list_backends, use_backend
 
 __version__ = "0.1.0.dev0"
@@ -34,6 +35,8 @@ __all__ = [
     "AgentBias",
     "pyramid_attention",
     "pyramid_attention_ref",
+    "rectified_attention",
+    "rectified_attention_ref",
     "list_backends",
     "use_backend",
     "__version__",

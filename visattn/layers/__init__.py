@@ -3,6 +3,7 @@
 from .agent import AgentAttention
 from .bilevel_routing import AttentionLePE, BilevelRoutingAttention
 from .pyramid import PyramidAttention
+from .rectified import RectifiedAttention
 from .neighborhood import (  # noqa: E402
     NeighborhoodAttention,
     NeighborhoodAttention1D,
@@ -19,4 +20,5 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "PyramidAttention",
+    "RectifiedAttention",
 ]

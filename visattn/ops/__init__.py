@@ -6,6 +6,8 @@ Layouts are part of each op's contract and stated in its docstring.
 from .block_sparse import block_sparse_attention, block_sparse_attention_ref
 from .block_sparse_plan import BlockSparsePlan
 from ._layout import SequenceLayout
+from .rectified import rectified_attention, rectified_attention_ref, rectified_plan
+from .rectified_plan import RectifiedConfig, RectifiedPlan
 from .pyramid import PyramidConfig, PyramidPlan, pyramid_attention, pyramid_attention_ref, pyramid_plan
 from .agent import AgentBias, agent_attention, agent_attention_ref
 from .bilevel_routing import (
@@ -32,6 +34,11 @@ __all__ = [
     "block_sparse_attention_ref",
     "BlockSparsePlan",
     "SequenceLayout",
+    "rectified_attention",
+    "rectified_attention_ref",
+    "rectified_plan",
+    "RectifiedConfig",
+    "RectifiedPlan",
     "neighborhood_attention",
     "neighborhood_attention_ref",
     "neighborhood_attention_weights",
