@@ -333,10 +333,12 @@ def _agent_bwd_dkdv_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def _target_programs(device: torch.device) -> int:
+    """Programs per launch that fill the GPU (4 per SM); under the interpreter a small number, so that
+    tiny test shapes still split pass 1 over key chunks and run both batch-group paths of the backward."""
     if INTERPRET or device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return 6
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _bhn(t: torch.Tensor) -> tuple[int, int, int]:
@@ -363,7 +365,7 @@ def _batch_groups(batch: int, programs: int, per_batch: bool, device: torch.devi
     """(groups, batches per group) of the backward grids: enough programs to fill the GPU, few partials."""
     if per_batch:
         return batch, 1
-    want = max(1, min(batch, triton.cdiv(4 * _num_sms(device), max(programs, 1))))
+    want = max(1, min(batch, triton.cdiv(_target_programs(device), max(programs, 1))))
     per = triton.cdiv(batch, want)
     return triton.cdiv(batch, per), per
 
@@ -380,7 +382,7 @@ def agent_fwd(q, k, v, a, b1, b2, mask, s1: float, s2: float):
     # pass 1: enough key chunks to fill the GPU, each a run of whole tiles
     cfg = _configs.agent_config(dev, "pool", dpad, apad, q.dtype)
     tiles = triton.cdiv(Nk, cfg.block_n)
-    chunks = max(1, min(tiles, triton.cdiv(4 * _num_sms(dev), B * H)))
+    chunks = max(1, min(tiles, triton.cdiv(_target_programs(dev), B * H)))
     per = triton.cdiv(tiles, chunks)
     chunks = triton.cdiv(tiles, per)
     m_ws = torch.empty((B * H, chunks, apad), device=dev, dtype=torch.float32)
