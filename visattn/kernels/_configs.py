@@ -161,14 +161,18 @@ def _agent_config(device_type: str, which: str, dp: int, ba: int, dtype: torch.d
     if INTERPRET or device_type != "cuda":
         return TileConfig(16, 16, 4, 1)
     big = ba * dp * (2 if dtype == torch.float32 else 1)  # one agent tile, in 16-bit element units
-    if which == "pool":
-        bn = 128 if big <= 64 * 64 else (64 if big <= 128 * 128 else 32)
-        return TileConfig(16, bn, 4 if big <= 64 * 64 else 8, 3)
+    dpe = dp * (2 if dtype == torch.float32 else 1)
+    if which == "pool":  # K and V tiles of block_n x dp, num_stages buffers each
+        if dpe <= 64 and big <= 64 * 64:
+            return TileConfig(16, 128, 4, 3)
+        return TileConfig(16, 64 if big <= 128 * 128 else 32, 4 if big <= 64 * 64 else 8, 2)
     if which == "fwd":
         bm = 128 if (ba <= 64 and dp <= 64) else (64 if big <= 128 * 128 else 32)
         return TileConfig(bm, 16, 4 if bm * max(ba, dp) <= 128 * 64 else 8, 2)
+    # backward: one program loops over a group of batches; two stages let the next batch's tiles load
+    # while this one computes. Larger tiles also mean fewer per-tile dV_A / dA partials to sum.
+    tile = 128 if (big <= 16 * 64 and dpe <= 64) else (64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16))
+    warps = 4 if big <= 64 * 64 else 8
     if which == "bwd_dq":
-        bm = 64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16)
-        return TileConfig(bm, 16, 4 if big <= 64 * 64 else 8, 1)
-    bn = 64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16)
-    return TileConfig(16, bn, 4 if big <= 64 * 64 else 8, 1)
+        return TileConfig(tile, 16, warps, 2)
+    return TileConfig(16, tile, warps, 2)
