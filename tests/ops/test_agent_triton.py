@@ -132,6 +132,9 @@ def test_reasons_and_no_silent_fallback(device):
     with pytest.raises(NotImplementedError, match="agents"):
         x = torch.randn(1, 17 * 17, 1, 16, device=device)
         agent_attention(x, x, x, agent_shape=(17, 17), grid=(17, 17), backend="triton")
+    x = torch.randn(1, 13 * 13, 1, 128, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="shared memory"):  # 169 agents, D = 128, backward
+        agent_attention(x, x, x, agent_shape=(13, 13), grid=(13, 13), backend="triton")
     with pytest.raises(NotImplementedError, match="float64"):
         agent_attention(q.double(), q.double(), q.double(), **kw)
     if device.type == "cpu":

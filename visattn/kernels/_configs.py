@@ -173,6 +173,7 @@ def _agent_config(device_type: str, which: str, dp: int, ba: int, dtype: torch.d
     # while this one computes. Larger tiles also mean fewer per-tile dV_A / dA partials to sum.
     tile = 128 if (big <= 16 * 64 and dpe <= 64) else (64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16))
     warps = 4 if big <= 64 * 64 else 8
+    stages = 2 if big <= 128 * 128 else 1  # (256 agents, D = 128): the fp32 dV_A tile alone is 128 KB
     if which == "bwd_dq":
-        return TileConfig(tile, 16, warps, 2)
-    return TileConfig(16, tile, warps, 2)
+        return TileConfig(tile, 16, warps, stages)
+    return TileConfig(16, tile, warps, stages)

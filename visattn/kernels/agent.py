@@ -209,8 +209,10 @@ def _agent_bwd_dq_kernel(
     a_mask = _tile_mask(a_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     ra_mask = row_ok[:, None] & a_ok[None, :]
     b2_off = h * stride_2h + rows[:, None].to(tl.int64) * stride_2n + offs_a[None, :] * stride_2a
-    if HAS_BIAS and BIAS_BCAST:
-        bias = tl.load(B2 + b2_off, mask=ra_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
+    if HAS_BIAS:
+        if BIAS_BCAST:  # the same bias for every batch: loaded once
+            bias = tl.load(B2 + b2_off, mask=ra_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     db = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
     ws_off = offs_a[:, None] * HEAD_DIM + offs_d[None, :]
     b_lo = pid_g * batch_per_group
@@ -282,8 +284,10 @@ def _agent_bwd_dkdv_kernel(
     a_mask = _tile_mask(a_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     ak_mask = a_ok[:, None] & key_ok[None, :]
     b1_off = h * stride_1h + offs_a[:, None].to(tl.int64) * stride_1a + keys[None, :] * stride_1k
-    if HAS_BIAS and BIAS_BCAST:
-        bias = tl.load(B1 + b1_off, mask=ak_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BLOCK_A, BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        if BIAS_BCAST:  # the same bias for every batch: loaded once
+            bias = tl.load(B1 + b1_off, mask=ak_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     db = tl.zeros([BLOCK_A, BLOCK_N], dtype=tl.float32)
     ws_off = offs_a[:, None] * HEAD_DIM + offs_d[None, :]
     b_lo = pid_g * batch_per_group

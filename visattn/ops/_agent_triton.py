@@ -19,7 +19,7 @@ MAX_HEAD_DIM = 128
 MAX_AGENTS = 256
 
 
-def triton_reasons(q: torch.Tensor, n_agents: int, dropout_p: float) -> list[str]:
+def triton_reasons(q: torch.Tensor, n_agents: int, dropout_p: float, needs_grad: bool) -> list[str]:
     """Why the fused kernels cannot run these inputs (empty if they can)."""
     reasons = _dispatch.triton_reasons(q.device)
     if q.dtype not in _DTYPES:
@@ -31,6 +31,12 @@ def triton_reasons(q: torch.Tensor, n_agents: int, dropout_p: float) -> list[str
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported (the agent tiles stay resident)")
     if n_agents > MAX_AGENTS:
         reasons.append(f"{n_agents} agents > {MAX_AGENTS} is not supported (all agents stay resident in a tile)")
+    elif n_agents > 128 and q.shape[-1] > 64 and (needs_grad or q.dtype == torch.float32):
+        # tiles of 256 agents x 128 channels need more than an H100's 227 KB of shared memory in the
+        # backward (any dtype) and in the fp32 forward (sizes from compiling the kernels for sm_90)
+        what = "a backward pass" if needs_grad else "float32"
+        reasons.append(f"{n_agents} agents > 128 with head dim {q.shape[-1]} > 64 does not fit in shared memory "
+                       f"with {what}; use backend='sdpa'")
     if dropout_p:
         reasons.append(f"attention dropout is not implemented in the fused kernels, got dropout_p={dropout_p}")
     return reasons

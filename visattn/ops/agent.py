@@ -395,7 +395,7 @@ def _prefer_triton(p: _Problem, dropout_p: float) -> bool:
 
 
 def _triton_can_run(p: _Problem, dropout_p: float = 0.0) -> list[str]:
-    return _agent_triton.triton_reasons(p.q, _n_agents(p), dropout_p)
+    return _agent_triton.triton_reasons(p.q, _n_agents(p), dropout_p, _needs_grad(p))
 
 
 @_dispatch.register_backend("agent", "sdpa", can_run=_no_reasons, auto_devices=("cuda",),
