@@ -160,20 +160,17 @@ def agent_config(device: torch.device, which: str, head_dim_pad: int, block_a: i
 def _agent_config(device_type: str, which: str, dp: int, ba: int, dtype: torch.dtype) -> TileConfig:
     if INTERPRET or device_type != "cuda":
         return TileConfig(16, 16, 4, 1)
+    # Chosen without spills in `ptxas -v` for sm_90 (Triton 3.9 codegen; no H100 sweep yet): the
+    # small-M products of the agent tiles use many registers, so the key/query tiles stay at 32-64
+    # rows and the backward runs 8 warps.
     big = ba * dp * (2 if dtype == torch.float32 else 1)  # one agent tile, in 16-bit element units
-    dpe = dp * (2 if dtype == torch.float32 else 1)
-    if which == "pool":  # K and V tiles of block_n x dp, num_stages buffers each
-        if dpe <= 64 and big <= 64 * 64:
-            return TileConfig(16, 128, 4, 3)
-        return TileConfig(16, 64 if big <= 128 * 128 else 32, 4 if big <= 64 * 64 else 8, 2)
+    if which == "pool":
+        return TileConfig(16, 64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16), 8, 2)
     if which == "fwd":
-        bm = 128 if (ba <= 64 and dp <= 64) else (64 if big <= 128 * 128 else 32)
-        return TileConfig(bm, 16, 4 if bm * max(ba, dp) <= 128 * 64 else 8, 2)
-    # backward: one program loops over a group of batches; two stages let the next batch's tiles load
-    # while this one computes. Larger tiles also mean fewer per-tile dV_A / dA partials to sum.
-    tile = 128 if (big <= 16 * 64 and dpe <= 64) else (64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16))
-    warps = 4 if big <= 64 * 64 else 8
+        bm = 128 if big <= 16 * 64 else (64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16))
+        return TileConfig(bm, 16, 4 if big <= 64 * 64 else 8, 2)
+    tile = 64 if big <= 16 * 64 else (32 if big <= 64 * 64 else 16)
     stages = 2 if big <= 128 * 128 else 1  # (256 agents, D = 128): the fp32 dV_A tile alone is 128 KB
     if which == "bwd_dq":
-        return TileConfig(tile, 16, warps, stages)
-    return TileConfig(16, tile, warps, stages)
+        return TileConfig(tile, 16, 8, stages)
+    return TileConfig(16, tile, 8, stages)
