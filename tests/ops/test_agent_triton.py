@@ -154,3 +154,14 @@ def test_auto_prefers_triton_only_for_cuda_training():
         assert not agent_mod._needs_grad(p)
     out = agent_attention(q, k, k, agent_shape=(2, 2), grid=(4, 4))  # auto on CPU: the torch reference
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("target", [1, 10_000])
+def test_backward_splits(device, monkeypatch, target):
+    """Every backward split: one program per head looping over all batches and tiles (target 1: bias
+    gradients summed in place over the batches), and one program per tile and batch (target 10^4)."""
+    from visattn.kernels import agent as kernels
+
+    monkeypatch.setattr(kernels, "_target_programs", lambda dev: target)
+    test_forward_and_gradients_match_float64_reference(device, (5, 7), 1, 1, (2, 2), 2, 16, "row", torch.float32)
+    test_forward_and_gradients_match_float64_reference(device, (6, 8), 2, 0, (3, 3), 2, 16, "some", torch.float32)

@@ -12,13 +12,15 @@ chunk of keys and all ``n`` agents (padded to ``BLOCK_A``, a power of two >= 16)
 ``_agent_fwd_kernel`` (pass 2) tiles the queries with every agent resident, so its softmax needs no
 online rescaling, and writes ``O`` and LSE2. All logits and sums are fp32.
 
-Backward (deterministic, no atomics): ``_agent_bwd_dq_kernel`` (pass 2) gives dQ, per-tile partial
-dV_A and dA, and dB2; ``_agent_bwd_dkdv_kernel`` (pass 1) gives dK, dV, per-tile partial dA, and dB1.
-Both are launched over (tile, head, batch group) and loop over the batches of their group, so a bias
-broadcast over the batch gets its gradient summed in registers and written once per group (the host
-sums the few groups); a per-batch bias uses groups of one batch. Softmax-gradient row terms: pass 2
-holds every agent of a row, so ``rowsum(dO * O) = rowsum(P2 * dP2)`` is computed in place (``O`` is not
-read); pass 1's ``rowsum(dV_A * V_A)`` is a tiny host reduction.
+Backward (deterministic, no atomics): ``_agent_bwd_dq_kernel`` (pass 2) gives dQ, dV_A and dA (as
+keys), and dB2; ``_agent_bwd_dkdv_kernel`` (pass 1) gives dK, dV, dA (as queries), and dB1. Both run
+on a grid (chunk of token tiles, head, batch group): a program loops over its group's batches and,
+for each, over its chunk's tiles, so dV_A / dA accumulate in registers over the chunk (one partial per
+batch and chunk, summed on the host), and a bias broadcast over the batch gets its gradient summed
+over the group in place (a region only that program touches; one partial per group, summed on the
+host). ``_backward_split`` picks chunks and groups that fill the GPU with the fewest partials.
+Softmax-gradient row terms: pass 2 holds every agent of a row, so ``rowsum(dO * O) = rowsum(P2 * dP2)``
+is computed in place (``O`` is not read); pass 1's ``rowsum(dV_A * V_A)`` is a tiny host reduction.
 
 Rows whose keys are all masked have LSE1 = -inf and give ``V_A = 0`` (so a zero output) and zero
 gradients, never NaN. Tensors are addressed by (batch, head, token) strides with a dense head dim;
@@ -182,7 +184,17 @@ def _agent_fwd_kernel(
     tl.store(LSE2 + pid_bh.to(tl.int64) * seq_q + rows, (m + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seq_q", "n_agents", "batch", "batch_per_group", "n_tiles"])
+@triton.jit
+def _accumulate_bias_grad(ptr, mask, ds, i):
+    """``*ptr += ds`` on a region only this program touches (``*ptr = ds`` for its first batch, ``i = 0``);
+    the barrier makes the stores visible to every thread of the program before the next read."""
+    prev = tl.load(ptr, mask=mask & (i > 0), other=0.0)
+    tl.store(ptr, prev + ds, mask=mask)
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["seq_q", "n_agents", "batch", "batch_per_group", "n_tiles", "tiles_per_chunk",
+                               "n_chunks"])
 def _agent_bwd_dq_kernel(
     Q, A, VA, B2, DO, LSE2, DQ, WS_DVA, WS_DA, DB2,
     stride_qb, stride_qh, stride_qn,
@@ -190,68 +202,65 @@ def _agent_bwd_dq_kernel(
     stride_2b, stride_2h, stride_2n, stride_2a,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    seq_q, n_heads, n_agents, batch, batch_per_group, n_tiles, s2, s2_log2,
-    HAS_BIAS: tl.constexpr, BIAS_BCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+    seq_q, n_heads, n_agents, batch, batch_per_group, n_tiles, tiles_per_chunk, n_chunks, s2, s2_log2,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Pass 2 backward of one query tile and head over a group of batches: dQ, partial dV_A and dA, dB2."""
-    pid_m = tl.program_id(0)
+    """Pass 2 backward of a chunk of query tiles of head h, for each batch of a group: dQ; dV_A and dA
+    summed over the chunk (one partial per batch and chunk); dB2 summed over the group's batches."""
+    pid_c = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     pid_g = tl.program_id(2)
-    start_m = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_a = tl.arange(0, BLOCK_A)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rows = start_m + offs_m
-    row_ok = rows < seq_q
     a_ok = offs_a < n_agents
-    q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     a_mask = _tile_mask(a_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    ra_mask = row_ok[:, None] & a_ok[None, :]
-    b2_off = h * stride_2h + rows[:, None].to(tl.int64) * stride_2n + offs_a[None, :] * stride_2a
-    bias = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
-    if HAS_BIAS:
-        if BIAS_BCAST:  # the same bias for every batch: loaded once
-            bias = tl.load(B2 + b2_off, mask=ra_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    db = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
-    ws_off = offs_a[:, None] * HEAD_DIM + offs_d[None, :]
+    t_lo = pid_c * tiles_per_chunk
+    t_hi = tl.minimum(n_tiles, t_lo + tiles_per_chunk)
     b_lo = pid_g * batch_per_group
     b_hi = tl.minimum(batch, b_lo + batch_per_group)
     for i in range(0, b_hi - b_lo):
         b = b_lo.to(tl.int64) + i
         bh = b * n_heads + h
-        q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
-        do = _load_tile(DO + b * stride_dob + h * stride_doh, start_m, stride_don, offs_m, offs_d, q_mask)
         a = _agent_rows(A + b * stride_ab + h * stride_ah, stride_an, offs_a, offs_d, a_mask)
         va = _agent_rows(VA + bh * n_agents * HEAD_DIM, HEAD_DIM, offs_a, offs_d, a_mask)
-        # rows past seq_q read LSE +inf: p = 0 there
-        lse = tl.load(LSE2 + bh * seq_q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        s = tl.dot(q, tl.trans(a), input_precision=DOT_PRECISION) * s2_log2
-        if HAS_BIAS:
-            if BIAS_BCAST:
-                s += bias
-            else:
-                s += tl.load(B2 + b * stride_2b + b2_off, mask=ra_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where(a_ok[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(va), input_precision=DOT_PRECISION)
-        delta = tl.sum(p * dp, 1)  # = rowsum(dO * O): every agent of the row is in this tile
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(a.dtype), a, input_precision=DOT_PRECISION) * s2
-        dq_ptr = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
-        tl.store(dq_ptr + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
-        dva = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        da = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * s2
-        ws = (bh * n_tiles + pid_m) * n_agents * HEAD_DIM
-        tl.store(WS_DVA + ws + ws_off, dva, mask=a_mask)
-        tl.store(WS_DA + ws + ws_off, da, mask=a_mask)
-        db += ds
-    if HAS_BIAS:
-        db_ptr = DB2 + ((pid_g * n_heads + h) * seq_q + rows[:, None].to(tl.int64)) * n_agents + offs_a[None, :]
-        tl.store(db_ptr, db, mask=ra_mask)
+        dva = tl.zeros([BLOCK_A, HEAD_DIM_PAD], dtype=tl.float32)
+        da = tl.zeros([BLOCK_A, HEAD_DIM_PAD], dtype=tl.float32)
+        for t in range(t_lo, t_hi):
+            start_m = t * BLOCK_M
+            rows = start_m + offs_m
+            row_ok = rows < seq_q
+            q_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+            ra_mask = row_ok[:, None] & a_ok[None, :]
+            q = _load_tile(Q + b * stride_qb + h * stride_qh, start_m, stride_qn, offs_m, offs_d, q_mask)
+            do = _load_tile(DO + b * stride_dob + h * stride_doh, start_m, stride_don, offs_m, offs_d, q_mask)
+            # rows past seq_q read LSE +inf: p = 0 there
+            lse = tl.load(LSE2 + bh * seq_q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            s = tl.dot(q, tl.trans(a), input_precision=DOT_PRECISION) * s2_log2
+            if HAS_BIAS:
+                ptr = B2 + b * stride_2b + h * stride_2h + rows[:, None].to(tl.int64) * stride_2n + offs_a[None, :] * stride_2a
+                s += tl.load(ptr, mask=ra_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.where(a_ok[None, :], s, float("-inf"))
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(va), input_precision=DOT_PRECISION)
+            delta = tl.sum(p * dp, 1)  # = rowsum(dO * O): every agent of the row is in this tile
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(a.dtype), a, input_precision=DOT_PRECISION) * s2
+            dq_ptr = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
+            tl.store(dq_ptr + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+            dva = tl.dot(tl.trans(p.to(do.dtype)), do, dva, input_precision=DOT_PRECISION)
+            da = tl.dot(tl.trans(ds.to(q.dtype)), q, da, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                db_ptr = DB2 + ((pid_g * n_heads + h) * seq_q + rows[:, None].to(tl.int64)) * n_agents + offs_a[None, :]
+                _accumulate_bias_grad(db_ptr, ra_mask, ds, i)
+        ws = (bh * n_chunks + pid_c) * n_agents * HEAD_DIM + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(WS_DVA + ws, dva, mask=a_mask)
+        tl.store(WS_DA + ws, da * s2, mask=a_mask)
 
 
-@triton.jit(do_not_specialize=["seq_k", "n_agents", "batch", "batch_per_group", "n_tiles"])
+@triton.jit(do_not_specialize=["seq_k", "n_agents", "batch", "batch_per_group", "n_tiles", "tiles_per_chunk",
+                               "n_chunks"])
 def _agent_bwd_dkdv_kernel(
     A, K, V, B1, MASK, DVA, LSE1, DELTA1, DK, DV, WS_DA, DB1,
     stride_ab, stride_ah, stride_an,
@@ -261,73 +270,69 @@ def _agent_bwd_dkdv_kernel(
     stride_mb,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    seq_k, n_heads, n_agents, batch, batch_per_group, n_tiles, s1, s1_log2,
-    HAS_BIAS: tl.constexpr, BIAS_BCAST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+    seq_k, n_heads, n_agents, batch, batch_per_group, n_tiles, tiles_per_chunk, n_chunks, s1, s1_log2,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_A: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Pass 1 backward of one key tile and head over a group of batches: dK, dV, partial dA, dB1.
+    """Pass 1 backward of a chunk of key tiles of head h, for each batch of a group: dK, dV; dA summed
+    over the chunk (one partial per batch and chunk); dB1 summed over the group's batches.
 
-    dV_A arrives in fp32 (summed over query tiles); its products run in fp32 (TF32 for 16-bit inputs),
+    dV_A arrives in fp32 (summed over query chunks); its products run in fp32 (TF32 for 16-bit inputs),
     which keeps large loss-scaled gradients from overflowing fp16.
     """
-    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     pid_g = tl.program_id(2)
-    start_n = pid_n * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_a = tl.arange(0, BLOCK_A)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    keys = start_n + offs_n
-    key_ok = keys < seq_k
     a_ok = offs_a < n_agents
-    kv_mask = _tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     a_mask = _tile_mask(a_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    ak_mask = a_ok[:, None] & key_ok[None, :]
-    b1_off = h * stride_1h + offs_a[:, None].to(tl.int64) * stride_1a + keys[None, :] * stride_1k
-    bias = tl.zeros([BLOCK_A, BLOCK_N], dtype=tl.float32)
-    if HAS_BIAS:
-        if BIAS_BCAST:  # the same bias for every batch: loaded once
-            bias = tl.load(B1 + b1_off, mask=ak_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    db = tl.zeros([BLOCK_A, BLOCK_N], dtype=tl.float32)
-    ws_off = offs_a[:, None] * HEAD_DIM + offs_d[None, :]
+    t_lo = pid_c * tiles_per_chunk
+    t_hi = tl.minimum(n_tiles, t_lo + tiles_per_chunk)
     b_lo = pid_g * batch_per_group
     b_hi = tl.minimum(batch, b_lo + batch_per_group)
     for i in range(0, b_hi - b_lo):
         b = b_lo.to(tl.int64) + i
         bh = b * n_heads + h
-        k = _load_tile(K + b * stride_kb + h * stride_kh, start_n, stride_kn, offs_n, offs_d, kv_mask)
-        v = _load_tile(V + b * stride_vb + h * stride_vh, start_n, stride_vn, offs_n, offs_d, kv_mask)
         a = _agent_rows(A + b * stride_ab + h * stride_ah, stride_an, offs_a, offs_d, a_mask)
         dva = _agent_rows(DVA + bh * n_agents * HEAD_DIM, HEAD_DIM, offs_a, offs_d, a_mask)
         # LSE1 = -inf (every key masked) and padded agents: +inf, so p = 0
         lse = tl.load(LSE1 + bh * n_agents + offs_a, mask=a_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA1 + bh * n_agents + offs_a, mask=a_ok, other=0.0)
-        s = tl.dot(a, tl.trans(k), input_precision=DOT_PRECISION) * s1_log2
-        if HAS_BIAS:
-            if BIAS_BCAST:
-                s += bias
-            else:
-                s += tl.load(B1 + b * stride_1b + b1_off, mask=ak_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        valid = key_ok
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + b * stride_mb + keys, mask=key_ok, other=0) != 0)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])  # [BLOCK_A, BLOCK_N]
-        dv = tl.dot(tl.trans(p), dva, input_precision=DOT_PRECISION)
-        dp = tl.dot(dva, tl.trans(v.to(tl.float32)), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(a.dtype)), a, input_precision=DOT_PRECISION) * s1
-        da = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * s1
-        dk_ptr = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
-        dv_ptr = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
-        tl.store(dk_ptr + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-        tl.store(WS_DA + (bh * n_tiles + pid_n) * n_agents * HEAD_DIM + ws_off, da, mask=a_mask)
-        db += ds
-    if HAS_BIAS:
-        db_ptr = DB1 + ((pid_g * n_heads + h) * n_agents + offs_a[:, None].to(tl.int64)) * seq_k + keys[None, :]
-        tl.store(db_ptr, db, mask=ak_mask)
+        da = tl.zeros([BLOCK_A, HEAD_DIM_PAD], dtype=tl.float32)
+        for t in range(t_lo, t_hi):
+            start_n = t * BLOCK_N
+            keys = start_n + offs_n
+            key_ok = keys < seq_k
+            kv_mask = _tile_mask(key_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+            ak_mask = a_ok[:, None] & key_ok[None, :]
+            k = _load_tile(K + b * stride_kb + h * stride_kh, start_n, stride_kn, offs_n, offs_d, kv_mask)
+            v = _load_tile(V + b * stride_vb + h * stride_vh, start_n, stride_vn, offs_n, offs_d, kv_mask)
+            s = tl.dot(a, tl.trans(k), input_precision=DOT_PRECISION) * s1_log2
+            if HAS_BIAS:
+                ptr = B1 + b * stride_1b + h * stride_1h + offs_a[:, None].to(tl.int64) * stride_1a + keys[None, :] * stride_1k
+                s += tl.load(ptr, mask=ak_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            valid = key_ok
+            if HAS_MASK:
+                valid = valid & (tl.load(MASK + b * stride_mb + keys, mask=key_ok, other=0) != 0)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            p = tl.math.exp2(s - lse[:, None])  # [BLOCK_A, BLOCK_N]
+            dv = tl.dot(tl.trans(p), dva, input_precision=DOT_PRECISION)
+            dp = tl.dot(dva, tl.trans(v.to(tl.float32)), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(a.dtype)), a, input_precision=DOT_PRECISION) * s1
+            da = tl.dot(ds.to(k.dtype), k, da, input_precision=DOT_PRECISION)
+            dk_ptr = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
+            dv_ptr = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
+            tl.store(dk_ptr + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(dv_ptr + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+            if HAS_BIAS:
+                db_ptr = DB1 + ((pid_g * n_heads + h) * n_agents + offs_a[:, None].to(tl.int64)) * seq_k + keys[None, :]
+                _accumulate_bias_grad(db_ptr, ak_mask, ds, i)
+        ws = (bh * n_chunks + pid_c) * n_agents * HEAD_DIM + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(WS_DA + ws, da * s1, mask=a_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,13 +370,34 @@ def tokens_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return q.new_empty((B, H, N, D), dtype=dtype)
 
 
-def _batch_groups(batch: int, programs: int, per_batch: bool, device: torch.device) -> tuple[int, int]:
-    """(groups, batches per group) of the backward grids: enough programs to fill the GPU, few partials."""
-    if per_batch:
-        return batch, 1
-    want = max(1, min(batch, triton.cdiv(_target_programs(device), max(programs, 1))))
-    per = triton.cdiv(batch, want)
-    return triton.cdiv(batch, per), per
+def _backward_split(batch: int, heads: int, tiles: int, ws_elems: int, db_elems: int | None,
+                    device: torch.device) -> tuple[int, int, int, int]:
+    """(chunks, tiles per chunk, groups, batches per group) of a backward grid (chunks, heads, groups).
+
+    Each program writes one partial agent gradient (``ws_elems``) per batch and chunk, and, for a bias
+    broadcast over the batch (``db_elems`` per group; None otherwise), one bias-gradient partial per
+    group. Among the splits that give enough programs to fill the GPU, the one writing the fewest
+    partial elements wins.
+    """
+    target = min(_target_programs(device), batch * heads * tiles)
+    best = None
+    chunks = 0
+    for c in range(1, tiles + 1):
+        per_chunk = triton.cdiv(tiles, c)
+        if triton.cdiv(tiles, per_chunk) == chunks:
+            continue
+        chunks = triton.cdiv(tiles, per_chunk)
+        groups = batch if db_elems is None else min(batch, triton.cdiv(target, chunks * heads))
+        per_group = triton.cdiv(batch, groups)
+        groups = triton.cdiv(batch, per_group)
+        if chunks * heads * groups < target and chunks < tiles and groups == batch:
+            continue  # too few programs and more chunks would add some
+        cost = batch * chunks * ws_elems + (0 if db_elems is None else groups * db_elems)
+        if best is None or cost < best[0]:
+            best = (cost, chunks, per_chunk, groups, per_group)
+        if db_elems is None:
+            break  # no bias partials: the fewest chunks that fill the GPU
+    return best[1:]
 
 
 def agent_fwd(q, k, v, a, b1, b2, mask, s1: float, s2: float):
@@ -431,17 +457,17 @@ def agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1: float, s2: float
     # pass 2: dQ, dV_A, dA (as keys of pass 2), dB2
     cfg = _configs.agent_config(dev, "bwd_dq", dpad, apad, q.dtype)
     tiles = triton.cdiv(N, cfg.block_m)
-    per_batch2 = b2 is not None and b2.shape[0] != 1
-    groups, per = _batch_groups(B, tiles * H, per_batch2 or b2 is None, dev)
+    bcast2 = b2 is not None and b2.shape[0] == 1
+    chunks, per_chunk, groups, per = _backward_split(B, H, tiles, 2 * n * D, N * n if bcast2 else None, dev)
     dq = tokens_like(q)
-    ws_dva = torch.empty((B, H, tiles, n, D), **f32)
-    ws_da = torch.empty((B, H, tiles, n, D), **f32)
+    ws_dva = torch.empty((B, H, chunks, n, D), **f32)
+    ws_da = torch.empty((B, H, chunks, n, D), **f32)
     db2 = torch.empty((groups, H, N, n), **f32) if b2 is not None else None
-    _agent_bwd_dq_kernel[(tiles, H, groups)](
+    _agent_bwd_dq_kernel[(chunks, H, groups)](
         q, a, va, b2 if b2 is not None else q, do, lse2, dq, ws_dva, ws_da, db2 if db2 is not None else q,
         *_bhn(q), *_bhn(a), *_bias_strides(b2), *_bhn(do), *_bhn(dq),
-        N, H, n, B, per, tiles, s2, s2 * LOG2E,
-        HAS_BIAS=b2 is not None, BIAS_BCAST=not per_batch2, BLOCK_M=cfg.block_m, BLOCK_A=apad,
+        N, H, n, B, per, tiles, per_chunk, chunks, s2, s2 * LOG2E,
+        HAS_BIAS=b2 is not None, BLOCK_M=cfg.block_m, BLOCK_A=apad,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dva = ws_dva.sum(2)  # [B, H, n, D] fp32
@@ -451,18 +477,18 @@ def agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1: float, s2: float
     # pass 1: dK, dV, dA (as queries of pass 1), dB1
     cfg = _configs.agent_config(dev, "bwd_dkdv", dpad, apad, q.dtype)
     tiles = triton.cdiv(Nk, cfg.block_n)
-    per_batch1 = b1 is not None and b1.shape[0] != 1
-    groups, per = _batch_groups(B, tiles * H, per_batch1 or b1 is None, dev)
+    bcast1 = b1 is not None and b1.shape[0] == 1
+    chunks, per_chunk, groups, per = _backward_split(B, H, tiles, n * D, n * Nk if bcast1 else None, dev)
     dk, dv = tokens_like(k), tokens_like(v)
-    ws_da1 = torch.empty((B, H, tiles, n, D), **f32)
+    ws_da1 = torch.empty((B, H, chunks, n, D), **f32)
     db1 = torch.empty((groups, H, n, Nk), **f32) if b1 is not None else None
-    _agent_bwd_dkdv_kernel[(tiles, H, groups)](
+    _agent_bwd_dkdv_kernel[(chunks, H, groups)](
         a, k, v, b1 if b1 is not None else q, mask.view(torch.uint8) if mask is not None else q,
         dva, lse1, delta1, dk, dv, ws_da1, db1 if db1 is not None else q,
         *_bhn(a), *_bhn(k), *_bhn(v), *_bias_strides(b1), mask.stride(0) if mask is not None else 0,
         *_bhn(dk), *_bhn(dv),
-        Nk, H, n, B, per, tiles, s1, s1 * LOG2E,
-        HAS_BIAS=b1 is not None, BIAS_BCAST=not per_batch1, HAS_MASK=mask is not None, BLOCK_N=cfg.block_n,
+        Nk, H, n, B, per, tiles, per_chunk, chunks, s1, s1 * LOG2E,
+        HAS_BIAS=b1 is not None, HAS_MASK=mask is not None, BLOCK_N=cfg.block_n,
         BLOCK_A=apad, HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
