@@ -75,11 +75,11 @@ def test_forward_and_gradients_match_float64_reference(device, grid, r, P, agent
         if name == "triton":
             fn = lambda *a, **k: agent_attention(*a, backend="triton", **k)  # noqa: E731
         else:
-            fn = lambda *a, **k: agent_attention_ref(*a, upcast=name == "ref", **k)  # noqa: E731
+            fn = lambda *a, up=name == "ref", **k: agent_attention_ref(*a, upcast=up, **k)  # noqa: E731
         results[name] = _run(fn, ins, params, kw)
     names = ["out", "dq", "dk", "dv"] + [f"d{n_}" for n_ in sorted(pbase)]
     assert results["triton"][0].dtype == dtype and results["triton"][0].shape == (B, N, H, D)
-    for nm, got, ref, low in zip(names, results["triton"], results["ref"], results["low"]):
+    for nm, got, ref, low in zip(names, results["triton"], results["ref"], results["low"], strict=True):
         _check(nm, got, ref, low, dtype)
     if mask == "row":  # every key of batch 1 masked: zero output and no gradient into its keys
         assert (results["triton"][0][1] == 0).all()
@@ -98,13 +98,14 @@ def test_explicit_agents_and_bias_tensors(device, layout):
     results = {}
     for name, dt in (("triton", torch.float32), ("ref", torch.float64), ("low", torch.float32)):
         ins = _leaves([t.to(device) for t in base], dt)
-        params = dict(zip("abc", _leaves([t.to(device) for t in (agents, b1, b2)], dt)))
+        params = dict(zip("abc", _leaves([t.to(device) for t in (agents, b1, b2)], dt), strict=True))
         if layout == "BHND":
             ins_l = [t.transpose(1, 2) for t in ins]
             ag = params["a"].transpose(1, 2)
         else:
             ins_l, ag = ins, params["a"]
-        kw = dict(agents=ag, bias=(params["b"], params["c"]), key_padding_mask=kpm, scale=(0.3, 0.2), layout=layout)
+        kw = dict(agents=ag, bias=(params["b"], params["c"]), key_padding_mask=kpm, scale=(0.3, 0.2),
+                  layout=layout)
         if name == "triton":
             out = agent_attention(*ins_l, backend="triton", **kw)
         else:
@@ -113,11 +114,13 @@ def test_explicit_agents_and_bias_tensors(device, layout):
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         (out.double() * g.to(device)).sum().backward()
         results[name] = [out] + [t.grad for t in ins] + [params[k_].grad for k_ in "abc"]
-    for nm, got, ref, low in zip(["out", "dq", "dk", "dv", "dagents", "db1", "db2"], *results.values()):
+    names = ["out", "dq", "dk", "dv", "dagents", "db1", "db2"]
+    for nm, got, ref, low in zip(names, *results.values(), strict=True):
         _check(nm, got, ref, low, torch.float32)
     # an independent formula for the forward (no visattn code)
-    ref = naive_agent_attention(*[t.transpose(1, 2).to(device) for t in base], agents=agents.transpose(1, 2).to(device),
-                                b1=b1.to(device), b2=b2.to(device), mask=kpm, s1=0.3, s2=0.2).transpose(1, 2)
+    ref = naive_agent_attention(*[t.transpose(1, 2).to(device) for t in base],
+                                agents=agents.transpose(1, 2).to(device), b1=b1.to(device), b2=b2.to(device),
+                                mask=kpm, s1=0.3, s2=0.2).transpose(1, 2)
     torch.testing.assert_close(results["triton"][0].double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -163,5 +166,6 @@ def test_backward_splits(device, monkeypatch, target):
     from visattn.kernels import agent as kernels
 
     monkeypatch.setattr(kernels, "_target_programs", lambda dev: target)
-    test_forward_and_gradients_match_float64_reference(device, (5, 7), 1, 1, (2, 2), 2, 16, "row", torch.float32)
-    test_forward_and_gradients_match_float64_reference(device, (6, 8), 2, 0, (3, 3), 2, 16, "some", torch.float32)
+    run = test_forward_and_gradients_match_float64_reference
+    run(device, (5, 7), 1, 1, (2, 2), 2, 16, "row", torch.float32)
+    run(device, (6, 8), 2, 0, (3, 3), 2, 16, "some", torch.float32)

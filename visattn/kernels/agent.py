@@ -95,7 +95,8 @@ def _agent_fwd_pool_kernel(
         v = _load_tile(v_base, start_n, stride_vn, offs_n, offs_d, kv_mask)
         s = tl.dot(a, tl.trans(k), input_precision=DOT_PRECISION) * s1_log2
         if HAS_BIAS:
-            bias = tl.load(b1_base + keys[None, :] * stride_1k, mask=a_ok[:, None] & valid[None, :], other=0.0)
+            bias = tl.load(b1_base + keys[None, :] * stride_1k, mask=a_ok[:, None] & valid[None, :],
+                           other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + keys, mask=valid, other=0) != 0)
@@ -126,7 +127,8 @@ def _agent_fwd_merge_kernel(
         ws = pid_bh * n_chunks + c
         m_c = tl.load(M_WS + ws * BLOCK_A + offs_a)
         l_c = tl.load(L_WS + ws * BLOCK_A + offs_a)
-        acc_c = tl.load(ACC_WS + ws * (BLOCK_A * HEAD_DIM_PAD) + offs_a[:, None] * HEAD_DIM_PAD + offs_d[None, :])
+        acc_c = tl.load(ACC_WS + ws * (BLOCK_A * HEAD_DIM_PAD) + offs_a[:, None] * HEAD_DIM_PAD
+                        + offs_d[None, :])
         m_new = tl.maximum(m, m_c)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - shift)
@@ -172,7 +174,8 @@ def _agent_fwd_kernel(
     va = _agent_rows(VA + pid_bh.to(tl.int64) * n_agents * HEAD_DIM, HEAD_DIM, offs_a, offs_d, a_mask)
     s = tl.dot(q, tl.trans(a), input_precision=DOT_PRECISION) * s2_log2
     if HAS_BIAS:
-        ptr = B2 + b * stride_2b + h * stride_2h + rows[:, None].to(tl.int64) * stride_2n + offs_a[None, :] * stride_2a
+        ptr = (B2 + b * stride_2b + h * stride_2h + rows[:, None].to(tl.int64) * stride_2n
+               + offs_a[None, :] * stride_2a)
         s += tl.load(ptr, mask=row_ok[:, None] & a_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
     s = tl.where(a_ok[None, :], s, float("-inf"))
     m = tl.max(s, 1)
@@ -181,7 +184,8 @@ def _agent_fwd_kernel(
     out = tl.dot(p.to(va.dtype), va, input_precision=DOT_PRECISION) / l_i[:, None]
     o_ptr = O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
     tl.store(o_ptr + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE2 + pid_bh.to(tl.int64) * seq_q + rows, (m + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    lse = (m + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE2 + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -239,7 +243,8 @@ def _agent_bwd_dq_kernel(
             lse = tl.load(LSE2 + bh * seq_q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
             s = tl.dot(q, tl.trans(a), input_precision=DOT_PRECISION) * s2_log2
             if HAS_BIAS:
-                ptr = B2 + b * stride_2b + h * stride_2h + rows[:, None].to(tl.int64) * stride_2n + offs_a[None, :] * stride_2a
+                ptr = (B2 + b * stride_2b + h * stride_2h + rows[:, None].to(tl.int64) * stride_2n
+                       + offs_a[None, :] * stride_2a)
                 s += tl.load(ptr, mask=ra_mask, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.where(a_ok[None, :], s, float("-inf"))
             p = tl.math.exp2(s - lse[:, None])
@@ -248,11 +253,13 @@ def _agent_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(a.dtype), a, input_precision=DOT_PRECISION) * s2
             dq_ptr = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
-            tl.store(dq_ptr + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+            tl.store(dq_ptr + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=q_mask)
             dva = tl.dot(tl.trans(p.to(do.dtype)), do, dva, input_precision=DOT_PRECISION)
             da = tl.dot(tl.trans(ds.to(q.dtype)), q, da, input_precision=DOT_PRECISION)
             if HAS_BIAS:
-                db_ptr = DB2 + ((pid_g * n_heads + h) * seq_q + rows[:, None].to(tl.int64)) * n_agents + offs_a[None, :]
+                db_row = (pid_g * n_heads + h) * seq_q + rows[:, None].to(tl.int64)
+                db_ptr = DB2 + db_row * n_agents + offs_a[None, :]
                 _accumulate_bias_grad(db_ptr, ra_mask, ds, i)
         ws = (bh * n_chunks + pid_c) * n_agents * HEAD_DIM + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(WS_DVA + ws, dva, mask=a_mask)
@@ -312,7 +319,8 @@ def _agent_bwd_dkdv_kernel(
             v = _load_tile(V + b * stride_vb + h * stride_vh, start_n, stride_vn, offs_n, offs_d, kv_mask)
             s = tl.dot(a, tl.trans(k), input_precision=DOT_PRECISION) * s1_log2
             if HAS_BIAS:
-                ptr = B1 + b * stride_1b + h * stride_1h + offs_a[:, None].to(tl.int64) * stride_1a + keys[None, :] * stride_1k
+                ptr = (B1 + b * stride_1b + h * stride_1h + offs_a[:, None].to(tl.int64) * stride_1a
+                       + keys[None, :] * stride_1k)
                 s += tl.load(ptr, mask=ak_mask, other=0.0).to(tl.float32) * 1.4426950408889634
             valid = key_ok
             if HAS_MASK:
@@ -326,10 +334,13 @@ def _agent_bwd_dkdv_kernel(
             da = tl.dot(ds.to(k.dtype), k, da, input_precision=DOT_PRECISION)
             dk_ptr = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
             dv_ptr = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
-            tl.store(dk_ptr + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(dv_ptr + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+            tl.store(dk_ptr + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                     mask=kv_mask)
+            tl.store(dv_ptr + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=kv_mask)
             if HAS_BIAS:
-                db_ptr = DB1 + ((pid_g * n_heads + h) * n_agents + offs_a[:, None].to(tl.int64)) * seq_k + keys[None, :]
+                db_row = (pid_g * n_heads + h) * n_agents + offs_a[:, None].to(tl.int64)
+                db_ptr = DB1 + db_row * seq_k + keys[None, :]
                 _accumulate_bias_grad(db_ptr, ak_mask, ds, i)
         ws = (bh * n_chunks + pid_c) * n_agents * HEAD_DIM + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(WS_DA + ws, da * s1, mask=a_mask)
@@ -341,7 +352,7 @@ def _agent_bwd_dkdv_kernel(
 # broadcast); the mask as bool [B, N_k]. Launchers allocate outputs and return them; no autograd.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _target_programs(device: torch.device) -> int:
     """Programs per launch that fill the GPU (4 per SM); under the interpreter a small number, so that
     tiny test shapes still split pass 1 over key chunks and run both batch-group paths of the backward."""

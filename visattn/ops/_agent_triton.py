@@ -26,19 +26,23 @@ def triton_reasons(q: torch.Tensor, n_agents: int, dropout_p: float, needs_grad:
         reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # Triton's interpreter multiplies the raw bits of bfloat16 operands in tl.dot (Triton 3.9)
-        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use float16/float32 on the CPU")
+        reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; "
+                       "use float16/float32 on the CPU")
     if q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported (the agent tiles stay resident)")
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported "
+                       "(the agent tiles stay resident)")
     if n_agents > MAX_AGENTS:
-        reasons.append(f"{n_agents} agents > {MAX_AGENTS} is not supported (all agents stay resident in a tile)")
+        reasons.append(f"{n_agents} agents > {MAX_AGENTS} is not supported "
+                       "(all agents stay resident in a tile)")
     elif n_agents > 128 and q.shape[-1] > 64 and (needs_grad or q.dtype == torch.float32):
         # tiles of 256 agents x 128 channels need more than an H100's 227 KB of shared memory in the
         # backward (any dtype) and in the fp32 forward (sizes from compiling the kernels for sm_90)
         what = "a backward pass" if needs_grad else "float32"
-        reasons.append(f"{n_agents} agents > 128 with head dim {q.shape[-1]} > 64 does not fit in shared memory "
-                       f"with {what}; use backend='sdpa'")
+        reasons.append(f"{n_agents} agents > 128 with head dim {q.shape[-1]} > 64 does not fit in "
+                       f"shared memory with {what}; use backend='sdpa'")
     if dropout_p:
-        reasons.append(f"attention dropout is not implemented in the fused kernels, got dropout_p={dropout_p}")
+        reasons.append("attention dropout is not implemented in the fused kernels, "
+                       f"got dropout_p={dropout_p}")
     return reasons
 
 
@@ -64,7 +68,8 @@ def _(q, k, v, a, b1, b2, mask, s1, s2):
     B, H, N, D = q.shape
     n = a.shape[2]
     f32 = dict(dtype=torch.float32)
-    return _tokens_like(q), q.new_empty((B, H, n, D)), q.new_empty((B, H, n), **f32), q.new_empty((B, H, N), **f32)
+    return (_tokens_like(q), q.new_empty((B, H, n, D)), q.new_empty((B, H, n), **f32),
+            q.new_empty((B, H, N), **f32))
 
 
 @torch.library.custom_op("visattn::agent_bwd", mutates_args=())
@@ -76,13 +81,16 @@ def _agent_bwd_op(
     from ..kernels.agent import agent_bwd
 
     dq, dk, dv, da, db1, db2 = agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1, s2)
-    return (dq, dk, dv, da.to(a.dtype),  # no bias: distinct empty outputs (outputs may not alias)
-            q.new_empty((0,)) if db1 is None else db1.to(b1.dtype), q.new_empty((0,)) if db2 is None else db2.to(b2.dtype))
+    # no bias: distinct empty outputs (the outputs of a custom op may not alias each other)
+    db1 = q.new_empty((0,)) if db1 is None else db1.to(b1.dtype)
+    db2 = q.new_empty((0,)) if db2 is None else db2.to(b2.dtype)
+    return dq, dk, dv, da.to(a.dtype), db1, db2
 
 
 @_agent_bwd_op.register_fake
 def _(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1, s2):
-    return (_tokens_like(q), _tokens_like(k), _tokens_like(v), torch.empty_like(a, memory_format=torch.contiguous_format),
+    return (_tokens_like(q), _tokens_like(k), _tokens_like(v),
+            torch.empty_like(a, memory_format=torch.contiguous_format),
             q.new_empty((0,)) if b1 is None else b1.new_empty(b1.shape),
             q.new_empty((0,)) if b2 is None else b2.new_empty(b2.shape))
 
