@@ -189,11 +189,21 @@ def test_backbone_sdpa_matches_reference_backend(name, backend):
         torch.testing.assert_close(p.grad, g_ref[n], rtol=5e-2, atol=5e-4, msg=lambda s, n=n: f"{n}: {s}")
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_compile_fullgraph(backend):
     from visattn.layers import AgentAttention
 
-    m = AgentAttention(96, 3, grid=(56, 56), agent_shape=(3, 3), backend="sdpa").cuda()
+    m = AgentAttention(96, 3, grid=(56, 56), agent_shape=(3, 3), backend=backend).cuda()
     x = torch.randn(4, 3136, 96, device="cuda")
     f = torch.compile(m, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(f(x).float(), m(x).float(), rtol=2e-2, atol=2e-2)
+    if backend == "triton":  # training through the compiled graph: same gradients as eager
+        grads = []
+        for fn in (m, f):
+            m.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                fn(x).float().square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=5e-2, atol=1e-4, msg=lambda s, n=n: f"{n}: {s}")

@@ -169,3 +169,23 @@ def test_backward_splits(device, monkeypatch, target):
     run = test_forward_and_gradients_match_float64_reference
     run(device, (5, 7), 1, 1, (2, 2), 2, 16, "row", torch.float32)
     run(device, (6, 8), 2, 0, (3, 3), 2, 16, "some", torch.float32)
+
+
+def test_torch_compile_traces_the_custom_ops(device):
+    """Fake implementations and the autograd registration, traced by dynamo + AOTAutograd (aot_eager)."""
+    grid, H, D = (5, 7), 2, 16
+    base = [torch.randn(2, 36, H, D, device=device) for _ in range(3)]
+    d = {k_: t.to(device) for k_, t in random_bias_params(H, 4, grid, prefix=1, dtype=torch.float32).items()}
+
+    def f(q, k, v, bias):
+        return agent_attention(q, k, v, agent_shape=(2, 2), grid=grid, bias=bias, backend="triton")
+
+    grads = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        ts = [t.clone().requires_grad_() for t in base]
+        ps = {k_: t.clone().requires_grad_() for k_, t in d.items()}
+        out = fn(*ts, AgentBias(**ps))
+        out.square().sum().backward()
+        grads.append([out] + [t.grad for t in ts] + [ps[k_].grad for k_ in sorted(ps)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
