@@ -383,6 +383,12 @@ def tokens_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 
 def _backward_split(batch: int, heads: int, tiles: int, ws_elems: int, db_elems: int | None,
                     device: torch.device) -> tuple[int, int, int, int]:
+    return _split(batch, heads, tiles, ws_elems, db_elems, _target_programs(device))
+
+
+@functools.cache
+def _split(batch: int, heads: int, tiles: int, ws_elems: int, db_elems: int | None,
+           target: int) -> tuple[int, int, int, int]:
     """(chunks, tiles per chunk, groups, batches per group) of a backward grid (chunks, heads, groups).
 
     Each program writes one partial agent gradient (``ws_elems``) per batch and chunk, and, for a bias
@@ -390,7 +396,7 @@ def _backward_split(batch: int, heads: int, tiles: int, ws_elems: int, db_elems:
     group. Among the splits that give enough programs to fill the GPU, the one writing the fewest
     partial elements wins.
     """
-    target = min(_target_programs(device), batch * heads * tiles)
+    target = min(target, batch * heads * tiles)
     best = None
     chunks = 0
     for c in range(1, tiles + 1):
