@@ -102,7 +102,7 @@ def test_triton_backward_matches_reference(dtype, shape, mask):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_backward_large_batch(dtype):
-    """B = 48: pass 1 split over key chunks and backward programs looping over groups of 4 batches."""
+    """B = 48: pass 1 split over key chunks; backward programs loop over several tiles and batches each."""
     _backward_case("triton", dtype, ((28, 28), (4, 4), 0, 1, 6, 32), mask=True, B=48)
 
 
