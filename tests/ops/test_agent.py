@@ -282,11 +282,13 @@ def test_errors():
 
 def test_backend_selection():
     q, k, v = _qkv(1, 16, 16, 1, 8)
-    assert visattn.list_backends("agent")["agent"] == ["sdpa", "torch", "upstream"]
+    assert visattn.list_backends("agent")["agent"] == ["sdpa", "triton", "torch", "upstream"]
     with pytest.raises(ValueError, match="backend"):
         agent_attention(q, k, v, agent_shape=(2, 2), grid=(4, 4), backend="nope")
-    with pytest.raises(NotImplementedError, match="not implemented for agent"):
+    with pytest.raises(NotImplementedError, match="float64"):  # the fused backend says why it cannot run
         agent_attention(q, k, v, agent_shape=(2, 2), grid=(4, 4), backend="triton")
+    with pytest.raises(NotImplementedError, match="not implemented for agent"):
+        agent_attention(q, k, v, agent_shape=(2, 2), grid=(4, 4), backend="natten")
     with visattn.use_backend("upstream"):
         a = agent_attention(q, k, v, agent_shape=(2, 2), grid=(4, 4))
     torch.testing.assert_close(a, agent_attention_ref(q, k, v, agent_shape=(2, 2), grid=(4, 4)))

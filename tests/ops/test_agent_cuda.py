@@ -1,5 +1,5 @@
-"""GPU tests of agent attention (``pytest -m cuda``): the ``"sdpa"`` and ``"upstream"`` backends against the
-float64 reference at the spec's shapes (agent.md §6) and dtypes, gradients, and the backbones' backend
+"""GPU tests of agent attention (``pytest -m cuda``): the ``"sdpa"``, ``"triton"`` and ``"upstream"`` backends
+against the float64 reference at the spec's shapes (agent.md §6) and dtypes, gradients, and the backbones' backend
 equivalence at real sizes. Tolerance rule (DESIGN.md §5): error <= 2x the error of the same reference run
 in the low precision, plus a per-dtype floor."""
 
@@ -44,7 +44,7 @@ def _case(grid, agent_shape, P, r, H, D, B=3, dtype=torch.float16, mask=False, s
     return [t.cuda().to(dtype) for t in (q, k, v)], d, kpm
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "upstream"])
+@pytest.mark.parametrize("backend", ["sdpa", "upstream", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: str(s))
 @pytest.mark.parametrize("mask", [False, True])
@@ -64,33 +64,68 @@ def test_forward_matches_reference(backend, dtype, shape, mask):
         assert (out[0] == 0).all()
 
 
+def _backward_case(backend, dtype, shape, mask, B=3):
+    grid, agent_shape, P, r, H, D = shape
+    (q, k, v), d, kpm = _case(*shape, dtype=dtype, mask=mask, B=B)
+    grads = {}
+    for name in (backend, "ref", "low"):
+        ts = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ps = {n: t.detach().clone().requires_grad_() for n, t in d.items()}
+        kw = dict(agent_shape=agent_shape, grid=grid, bias=AgentBias(**ps), key_padding_mask=kpm)
+        if name == backend:
+            out = agent_attention(*ts, backend=backend, **kw)
+        else:
+            out = agent_attention_ref(*ts, upcast=name == "ref", **kw)
+        torch.manual_seed(1)  # randn(shape), not randn_like: the outputs' memory orders differ by backend
+        out.float().mul(torch.randn(out.shape, device=out.device)).sum().backward()
+        grads[name] = [t.grad.double() for t in ts] + [ps[n].grad.double() for n in sorted(ps)]
+    names = ["dq", "dk", "dv"] + [f"d{n}" for n in sorted(d)]
+    for nm, g, r_, lo in zip(names, grads[backend], grads["ref"], grads["low"]):
+        assert not g.isnan().any(), nm
+        err, ref_err = (g - r_).abs().max().item(), (lo - r_).abs().max().item()
+        scale = r_.abs().max().item() + 1e-6
+        assert err <= 2 * ref_err + FLOOR[dtype] * max(1.0, scale), (nm, err, ref_err, scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: str(s))
 def test_backward_matches_reference(dtype, shape):
-    grid, agent_shape, P, r, H, D = shape
-    (q, k, v), d, _ = _case(*shape, dtype=dtype)
-    grads = {}
-    for name in ("sdpa", "ref", "low"):
-        ts = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ps = {n: t.detach().clone().requires_grad_() for n, t in d.items()}
-        kw = dict(agent_shape=agent_shape, grid=grid, bias=AgentBias(**ps))
-        if name == "sdpa":
-            out = agent_attention(*ts, backend="sdpa", **kw)
-        else:
-            out = agent_attention_ref(*ts, upcast=name == "ref", **kw)
-        torch.manual_seed(1)
-        out.float().mul(torch.randn_like(out, dtype=torch.float32)).sum().backward()
-        grads[name] = [t.grad.double() for t in ts] + [ps[n].grad.double() for n in sorted(ps)]
-    for g, r_, lo in zip(grads["sdpa"], grads["ref"], grads["low"]):
-        err, ref_err = (g - r_).abs().max().item(), (lo - r_).abs().max().item()
-        scale = r_.abs().max().item() + 1e-6
-        assert err <= 2 * ref_err + FLOOR[dtype] * max(1.0, scale), (err, ref_err, scale)
+    _backward_case("sdpa", dtype, shape, mask=False)
 
 
-def test_no_host_sync_and_cuda_graph_capture():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: str(s))
+@pytest.mark.parametrize("mask", [False, True])
+def test_triton_backward_matches_reference(dtype, shape, mask):
+    _backward_case("triton", dtype, shape, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_backward_large_batch(dtype):
+    """B = 48: pass 1 split over key chunks; backward programs loop over several tiles and batches each."""
+    _backward_case("triton", dtype, ((28, 28), (4, 4), 0, 1, 6, 32), mask=True, B=48)
+
+
+def test_auto_picks_triton_for_training_on_cuda():
+    (q, k, v), d, _ = _case((14, 14), (7, 7), 1, 1, 6, 64, dtype=torch.bfloat16)
+    kw = dict(agent_shape=(7, 7), grid=(14, 14), bias=AgentBias(**d, cache={}))
+    qg = q.detach().requires_grad_()
+    from visattn.ops import agent as agent_mod
+
+    p = agent_mod._prepare(qg, k, v, None, (7, 7), (14, 14), kw["bias"], None, None, "BNHD")
+    assert agent_mod._prefer_triton(p, 0.0) and not agent_mod._prefer_triton(p, 0.1)  # dropout: not fused
+    auto = agent_attention(qg, k, v, **kw)
+    torch.testing.assert_close(auto, agent_attention(qg, k, v, backend="triton", **kw), rtol=0, atol=0)
+    with torch.no_grad():  # inference: auto stays on SDPA
+        torch.testing.assert_close(agent_attention(q, k, v, **kw), agent_attention(q, k, v, backend="sdpa", **kw),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_no_host_sync_and_cuda_graph_capture(backend):
     (q, k, v), d, kpm = _case((14, 14), (7, 7), 1, 1, 6, 64, dtype=torch.bfloat16, mask=True)
     bias = AgentBias(**d, cache={})
-    kw = dict(agent_shape=(7, 7), grid=(14, 14), bias=bias, key_padding_mask=kpm, backend="sdpa")
+    kw = dict(agent_shape=(7, 7), grid=(14, 14), bias=bias, key_padding_mask=kpm, backend=backend)
     with torch.no_grad():
         ref = agent_attention(q, k, v, **kw)  # warm-up fills the bias cache
         torch.cuda.set_sync_debug_mode("error")
@@ -111,8 +146,28 @@ def test_no_host_sync_and_cuda_graph_capture():
     torch.testing.assert_close(out, ref)
 
 
+def test_triton_training_step_has_no_host_sync():
+    (q, k, v), d, kpm = _case((28, 28), (4, 4), 0, 1, 6, 32, dtype=torch.bfloat16, mask=True, B=8)
+    ps = {n: t.detach().clone().requires_grad_() for n, t in d.items()}
+    ts = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    kw = dict(agent_shape=(4, 4), grid=(28, 28), bias=AgentBias(**ps), key_padding_mask=kpm, backend="triton")
+
+    def step():
+        agent_attention(*ts, **kw).float().square().sum().backward()
+
+    step()  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
 @pytest.mark.parametrize("name", ["agent_swin_tiny", "agent_pvt_small", "agent_deit_small", "agent_cswin_tiny"])
-def test_backbone_sdpa_matches_reference_backend(name):
+def test_backbone_sdpa_matches_reference_backend(name, backend):
     import timm
 
     import visattn  # noqa: F401
@@ -126,7 +181,7 @@ def test_backbone_sdpa_matches_reference_backend(name):
     m.zero_grad()
     for mod in m.modules():
         if hasattr(mod, "an_bias"):
-            mod.backend = "sdpa"
+            mod.backend = backend
     out = m(x)
     out.square().mean().backward()
     torch.testing.assert_close(out, out_ref, rtol=2e-3, atol=2e-3)
@@ -134,11 +189,21 @@ def test_backbone_sdpa_matches_reference_backend(name):
         torch.testing.assert_close(p.grad, g_ref[n], rtol=5e-2, atol=5e-4, msg=lambda s, n=n: f"{n}: {s}")
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_compile_fullgraph(backend):
     from visattn.layers import AgentAttention
 
-    m = AgentAttention(96, 3, grid=(56, 56), agent_shape=(3, 3), backend="sdpa").cuda()
+    m = AgentAttention(96, 3, grid=(56, 56), agent_shape=(3, 3), backend=backend).cuda()
     x = torch.randn(4, 3136, 96, device="cuda")
     f = torch.compile(m, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(f(x).float(), m(x).float(), rtol=2e-2, atol=2e-2)
+    if backend == "triton":  # training through the compiled graph: same gradients as eager
+        grads = []
+        for fn in (m, f):
+            m.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                fn(x).float().square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=5e-2, atol=1e-4, msg=lambda s, n=n: f"{n}: {s}")

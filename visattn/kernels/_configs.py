@@ -178,3 +178,36 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
         while bn > 32 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
             bn //= 2
     return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, stages)
+
+
+def agent_config(device: torch.device, which: str, head_dim_pad: int, block_a: int, dtype: torch.dtype) -> TileConfig:
+    """Agent kernels (kernels/agent.py): ``which`` in {"pool", "fwd", "bwd_dq", "bwd_dkdv"}.
+
+    ``block_a`` is the agent count padded to a power of two >= 16: every tile holds all agents, so the
+    token tile shrinks as ``block_a * head_dim_pad`` grows. ``block_m`` tiles queries ("fwd",
+    "bwd_dq"), ``block_n`` keys ("pool", "bwd_dkdv"). GPU values are first guesses for an H100, not
+    yet swept (benchmarks/bench_agent.py measures the models that use them).
+    """
+    if which in OVERRIDES:
+        return OVERRIDES[which]
+    return _agent_config(device.type, which, head_dim_pad, block_a, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _agent_config(device_type: str, which: str, dp: int, ba: int, dtype: torch.dtype) -> TileConfig:
+    if INTERPRET or device_type != "cuda":
+        return TileConfig(16, 16, 4, 1)
+    # Chosen without spills in `ptxas -v` for sm_90 (Triton 3.9 codegen; no H100 sweep yet): the
+    # small-M products of the agent tiles use many registers, so the key/query tiles stay at 32-64
+    # rows and the backward runs 8 warps.
+    big = ba * dp * (2 if dtype == torch.float32 else 1)  # one agent tile, in 16-bit element units
+    if which == "pool":
+        return TileConfig(16, 64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16), 8, 2)
+    if which == "fwd":
+        bm = 128 if big <= 16 * 64 else (64 if big <= 64 * 64 else (32 if big <= 128 * 128 else 16))
+        return TileConfig(bm, 16, 4 if big <= 64 * 64 else 8, 2)
+    tile = 64 if big <= 16 * 64 else (32 if big <= 64 * 64 else 16)
+    stages = 2 if big <= 128 * 128 else 1  # (256 agents, D = 128): the fp32 dV_A tile alone is 128 KB
+    if which == "bwd_dq":
+        return TileConfig(tile, 16, 8, stages)
+    return TileConfig(16, tile, 8, stages)

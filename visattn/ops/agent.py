@@ -6,10 +6,12 @@ https://arxiv.org/abs/2312.08874). With agents ``A`` (pooled from the queries' g
 
 Contents: the public op :func:`agent_attention`; :func:`agent_attention_ref`, the float64-capable
 pure-PyTorch reference; :class:`AgentBias` (decomposed, cached biases; ``agent_bias.py``); and the
-backends: ``"sdpa"`` (default on CUDA: two ``F.scaled_dot_product_attention`` calls with the cached
-biases broadcast over the batch), ``"torch"`` (the reference, default on CPU) and ``"upstream"``
-(upstream's computation order: biases materialised and repeated over the batch every call, explicit
-softmax; for benchmarks only, never picked by ``"auto"``).
+backends: ``"sdpa"`` (default on CUDA for inference: two ``F.scaled_dot_product_attention`` calls with
+the cached biases broadcast over the batch), ``"triton"`` (fused forward and backward kernels,
+``kernels/agent.py`` via ``_agent_triton.py``; default on CUDA when a gradient flows, see
+:func:`agent_attention`), ``"torch"`` (the reference, default on CPU) and ``"upstream"`` (upstream's
+computation order: biases materialised and repeated over the batch every call, explicit softmax; for
+benchmarks only, never picked by ``"auto"``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import _dispatch
+from . import _agent_triton, _dispatch
 from ._checks import check_layout, check_qkv, describe_tensors
 from ._types import Layout
 from .agent_bias import AgentBias
@@ -284,8 +286,13 @@ def agent_attention(
         scale: ``s`` or ``(s1, s2)``; default ``D ** -0.5`` for both softmaxes.
         layout: ``"BNHD"`` (default) or ``"BHND"``; the output has q's layout, shape and dtype.
         dropout_p: attention dropout on both softmaxes (pass 0 in eval).
-        backend: ``"auto"`` (``"sdpa"`` on CUDA, ``"torch"`` on CPU), ``"sdpa"``, ``"torch"`` or
-            ``"upstream"``.
+        backend: ``"auto"``, ``"sdpa"``, ``"triton"``, ``"torch"`` or ``"upstream"``. On CUDA ``"auto"``
+            picks ``"triton"`` when a gradient will flow (grad mode on and an input, the agents or a
+            bias requires grad) and the fused kernels can run these inputs (no dropout, D <= 128,
+            n <= 256): SDPA's memory-efficient kernel gives wrong gradients with float masks, so the
+            ``"sdpa"`` backend trains on its slower math kernel. Otherwise (inference) ``"auto"`` picks
+            ``"sdpa"`` (two cuDNN calls; whether ``"triton"`` beats them at inference is measured by
+            ``benchmarks/bench_agent.py``, not assumed). On CPU ``"auto"`` picks ``"torch"``.
 
     Raises:
         ValueError: inconsistent shapes, dtypes, devices or arguments (the message names them).
@@ -294,7 +301,10 @@ def agent_attention(
     p = _prepare(q, k, v, agents, agent_shape, grid, bias, key_padding_mask, scale, layout)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"expected 0 <= dropout_p < 1, got dropout_p={dropout_p!r}")
-    chosen = _dispatch.select("agent", backend, q.device, describe_tensors(q=q, k=k, v=v) + f"; grid={p.grid}", p)
+    if (backend if backend is not None else _dispatch.current_backend()) == "auto" and _prefer_triton(p, dropout_p):
+        backend = "triton"
+    chosen = _dispatch.select("agent", backend, q.device, describe_tensors(q=q, k=k, v=v) + f"; grid={p.grid}",
+                              p, float(dropout_p))
     out = chosen.fn(p, float(dropout_p))
     return out.transpose(1, 2) if p.layout == "BNHD" else out
 
@@ -360,8 +370,32 @@ def _reference(p: _Problem, dropout_p: float, *, upcast: bool = True, chunk_rows
 # backends, in "auto" priority order
 
 
-def _no_reasons(p: _Problem) -> list[str]:
+def _no_reasons(p: _Problem, dropout_p: float = 0.0) -> list[str]:
     return []
+
+
+def _n_agents(p: _Problem) -> int:
+    return p.agents.shape[2] if p.agents is not None else math.prod(p.agent_shape)
+
+
+def _needs_grad(p: _Problem) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    ts = [p.q, p.k, p.v, p.agents]
+    if isinstance(p.bias, tuple):
+        ts += list(p.bias)
+    elif p.bias is not None:
+        ts += (p.bias.bias if isinstance(p.bias, _BoundBias) else p.bias).tensors()
+    return any(t is not None and t.requires_grad for t in ts)
+
+
+def _prefer_triton(p: _Problem, dropout_p: float) -> bool:
+    """"auto" on CUDA with a gradient flowing: the fused backend when it can run (see agent_attention)."""
+    return p.q.is_cuda and _needs_grad(p) and not _triton_can_run(p, dropout_p)
+
+
+def _triton_can_run(p: _Problem, dropout_p: float = 0.0) -> list[str]:
+    return _agent_triton.triton_reasons(p.q, _n_agents(p), dropout_p, _needs_grad(p))
 
 
 @_dispatch.register_backend("agent", "sdpa", can_run=_no_reasons, auto_devices=("cuda",),
@@ -397,6 +431,14 @@ def _sdpa_backends(*ts: torch.Tensor | None):
     if needs_grad and ts[0] is not None and ts[0].is_cuda:
         return sdpa_kernel(list(_GRAD_SAFE))
     return contextlib.nullcontext()
+
+
+@_dispatch.register_backend("agent", "triton", can_run=_triton_can_run, auto_devices=("cuda",),
+                            doc="fused Triton forward + backward (auto's choice on CUDA when a gradient flows)")
+def _run_triton(p: _Problem, dropout_p: float) -> torch.Tensor:
+    a = _agents(p, p.q)
+    b1, b2 = _materialize(p, a.shape[2], p.q.dtype)
+    return _agent_triton.agent_attention_triton(p.q, p.k, p.v, a, b1, b2, p.mask, p.s1, p.s2)
 
 
 @_dispatch.register_backend("agent", "torch", can_run=_no_reasons, auto_devices=("cpu",),
