@@ -72,7 +72,8 @@ def test_kernel_matches_plan_in_float64(dtype, D, H, lay_i, block):
     plan64 = plan
     want = _apply_plan_torch(qd, kd, vd, plan64, D**-0.5, "BNHD")
     err = (out.double() - want)[ok].abs().max().item()
-    assert err <= TOL[dtype], err
+    # DESIGN.md §5 floors are for outputs of magnitude <= 1: scale them by the output's magnitude
+    assert err <= TOL[dtype] * max(1.0, want[ok].abs().max().item()), err
     # selection against the float64 reference on the same (rounded) inputs
     _, kept, rect, _, _ = rectified_attention_ref(qd, kd, vd, seq_layout=lay, config=cfg, return_maps=True)
     agree = (plan.kept_visual() == kept).double().mean().item()

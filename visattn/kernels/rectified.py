@@ -121,18 +121,26 @@ def block_stats_triton(q, k, v, video_start: int, num_video: int, block: int, up
     return tuple(outs)
 
 
+def block_weights(nv: int, block: int, num_video: int, exact_tail: bool, dtype, device) -> torch.Tensor:
+    """Tokens per visual block, ``[n_v]``: ``block`` each, the last one's true count when ``exact_tail``.
+
+    Built on the device from scalars (no element assignment: a Python value written into a CUDA
+    tensor is a synchronising host-to-device copy)."""
+    w = torch.full((nv,), float(block), dtype=dtype, device=device)
+    if not exact_tail:
+        return w
+    last = float(num_video - (nv - 1) * block)
+    return torch.where(torch.arange(nv, device=device) == nv - 1, torch.full_like(w, last), w)
+
+
 def block_stats_torch(q, k, v, video_start: int, num_video: int, block: int, upstream_tail: bool, dtype):
     """The statistics as torch ops in ``dtype`` (the ``"torch"`` backend). Same outputs as the kernel."""
     nv = -(-num_video // block)
     pad = nv * block - num_video
     sl = slice(video_start, video_start + num_video)
-    cnt = torch.full((nv,), float(block), dtype=dtype, device=q.device)
-    if not upstream_tail:
-        cnt[-1] = num_video - (nv - 1) * block
-    valid = torch.ones(nv * block, dtype=torch.bool, device=q.device)
-    if pad and not upstream_tail:
-        valid[num_video:] = False
-    valid = valid.view(nv, block, 1)
+    cnt = block_weights(nv, block, num_video, not upstream_tail, dtype, q.device)
+    n_valid = num_video if (pad and not upstream_tail) else nv * block
+    valid = (torch.arange(nv * block, device=q.device) < n_valid).view(nv, block, 1)
 
     def blocks(x):  # [B, N, H, D] -> [B, H, n_v, b, D]
         x = x[:, sl].to(dtype).transpose(1, 2)
@@ -184,9 +192,7 @@ def plan_tensors(
     B, H, nv, D = qm.shape
     dtype, dev = qm.dtype, qm.device
     # pooled logits; IPAR: +ln w_J on pooled columns, each valid text token its own column
-    w = torch.full((nv,), float(block), dtype=dtype, device=dev)
-    if config.tail == "exact":
-        w[-1] = num_video - (nv - 1) * block
+    w = block_weights(nv, block, num_video, config.tail == "exact", dtype, dev)
     dots = qm @ km.transpose(-1, -2)  # [B, H, n_v, n_v], unscaled (GAPR gain)
     has_text = k_text is not None and config.ipar
     if config.ipar:
@@ -433,9 +439,7 @@ def plan_tensors_triton(
     dots = qm @ kmT
     e1 = dq @ kmT if config.gapr else dots
     e2 = qm @ dk.transpose(-1, -2) if config.gapr else dots
-    w = torch.full((nv,), float(block), dtype=torch.float32, device=dev)
-    if config.tail == "exact":
-        w[-1] = num_video - (nv - 1) * block
+    w = block_weights(nv, block, num_video, config.tail == "exact", torch.float32, dev)
     logw = w.log() if config.ipar else torch.zeros_like(w)
     has_text_col = k_text is not None and config.ipar
     txt = dots

@@ -54,6 +54,9 @@ class _Backend:
 
 _REGISTRY: dict[str, dict[str, _Backend]] = {}
 _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("visattn_backend", default="auto")
+# The same choice as a plain global, read while torch.compile traces (Dynamo in torch 2.11 cannot
+# trace ContextVar.get; it guards on module globals instead, so a new use_backend recompiles).
+_CURRENT_NAME: str = "auto"
 _LOGGED_REFERENCE: set[str] = set()
 
 
@@ -93,7 +96,7 @@ def list_backends(op: str | None = None) -> dict[str, list[str]]:
 
 def current_backend() -> str:
     """The backend name that ``backend=None`` resolves to (set by :func:`use_backend`)."""
-    return _CURRENT.get()
+    return _CURRENT_NAME if torch.compiler.is_compiling() else _CURRENT.get()
 
 
 @contextlib.contextmanager
@@ -111,11 +114,14 @@ def use_backend(name: str | BackendName) -> Iterator[None]:
     except ValueError:
         names = [b.value for b in BackendName]
         raise ValueError(f"expected a backend name in {names}, got name={name!r}") from None
+    global _CURRENT_NAME
     token = _CURRENT.set(value)
+    previous, _CURRENT_NAME = _CURRENT_NAME, value
     try:
         yield
     finally:
         _CURRENT.reset(token)
+        _CURRENT_NAME = previous
 
 
 def _format_failure(op: str, summary: str, tried: list[tuple[str, list[str]]], hint: str) -> str:
@@ -135,7 +141,10 @@ def select(op: str, backend: str | None, device: torch.device, summary: str, *ar
         NotImplementedError: the named backend cannot run the inputs, or none can.
     """
     _load_ops()
-    name = backend if backend is not None else _CURRENT.get()
+    if backend is not None:
+        name = backend
+    else:
+        name = _CURRENT_NAME if torch.compiler.is_compiling() else _CURRENT.get()
     if isinstance(name, BackendName):
         name = name.value
     registry = _REGISTRY.get(op, {})

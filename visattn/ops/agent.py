@@ -16,14 +16,12 @@ benchmarks only, never picked by ``"auto"``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _agent_triton, _dispatch
 from ._checks import check_layout, check_qkv, describe_tensors
@@ -411,26 +409,10 @@ def _run_sdpa(p: _Problem, dropout_p: float) -> torch.Tensor:
     # masks stay unexpanded ([1, H, ...]): SDPA broadcasts them (stride 0) and pads only what it is given
     m1 = _add(None if b1 is None else (b1 if b1.dim() == 4 else b1[None]), fill)
     m2 = None if b2 is None else (b2 if b2.dim() == 4 else b2[None])
-    with _sdpa_backends(q, k, v, m1, m2):
-        va = F.scaled_dot_product_attention(a, k, v, attn_mask=m1, dropout_p=dropout_p, scale=p.s1)
-        if anyv is not None:
-            va = va * anyv.to(va.dtype)
-        return F.scaled_dot_product_attention(q, a, va, attn_mask=m2, dropout_p=dropout_p, scale=p.s2)
-
-
-# SDPA's memory-efficient kernel gives wrong gradients with a float attn_mask on torch 2.11 / H100
-# (q, k, v and mask gradients off by O(1) at every shape of tests/ops/test_agent_cuda.py, forward
-# correct; cuDNN and the math kernel agree with the float64 reference). When a gradient will flow,
-# the efficient kernel is excluded: cuDNN serves masks without a gradient, the math kernel the rest
-# (agent attention's score matrices are only N x n, so materialising them is cheap).
-_GRAD_SAFE = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
-
-
-def _sdpa_backends(*ts: torch.Tensor | None):
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-    if needs_grad and ts[0] is not None and ts[0].is_cuda:
-        return sdpa_kernel(list(_GRAD_SAFE))
-    return contextlib.nullcontext()
+    va = F.scaled_dot_product_attention(a, k, v, attn_mask=m1, dropout_p=dropout_p, scale=p.s1)
+    if anyv is not None:
+        va = va * anyv.to(va.dtype)
+    return F.scaled_dot_product_attention(q, a, va, attn_mask=m2, dropout_p=dropout_p, scale=p.s2)
 
 
 @_dispatch.register_backend("agent", "triton", can_run=_triton_can_run, auto_devices=("cuda",),
