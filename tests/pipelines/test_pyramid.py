@@ -13,9 +13,10 @@ pytest.importorskip("diffusers")
 
 import visattn
 import visattn.pipelines as vp
-from visattn.pipelines.apply import enumerate_processors
 from visattn.pipelines.pyramid import PyramidPipelineConfig
 from visattn.pipelines.tiny import tiny_inputs
+
+from ._method_checks import check_dense_equivalent_and_exact_remove, check_sparse_differs, run
 
 _MODELS = ("wan", "hunyuanvideo", "cogvideox")
 _DENSE = dict(block_q=16, block_k=16, levels={1: 1.0}, mode="topk", align="none")
@@ -28,10 +29,7 @@ def _torch_backend():
         yield
 
 
-def _run(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs)
-    return out[0] if isinstance(out, tuple) else out.sample
+_run = run
 
 
 @pytest.mark.parametrize("name", _MODELS)
@@ -40,29 +38,12 @@ def test_all_level1_matches_default_and_remove_is_exact(name, tiny):
     inputs = tiny_inputs(name, size=8, batch=2)
     if name == "hunyuanvideo":  # different valid text lengths per sample
         inputs["encoder_attention_mask"] = torch.tensor([[1] * 8 + [0] * 4, [1] * 11 + [0]])
-    before = enumerate_processors(model)
-    ref = _run(model, inputs)
-    with vp.apply(model, "pyramid", _DENSE, stats=True) as h:
-        assert any(isinstance(p, vp.VisattnProcessor) for _, p in enumerate_processors(model).values())
-        out = _run(model, inputs)
-        st = h.stats()
-        assert st["total_calls"] > 0
-        assert all(not r.startswith("pyramid") for r in st["fallbacks"]), st["fallbacks"]
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    assert all(enumerate_processors(model)[k][1] is before[k][1] for k in before)
-    assert torch.equal(_run(model, inputs), ref)
+    check_dense_equivalent_and_exact_remove(model, inputs, "pyramid", _DENSE)
 
 
 @pytest.mark.parametrize("name", _MODELS)
 def test_sparse_levels_run_and_differ_from_dense(name, tiny):
-    model = tiny(name)
-    inputs = tiny_inputs(name, size=16)
-    dense = _run(model, inputs)
-    with vp.apply(model, "pyramid", _SPARSE, stats=True) as h:
-        out = _run(model, inputs)
-        assert all(not r.startswith("pyramid") for r in h.stats()["fallbacks"])
-    assert torch.isfinite(out).all()
-    assert (out - dense).abs().max() > 1e-4
+    check_sparse_differs(tiny(name), tiny_inputs(name, size=16), "pyramid", _SPARSE)
 
 
 def test_wan_triton_matches_torch(tiny):

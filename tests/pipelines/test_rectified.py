@@ -12,9 +12,10 @@ pytest.importorskip("diffusers")
 import visattn
 import visattn.pipelines as vp
 from visattn.ops.rectified_plan import allow_test_block_sizes
-from visattn.pipelines.apply import enumerate_processors
 from visattn.pipelines.rectified import RectifiedPipelineConfig
 from visattn.pipelines.tiny import tiny_inputs
+
+from ._method_checks import check_dense_equivalent_and_exact_remove, check_sparse_differs, run
 
 _MODELS = ("wan", "hunyuanvideo", "cogvideox", "flux")
 _ALL_KEPT = RectifiedPipelineConfig(cum_threshold=1.0, dense_steps=(), dense_blocks=())._with_block(16)
@@ -27,10 +28,7 @@ def _torch_backend():
         yield
 
 
-def _run(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs)
-    return out[0] if isinstance(out, tuple) else out.sample
+_run = run
 
 
 @pytest.mark.parametrize("name", _MODELS)
@@ -39,29 +37,12 @@ def test_all_kept_matches_default_and_remove_is_exact(name, tiny):
     inputs = tiny_inputs(name, size=8, batch=2)
     if name == "hunyuanvideo":  # different valid text lengths per sample
         inputs["encoder_attention_mask"] = torch.tensor([[1] * 8 + [0] * 4, [1] * 11 + [0]])
-    before = enumerate_processors(model)
-    ref = _run(model, inputs)
-    with vp.apply(model, "rectified", _ALL_KEPT, stats=True) as h:
-        assert any(isinstance(p, vp.VisattnProcessor) for _, p in enumerate_processors(model).values())
-        out = _run(model, inputs)
-        st = h.stats()
-        assert st["total_calls"] > 0
-        assert all(not r.startswith("rectified") for r in st["fallbacks"]), st["fallbacks"]
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
-    assert all(enumerate_processors(model)[k][1] is before[k][1] for k in before)
-    assert torch.equal(_run(model, inputs), ref)
+    check_dense_equivalent_and_exact_remove(model, inputs, "rectified", _ALL_KEPT)
 
 
 @pytest.mark.parametrize("name", _MODELS)
 def test_sparse_runs_and_differs_from_dense(name, tiny):
-    model = tiny(name)
-    inputs = tiny_inputs(name, size=16)
-    dense = _run(model, inputs)
-    with vp.apply(model, "rectified", _SPARSE, stats=True) as h:
-        out = _run(model, inputs)
-        assert all(not r.startswith("rectified") for r in h.stats()["fallbacks"])
-    assert torch.isfinite(out).all()
-    assert (out - dense).abs().max() > 1e-4
+    check_sparse_differs(tiny(name), tiny_inputs(name, size=16), "rectified", _SPARSE)
 
 
 def test_wan_triton_matches_torch(tiny):

@@ -8,15 +8,15 @@ passed in (reused across steps) or made on the fly from the layer's :class:`Pyra
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..ops._layout import SequenceLayout
 from ..ops.pyramid import PyramidConfig, PyramidPlan, pyramid_attention
+from ._sparse_video import SparseVideoAttentionBase
 
 __all__ = ["PyramidAttention"]
 
 
-class PyramidAttention(nn.Module):
+class PyramidAttention(SparseVideoAttentionBase):
     """Self-attention with PSA's multi-level block sparsity.
 
     Args:
@@ -30,6 +30,8 @@ class PyramidAttention(nn.Module):
     Input ``x [B, N, C]``; ``forward(x, seq_layout=None, plan=None, return_plan=False)``.
     """
 
+    config_cls = PyramidConfig
+
     def __init__(
         self,
         dim: int,
@@ -42,24 +44,7 @@ class PyramidAttention(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-            raise ValueError(f"expected num_heads to divide dim, got dim={dim!r}, num_heads={num_heads!r}")
-        if qk_norm not in (None, "layer", "rms"):
-            raise ValueError(f"expected qk_norm in (None, 'layer', 'rms'), got qk_norm={qk_norm!r}")
-        if config is not None and not isinstance(config, PyramidConfig):
-            raise ValueError(f"expected config to be a PyramidConfig, got config={type(config).__name__}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.config = config or PyramidConfig()
-        self.backend = backend
-        kw = dict(device=device, dtype=dtype)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **kw)
-        if qk_norm is None:
-            self.q_norm = self.k_norm = nn.Identity()
-        else:
-            cls = nn.LayerNorm if qk_norm == "layer" else nn.RMSNorm
-            self.q_norm, self.k_norm = cls(self.head_dim, **kw), cls(self.head_dim, **kw)
-        self.proj = nn.Linear(dim, dim, **kw)
+        super().__init__(dim, num_heads, config, qkv_bias, qk_norm, backend, device, dtype)
 
     def forward(
         self,
@@ -69,8 +54,7 @@ class PyramidAttention(nn.Module):
         return_plan: bool = False,
     ):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, N, H, D]
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._qkv(x)  # each [B, N, H, D]
         out, plan = pyramid_attention(
             q,
             k,

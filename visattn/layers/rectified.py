@@ -9,16 +9,16 @@ probabilities with ``keep_probs=True`` when v changes) or made on the fly from t
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..ops._layout import SequenceLayout
 from ..ops.rectified import rectified_attention, rectified_plan
 from ..ops.rectified_plan import RectifiedConfig, RectifiedPlan
+from ._sparse_video import SparseVideoAttentionBase
 
 __all__ = ["RectifiedAttention"]
 
 
-class RectifiedAttention(nn.Module):
+class RectifiedAttention(SparseVideoAttentionBase):
     """Self-attention with Rectified SpaAttn's block sparsity and rectification.
 
     Args:
@@ -35,6 +35,8 @@ class RectifiedAttention(nn.Module):
     ``seq_layout`` is required unless a plan is given).
     """
 
+    config_cls = RectifiedConfig
+
     def __init__(
         self,
         dim: int,
@@ -48,25 +50,8 @@ class RectifiedAttention(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-            raise ValueError(f"expected num_heads to divide dim, got dim={dim!r}, num_heads={num_heads!r}")
-        if qk_norm not in (None, "layer", "rms"):
-            raise ValueError(f"expected qk_norm in (None, 'layer', 'rms'), got qk_norm={qk_norm!r}")
-        if config is not None and not isinstance(config, RectifiedConfig):
-            raise ValueError(f"expected config to be a RectifiedConfig, got config={type(config).__name__}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.config = config or RectifiedConfig()
-        self.backend = backend
+        super().__init__(dim, num_heads, config, qkv_bias, qk_norm, backend, device, dtype)
         self.keep_probs = keep_probs
-        kw = dict(device=device, dtype=dtype)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **kw)
-        if qk_norm is None:
-            self.q_norm = self.k_norm = nn.Identity()
-        else:
-            cls = nn.LayerNorm if qk_norm == "layer" else nn.RMSNorm
-            self.q_norm, self.k_norm = cls(self.head_dim, **kw), cls(self.head_dim, **kw)
-        self.proj = nn.Linear(dim, dim, **kw)
 
     def forward(
         self,
@@ -76,8 +61,7 @@ class RectifiedAttention(nn.Module):
         return_plan: bool = False,
     ):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, N, H, D]
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._qkv(x)  # each [B, N, H, D]
         if plan is None:
             # keep P on the plan: reused at a later step (new v), C is recomputed instead of refused
             plan = rectified_plan(
