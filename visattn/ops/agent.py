@@ -285,12 +285,10 @@ def agent_attention(
         layout: ``"BNHD"`` (default) or ``"BHND"``; the output has q's layout, shape and dtype.
         dropout_p: attention dropout on both softmaxes (pass 0 in eval).
         backend: ``"auto"``, ``"sdpa"``, ``"triton"``, ``"torch"`` or ``"upstream"``. On CUDA ``"auto"``
-            picks ``"triton"`` when a gradient will flow (grad mode on and an input, the agents or a
-            bias requires grad) and the fused kernels can run these inputs (no dropout, D <= 128,
-            n <= 256): SDPA's memory-efficient kernel gives wrong gradients with float masks, so the
-            ``"sdpa"`` backend trains on its slower math kernel. Otherwise (inference) ``"auto"`` picks
-            ``"sdpa"`` (two cuDNN calls; whether ``"triton"`` beats them at inference is measured by
-            ``benchmarks/bench_agent.py``, not assumed). On CPU ``"auto"`` picks ``"torch"``.
+            picks ``"sdpa"`` (two SDPA calls) for inference and training: on an H100 it trained
+            agent_swin_tiny / agent_pvt_small at 1.03x / 1.02x of upstream's path against 0.98x /
+            0.87x for the fused ``"triton"`` kernels (``benchmarks/results/agent_h100.md``), which
+            are chosen only by name. On CPU ``"auto"`` picks ``"torch"``.
 
     Raises:
         ValueError: inconsistent shapes, dtypes, devices or arguments (the message names them).
@@ -299,8 +297,6 @@ def agent_attention(
     p = _prepare(q, k, v, agents, agent_shape, grid, bias, key_padding_mask, scale, layout)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"expected 0 <= dropout_p < 1, got dropout_p={dropout_p!r}")
-    if (backend if backend is not None else _dispatch.current_backend()) == "auto" and _prefer_triton(p, dropout_p):
-        backend = "triton"
     chosen = _dispatch.select("agent", backend, q.device, describe_tensors(q=q, k=k, v=v) + f"; grid={p.grid}",
                               p, float(dropout_p))
     out = chosen.fn(p, float(dropout_p))
@@ -387,11 +383,6 @@ def _needs_grad(p: _Problem) -> bool:
     return any(t is not None and t.requires_grad for t in ts)
 
 
-def _prefer_triton(p: _Problem, dropout_p: float) -> bool:
-    """"auto" on CUDA with a gradient flowing: the fused backend when it can run (see agent_attention)."""
-    return p.q.is_cuda and _needs_grad(p) and not _triton_can_run(p, dropout_p)
-
-
 def _triton_can_run(p: _Problem, dropout_p: float = 0.0) -> list[str]:
     return _agent_triton.triton_reasons(p.q, _n_agents(p), dropout_p, _needs_grad(p))
 
@@ -416,7 +407,7 @@ def _run_sdpa(p: _Problem, dropout_p: float) -> torch.Tensor:
 
 
 @_dispatch.register_backend("agent", "triton", can_run=_triton_can_run, auto_devices=("cuda",),
-                            doc="fused Triton forward + backward (auto's choice on CUDA when a gradient flows)")
+                            doc="fused Triton forward + backward (by name; slower than sdpa on an H100)")
 def _run_triton(p: _Problem, dropout_p: float) -> torch.Tensor:
     a = _agents(p, p.q)
     b1, b2 = _materialize(p, a.shape[2], p.q.dtype)
