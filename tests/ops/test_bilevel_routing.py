@@ -277,6 +277,41 @@ def test_triton_1d_strip():
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    "grid, topk, group, heads",
+    [((7, 7), 1, (1, 1), 1), ((7, 7), 16, (4, 4), 2), ((5, 9), 3, (2, 3), 1), ((10, 13), 5, (4, 8), 1),
+     ((9, 9), 81, (2, 2), 1)],
+)
+def test_triton_plan_kernel_matches_the_torch_plan(grid, topk, group, heads):
+    """The one-launch Triton planner equals ``build_plan`` (scatter + stable sort) on every listed entry."""
+    from visattn.kernels.bilevel_routing import bra_plan
+    from visattn.ops.bilevel_routing_plan import build_plan
+
+    P = grid[0] * grid[1]
+    rows = [torch.randperm(P)[:topk].sort().values for _ in range(2 * heads * P)]
+    idx = torch.stack(rows).view(2, heads, P, topk).int()
+    ref = build_plan(idx, grid, group)
+    got = bra_plan(idx, grid, group, inverse=True)
+    for lst, sel, cnt, g_lst, g_sel, g_cnt in [
+        (ref.lst, ref.sel, ref.cnt, *got[:3]), (ref.ilst, ref.isel, ref.icnt, *got[3:])
+    ]:
+        assert torch.equal(cnt, g_cnt) and lst.shape == g_lst.shape
+        listed = torch.arange(lst.shape[-1]) < cnt[..., None]
+        assert torch.equal(lst[listed], g_lst[listed]) and torch.equal(sel[listed], g_sel[listed])
+    assert bra_plan(idx, grid, group, inverse=False)[3].shape[-1] == 0
+
+
+@needs_interpreter
+def test_triton_forward_without_gradient_matches_reference():
+    q, k, v = maps(1, 9, 9, 2, 16, dtype=torch.float32)
+    idx, region = _routed(q, k, region_size=3, topk=4)
+    with torch.no_grad():
+        out = routed_attention(q, k, v, idx, region, backend="triton")
+    ref = routed_attention_ref(q.double(), k.double(), v.double(), idx, region)
+    assert_close(out, ref, torch.float32, None, "out")
+
+
+@needs_interpreter
 def test_triton_backward_is_bitwise_repeatable():
     q, k, v = maps(1, 9, 9, 1, 16, dtype=torch.float32, grad=True)
     idx, region = _routed(q, k, region_size=3, topk=4)

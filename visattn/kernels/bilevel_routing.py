@@ -24,6 +24,8 @@ differ. At most 32 regions per query group (the select bits are one int32). Regi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -87,6 +89,12 @@ def _load_map(base, y, x, sy, sx, offs_d, ok, D: tl.constexpr, D_PAD: tl.constex
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
+@triton.jit
+def _lse_log2(lse):
+    """LSE in log2 units; rows without keys (LSE -inf) and masked lanes become +inf, so P = 0 there."""
+    return tl.where((lse == float("-inf")) | (lse == float("inf")), float("inf"), lse * 1.4426950408889634)
+
+
 @triton.jit(do_not_specialize=["H", "W", "r_H", "r_W", "R_H", "R_W", "n_gW", "T", "n_sub", "P", "max_list"])
 def _bra_fwd_kernel(
     Q, K, V, O, LSE, LIST, SEL, COUNT,
@@ -146,14 +154,19 @@ def _bra_fwd_kernel(
 
 @triton.jit(do_not_specialize=["H", "W", "r_H", "r_W", "R_H", "R_W", "n_gW", "T", "n_sub", "P", "max_list"])
 def _bra_bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ, LIST, SEL, COUNT,
+    Q, K, V, DO, O, LSE, DLSE, DELTA, DQ, LIST, SEL, COUNT,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh,
     slb, slh, slt, scb, sch,
     H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, P, max_list, n_heads, sm_scale, sm_scale_log2,
+    HAS_DLSE: tl.constexpr,
     ZEROS: tl.constexpr, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of one query tile, walking the forward list and recomputing P from the stored LSE."""
+    """dQ of one query tile, walking the forward list and recomputing P from the stored LSE.
+
+    Also writes ``Delta = rowsum(dO * O) - dLSE`` (fp32, contiguous ``[B, H, W, heads]``) for the
+    dK/dV kernel, which runs after this one: no separate preprocessing pass or fp32 copies.
+    """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     tile = pid // n_sub
@@ -167,8 +180,14 @@ def _bra_bwd_dq_kernel(
     q = _load_map(Q + b * sqb + h * sqh, y, x, sqy, sqx, offs_d, row_ok, D, D_PAD)
     do = _load_map(DO + b * sdob + h * sdoh, y, x, sdoy, sdox, offs_dv, row_ok, DV, DV_PAD)
     stat = ((b * H + y) * W + x) * n_heads + h
-    lse2 = tl.load(LSE2 + stat, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    lse2 = _lse_log2(tl.load(LSE + stat, mask=row_ok, other=float("inf")))
+    # out is a contiguous [B, H, W, heads, d_v] tensor (allocated by bra_fwd)
+    o_mask = row_ok[:, None] if DV == DV_PAD else row_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + stat[:, None] * DV + offs_dv[None, :], mask=o_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + stat, mask=row_ok, other=0.0)
+    tl.store(DELTA + stat, delta, mask=row_ok)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
@@ -203,7 +222,7 @@ def _bra_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["H", "W", "r_H", "r_W", "R_H", "R_W", "n_gW", "T", "n_sub", "P", "max_list"])
 def _bra_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DVT, LIST, SEL, COUNT,
+    Q, K, V, DO, LSE, DELTA, DK, DVT, LIST, SEL, COUNT,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh,
     slb, slh, slt, scb, sch,
     H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, P, max_list, n_heads, sm_scale, sm_scale_log2,
@@ -246,7 +265,7 @@ def _bra_bwd_dkdv_kernel(
         q = _load_map(q_base, qy, qx, sqy, sqx, offs_d, q_ok, D, D_PAD)
         do = _load_map(do_base, qy, qx, sdoy, sdox, offs_dv, q_ok, DV, DV_PAD)
         stat = ((b * H + qy) * W + qx) * n_heads + h
-        lse2 = tl.load(LSE2 + stat, mask=q_ok, other=float("inf"))
+        lse2 = _lse_log2(tl.load(LSE + stat, mask=q_ok, other=float("inf")))
         delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
         # key rows are independent: rows that are not keys (outside the map) are simply not stored
         allowed = q_ok[None, :]
@@ -268,16 +287,89 @@ def _bra_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DVT.dtype.element_ty), mask=dv_mask)
 
 
+@triton.jit
+def _compact_store(bits, vals, offset, LST, SEL, base, cap):
+    """Append the entries of ``vals`` whose ``bits`` are set at ``offset`` (ascending); new offset."""
+    present = bits != 0
+    pos = offset + tl.cumsum(present.to(tl.int32), 0) - 1
+    ok = present & (pos < cap)
+    tl.store(LST + base + pos, vals, mask=ok)
+    tl.store(SEL + base + pos, bits, mask=ok)
+    return offset + tl.sum(present.to(tl.int32), 0)
+
+
+@triton.jit(do_not_specialize=["P", "K", "R_H", "R_W", "n_gW", "n_tiles", "cap"])
+def _bra_plan_kernel(
+    IDX, LST, SEL, CNT, ILST, ISEL, ICNT,
+    P, K, R_H, R_W, g_H, g_W, n_gW, n_tiles, cap,
+    INVERSE: tl.constexpr, P_CHUNK: tl.constexpr, E_CHUNK: tl.constexpr, K_CHUNK: tl.constexpr,
+):
+    """Forward (and inverse) lists of one query (key) group ``tile`` of one (batch, routing head).
+
+    Forward: entry ``j`` with bits ``OR_s [j in idx[rho(tile, s)]] << s``. Inverse: entry ``rho`` with
+    bits ``OR_j [j in idx[rho]] << slot(j)`` over the key regions ``j`` of the tile. Distinct bits, so
+    integer sums are ORs; lists ascend; entries past the count are left unwritten (never read).
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    idx_base = IDX + bh * P * K
+    G = g_H * g_W
+    u0 = (tile // n_gW) * g_H
+    w0 = (tile % n_gW) * g_W
+    off = tl.zeros([], dtype=tl.int32)
+    base = (bh * n_tiles + tile) * cap
+    for p0 in range(0, P, P_CHUNK):
+        cols = p0 + tl.arange(0, P_CHUNK)
+        bits = tl.zeros([P_CHUNK], dtype=tl.int32)
+        for e0 in range(0, G * K, E_CHUNK):
+            e = e0 + tl.arange(0, E_CHUNK)
+            slot = e // K
+            u = u0 + slot // g_W
+            w = w0 + slot % g_W
+            ok = (e < G * K) & (u < R_H) & (w < R_W)
+            ids = tl.load(idx_base + (u * R_W + w) * K + e % K, mask=ok, other=-1)
+            ids = tl.where(ok, tl.minimum(tl.maximum(ids, 0), P - 1), -1)
+            bit = tl.where(ok, 1 << slot, 0)
+            hit = ids[None, :] == cols[:, None]
+            bits += tl.sum(tl.where(hit, bit[None, :], 0), 1)
+        bits = tl.where(cols < P, bits, 0)
+        off = _compact_store(bits, cols, off, LST, SEL, base, cap)
+    tl.store(CNT + bh * n_tiles + tile, off)
+    if INVERSE:
+        ioff = tl.zeros([], dtype=tl.int32)
+        ibase = (bh * n_tiles + tile) * P
+        for r0 in range(0, P, P_CHUNK):
+            rows = r0 + tl.arange(0, P_CHUNK)
+            bits = tl.zeros([P_CHUNK], dtype=tl.int32)
+            for k0 in range(0, K, K_CHUNK):
+                kk = k0 + tl.arange(0, K_CHUNK)
+                ok = (rows[:, None] < P) & (kk[None, :] < K)
+                ids = tl.load(idx_base + rows[:, None] * K + kk[None, :], mask=ok, other=0)
+                ids = tl.minimum(tl.maximum(ids, 0), P - 1)
+                u = ids // R_W
+                w = ids % R_W
+                mine = ok & ((u // g_H) * n_gW + w // g_W == tile)
+                bit = 1 << ((u % g_H) * g_W + w % g_W)
+                bits += tl.sum(tl.where(mine, bit, 0), 1)
+            ioff = _compact_store(bits, rows, ioff, ILST, ISEL, ibase, P)
+        tl.store(ICNT + bh * n_tiles + tile, ioff)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host launchers. q/k/v are [B, H, W, heads, d] views with a dense last dim; plans come from
 # visattn.ops.bilevel_routing_plan. ``geo`` = (r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n).
 
 
 def default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter, 64 x 64 on GPUs (fp32: 64 x 32)."""
+    """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter, 64 x 32 on GPUs.
+
+    H100 sweep at BiFormer-S's stage shapes (bf16, batch 64; benchmarks/NOTES.md): 64 x 32 with 4 warps
+    and no software pipelining was fastest at every stage, forward and backward (64 x 64 / 2 stages:
+    1.2-2x slower; 8 warps: 2x slower). The programs are short, so latency, not bandwidth, bounds them.
+    """
     if INTERPRET or device.type != "cuda":
         return 32, 32
-    return (64, 32) if dtype == torch.float32 else (64, 64)
+    return 64, 32
 
 
 def _map_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -304,6 +396,10 @@ def _num_warps(device: torch.device) -> int:
     return 4
 
 
+def _num_stages() -> int:
+    return 1
+
+
 def bra_fwd(q, k, v, lst, sel, cnt, geo, scale: float, zeros: bool):
     """Forward: returns ``out`` ``[B, H, W, heads, d_v]`` (q's dtype) and ``lse`` fp32 ``[B, H, W, heads]``."""
     B, H, W, heads, D = q.shape
@@ -317,7 +413,7 @@ def bra_fwd(q, k, v, lst, sel, cnt, geo, scale: float, zeros: bool):
         *dims, lst.shape[-1], heads, scale * LOG2E,
         ZEROS=zeros, GROUPED=geo[4] * geo[5] > 1, BLOCK_M=geo[6], BLOCK_N=geo[7],
         D=D, D_PAD=head_dim_pad(D), DV=Dv, DV_PAD=head_dim_pad(Dv), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=_num_warps(q.device), num_stages=1 if INTERPRET else 2,
+        num_warps=_num_warps(q.device), num_stages=_num_stages(),
     )
     return out, lse
 
@@ -326,28 +422,52 @@ def bra_bwd(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, geo, s
     """Backward: returns ``(dq, dk, dv)`` (contiguous, the inputs' dtypes)."""
     B, H, W, heads, D = q.shape
     Dv = v.shape[-1]
-    # Delta = rowsum(dO * O) - dLSE; LSE in log2 units (elementwise, no kernel needed)
-    delta = (do.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse * LOG2E).contiguous()
+    out, lse = out.contiguous(), lse.contiguous()  # no-ops for bra_fwd's outputs
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # written by the dQ kernel
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(ZEROS=zeros, BLOCK_M=geo[6], BLOCK_N=geo[7], D=D, D_PAD=head_dim_pad(D), DV=Dv,
                   DV_PAD=head_dim_pad(Dv), DOT_PRECISION=dot_precision(q.dtype),
-                  num_warps=_num_warps(q.device), num_stages=1 if INTERPRET else 2)
+                  num_warps=_num_warps(q.device), num_stages=_num_stages())
     grid, dims = _launch_args(q, geo, lst.shape[2])
     _bra_bwd_dq_kernel[grid](
-        q, k, v, do, lse2, delta, dq, lst, sel, cnt,
+        q, k, v, do, out, lse, dlse if dlse is not None else lse, delta, dq, lst, sel, cnt,
         *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(lst, cnt),
-        *dims, lst.shape[-1], heads, scale, scale * LOG2E, GROUPED=geo[4] * geo[5] > 1, **common,
+        *dims, lst.shape[-1], heads, scale, scale * LOG2E, HAS_DLSE=dlse is not None,
+        GROUPED=geo[4] * geo[5] > 1, **common,
     )
     grid, dims = _launch_args(q, geo, ilst.shape[2])
     _bra_bwd_dkdv_kernel[grid](
-        q, k, v, do, lse2, delta, dk, dv, ilst, isel, icnt,
+        q, k, v, do, lse, delta, dk, dv, ilst, isel, icnt,
         *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(ilst, icnt),
         *dims, ilst.shape[-1], heads, scale, scale * LOG2E, GROUPED=geo[4] * geo[5] > 1, **common,
     )
     return dq, dk, dv
+
+
+def bra_plan(idx: torch.Tensor, grid: tuple[int, int], group: tuple[int, int], inverse: bool):
+    """Plans of routing ``idx`` ``[B, Hh, P, k]`` in one launch (see ``ops/bilevel_routing_plan.py``).
+
+    Returns ``(lst, sel, cnt, ilst, isel, icnt)``: int32 ``[B, Hh, n_tiles, cap]`` lists with their
+    counts ``[B, Hh, n_tiles]``; the inverse three are empty ``[B, Hh, n_tiles, 0]`` tensors unless
+    ``inverse``. List entries past a tile's count are unspecified (the kernels never read them).
+    """
+    B, Hh, P, K = idx.shape
+    R_H, R_W = grid
+    g_H, g_W = group
+    n_gW = triton.cdiv(R_W, g_W)
+    n_tiles = triton.cdiv(R_H, g_H) * n_gW
+    cap = min(g_H * g_W * K, P)
+    idx = idx.to(torch.int32).contiguous()
+    new = functools.partial(torch.empty, device=idx.device, dtype=torch.int32)
+    lst, sel, cnt = new((B, Hh, n_tiles, cap)), new((B, Hh, n_tiles, cap)), new((B, Hh, n_tiles))
+    icap = P if inverse else 0
+    ilst, isel, icnt = new((B, Hh, n_tiles, icap)), new((B, Hh, n_tiles, icap)), new((B, Hh, n_tiles))
+    p_chunk = min(64, max(16, triton.next_power_of_2(P)))
+    _bra_plan_kernel[(n_tiles, B * Hh)](
+        idx, lst, sel, cnt, ilst, isel, icnt, P, K, R_H, R_W, g_H, g_W, n_gW, n_tiles, cap,
+        INVERSE=inverse, P_CHUNK=p_chunk, E_CHUNK=min(64, max(16, triton.next_power_of_2(g_H * g_W * K))),
+        K_CHUNK=min(32, max(16, triton.next_power_of_2(K))), num_warps=4,
+    )
+    return lst, sel, cnt, ilst, isel, icnt

@@ -12,7 +12,7 @@ import torch
 from . import _dispatch
 from ._flex import flex_attention_lse
 from ._bilevel_routing_ref import _boxed, _ref_gather, _ref_mask
-from .bilevel_routing_plan import build_plan, choose_group
+from .bilevel_routing_plan import _cdiv, choose_group
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
@@ -35,7 +35,30 @@ def _check_options(opts: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton: custom ops so that torch.compile(fullgraph=True) sees one opaque call
+# Triton. The custom ops serve torch.compile (fake impls, one opaque call each); eager calls go through
+# the autograd.Function below, which skips the custom-op dispatcher's per-call host overhead (~0.5 ms,
+# more than these kernels take at BiFormer's stage shapes) and builds the inverse plan only when a
+# gradient will be needed.
+
+
+@torch.library.custom_op("visattn::bilevel_routing_plan", mutates_args=())
+def _plan_op(
+    idx: torch.Tensor, grid: list[int], group: list[int], inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.bilevel_routing import bra_plan
+
+    return bra_plan(idx, tuple(grid), tuple(group), inverse)
+
+
+@_plan_op.register_fake
+def _(idx, grid, group, inverse):
+    B, Hh, P, K = idx.shape
+    n_tiles = _cdiv(grid[0], group[0]) * _cdiv(grid[1], group[1])
+    cap, icap = min(group[0] * group[1] * K, P), (P if inverse else 0)
+    new = idx.new_empty
+    return (new((B, Hh, n_tiles, cap), dtype=torch.int32), new((B, Hh, n_tiles, cap), dtype=torch.int32),
+            new((B, Hh, n_tiles), dtype=torch.int32), new((B, Hh, n_tiles, icap), dtype=torch.int32),
+            new((B, Hh, n_tiles, icap), dtype=torch.int32), new((B, Hh, n_tiles), dtype=torch.int32))
 
 
 @torch.library.custom_op("visattn::bilevel_routing_fwd", mutates_args=())
@@ -93,6 +116,14 @@ def _(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, geo, scale, 
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
+def _bwd_inputs(dout, dlse, out):
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()  # the kernels need a dense head dim
+    return dout, (None if dlse is None else dlse.contiguous())
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, lst, sel, cnt, ilst, isel, icnt, geo, scale, zeros = inputs
     out, lse = output
@@ -102,12 +133,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, lst, sel, cnt, ilst, isel, icnt = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    elif dout.stride(-1) != 1:
-        dout = dout.contiguous()  # the kernels need a dense head dim
-    if dlse is not None:
-        dlse = dlse.contiguous()
+    dout, dlse = _bwd_inputs(dout, dlse, out)
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, ctx.geo, ctx.scale, ctx.zeros
     )
@@ -115,6 +141,31 @@ def _backward(ctx, dout, dlse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RoutedFunction(torch.autograd.Function):
+    """Eager path: plan (inverse lists only when a gradient flows), forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, geo, scale, zeros):
+        from ..kernels.bilevel_routing import bra_fwd, bra_plan
+
+        grid, group = (geo[2], geo[3]), (geo[4], geo[5])
+        plan = bra_plan(idx, grid, group, any(ctx.needs_input_grad[:3]))
+        out, lse = bra_fwd(q, k, v, plan[0], plan[1], plan[2], tuple(geo), scale, zeros)
+        ctx.save_for_backward(q, k, v, out, lse, *plan)
+        ctx.geo, ctx.scale, ctx.zeros = tuple(geo), scale, zeros
+        ctx.set_materialize_grads(False)  # an unused LSE costs no zeros tensor in the backward
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from ..kernels.bilevel_routing import bra_bwd
+
+        q, k, v, out, lse, *plan = ctx.saved_tensors
+        dout, dlse = _bwd_inputs(dout, dlse, out)
+        dq, dk, dv = bra_bwd(dout, q, k, v, out, lse, dlse, *plan, ctx.geo, ctx.scale, ctx.zeros)
+        return dq, dk, dv, None, None, None, None
 
 
 def _dense_last(t: torch.Tensor) -> torch.Tensor:
@@ -155,22 +206,11 @@ def triton_geometry(device, dtype, region, grid, opts) -> tuple[int, ...]:
 def _run_triton(q, k, v, idx, weight, region, grid, scale, padding, opts):
     _check_options(opts)
     geo = triton_geometry(q.device, q.dtype, region, grid, opts)
-    with torch.no_grad():
-        plan = build_plan(idx, grid, (geo[4], geo[5]))
-    return _fwd_op(
-        _dense_last(q),
-        _dense_last(k),
-        _dense_last(v),
-        plan.lst,
-        plan.sel,
-        plan.cnt,
-        plan.ilst,
-        plan.isel,
-        plan.icnt,
-        list(geo),
-        scale,
-        padding == "zeros",
-    )
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    if not torch.compiler.is_compiling():
+        return _RoutedFunction.apply(q, k, v, idx, geo, scale, padding == "zeros")
+    plan = _plan_op(idx, [grid[0], grid[1]], [geo[4], geo[5]], True)
+    return _fwd_op(q, k, v, *plan, list(geo), scale, padding == "zeros")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,26 +188,53 @@ def _check_topk(topk, grid) -> int:
 # routing
 
 
-def _region_means(x: torch.Tensor, region, grid, dtype) -> torch.Tensor:
-    """Means over the valid tokens of every region, all heads' channels: ``[B, P, heads * d]``."""
+_COUNTS: dict = {}  # (H, W, region, grid, device, dtype) -> valid tokens per region
+
+
+def _region_counts(H, W, region, grid, device, dtype) -> torch.Tensor:
+    key = (H, W, tuple(region), tuple(grid), str(device), dtype)
+    hit = None if torch.compiler.is_compiling() else _COUNTS.get(key)
+    if hit is None:
+        rows = (torch.arange(grid[0], device=device) * region[0]).clamp(max=H)
+        cols = (torch.arange(grid[1], device=device) * region[1]).clamp(max=W)
+        n_rows = (rows + region[0]).clamp(max=H) - rows
+        n_cols = (cols + region[1]).clamp(max=W) - cols
+        hit = (n_rows[:, None] * n_cols[None, :]).reshape(-1, 1).to(dtype)
+        if not torch.compiler.is_compiling():
+            _COUNTS[key] = hit
+    return hit
+
+
+def _region_sums(x: torch.Tensor, region, grid, dtype) -> tuple[torch.Tensor, bool]:
+    """Sums over the valid tokens of every region, all heads' channels ``[B, P, heads * d]`` (in
+    ``dtype``, read from ``x`` without a converted copy), and whether the map needed padding."""
     B, H, W = x.shape[:3]
     C = x.shape[3] * x.shape[4]
-    xf = x.detach().to(dtype).reshape(B, H, W, C)
+    xf = x.detach().reshape(B, H, W, C)
     Hp, Wp = grid[0] * region[0], grid[1] * region[1]
-    xf = torch.nn.functional.pad(xf, (0, 0, 0, Wp - W, 0, Hp - H))
-    s = xf.view(B, grid[0], region[0], grid[1], region[1], C).sum((2, 4)).reshape(B, -1, C)
-    rows = (torch.arange(grid[0], device=x.device) * region[0]).clamp(max=H)
-    cols = (torch.arange(grid[1], device=x.device) * region[1]).clamp(max=W)
-    n_rows = (rows + region[0]).clamp(max=H) - rows
-    n_cols = (cols + region[1]).clamp(max=W) - cols
-    counts = (n_rows[:, None] * n_cols[None, :]).reshape(-1).to(dtype)
-    return s / counts[:, None]
+    padded = (Hp, Wp) != (H, W)
+    if padded:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, Wp - W, 0, Hp - H))
+    s = xf.reshape(B, grid[0], region[0], grid[1], region[1], C).sum((2, 4), dtype=dtype)
+    return s.reshape(B, grid[0] * grid[1], C), padded
+
+
+def _region_means(x: torch.Tensor, region, grid, dtype) -> torch.Tensor:
+    """Means over the valid tokens of every region, all heads' channels: ``[B, P, heads * d]``."""
+    s, padded = _region_sums(x, region, grid, dtype)
+    if not padded:
+        return s / (region[0] * region[1])
+    return s / _region_counts(x.shape[1], x.shape[2], region, grid, x.device, dtype)
 
 
 def _route(q2, k2, region, grid, topk, scale, routing, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    qm = _region_means(q2, region, grid, dtype)
-    km = _region_means(k2, region, grid, dtype)
-    logits = (qm * scale) @ km.transpose(-1, -2)  # [B, P, P]
+    if routing == "hard" and scale > 0 and (grid[0] * region[0], grid[1] * region[1]) == tuple(q2.shape[1:3]):
+        # equal token counts: sums order the regions like scaled means do (fewer kernels per call)
+        logits = _region_sums(q2, region, grid, dtype)[0] @ _region_sums(k2, region, grid, dtype)[0].mT
+    else:
+        qm = _region_means(q2, region, grid, dtype)
+        km = _region_means(k2, region, grid, dtype)
+        logits = (qm * scale) @ km.transpose(-1, -2)  # [B, P, P]
     # stable descending sort: ties go to the smaller region index; the chosen set is then sorted
     top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
     index = torch.sort(top, dim=-1).values
