@@ -22,23 +22,24 @@ PTRS.update({n: "i32" for n in ("KV_INDEX", "KV_COUNT", "TEXT_VALID", "LEVEL_PTR
                                 "Q_COUNT", "QPOS", "KPOS")})
 
 
-def _signature(fn, consts):
+def _signature(fn, consts, ptrs=None):
+    ptrs = {**PTRS, **(ptrs or {})}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in PTRS:
-            sig[n] = "*" + PTRS[n]
-        elif n.startswith(("sm_scale", "tau")):
+        elif n in ptrs:
+            sig[n] = "*" + ptrs[n]
+        elif n.startswith(("sm_scale", "tau")) or n == "scale":
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
     return sig
 
 
-def check(name, fn, consts, warps=8, stages=3) -> bool:
+def check(name, fn, consts, warps=8, stages=3, ptrs=None) -> bool:
     try:
-        k = triton.compile(ASTSource(fn, _signature(fn, consts), constexprs=consts),
+        k = triton.compile(ASTSource(fn, _signature(fn, consts, ptrs), constexprs=consts),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
         print("OK", name, k.metadata.shared, k.asm["ptx"].count(".local"))
         return True
@@ -68,7 +69,30 @@ def main() -> int:
     ok &= check("estimator", pk._sampled_scores_kernel,
                 dict(d, QB=4, SQ=32, SK=16, KC=64, SOFTMAX=True, MEAN=False, CAUSAL=True))
     ok &= check("planner", pk._pyramid_plan_kernel, dict(NK_PAD=512, NT_PAD=16, MODE=1), warps=8)
+    ok &= _rectified()
     return 0 if ok else 1
+
+
+RECT_PTRS = {n: "fp32" for n in ("QM", "KM", "VM", "DQ", "DK", "DKS", "RSCALE", "RBIAS", "PG", "DENSITY", "RFRAC")}
+RECT_PTRS.update({n: "i32" for n in ("KCNT", "RCNT", "TV")})
+RECT_PTRS.update(dict(KT="bf16", NBR="i1", FF="i1", RMAP="i8"))
+
+
+def _rectified() -> bool:
+    """Rectified SpaAttn's statistics, fused planner (Wan 480p: 256 blocks, no text; with a text column) and
+    finalize kernels, at the launchers' settings."""
+    from visattn.kernels import rectified as rk
+
+    ok = check("rect_stats", rk._rectified_stats_kernel,
+               dict(BLOCK=128, HEAD_DIM=128, HEAD_DIM_PAD=128, UPSTREAM_TAIL=False), ptrs=RECT_PTRS)
+    flags = dict(IPAR=True, EXACT_TAIL=True, GAPR=True, HAS_NBR=True, KEEP_ALL=False, KEEP_PROBS=False)
+    for name, bj, text, warps in (("rect_plan_wan", 256, False, 4), ("rect_plan_text", 256, True, 4)):
+        c = dict(flags, BLOCK=128, G=rk.PLAN_GROUP, BJ=bj, BT=16, DK=32, TL=32, HEAD_DIM=128,
+                 HEAD_DIM_PAD=128, PREC="tf32x3", HAS_TEXT_COL=text, HAS_TEXT_BLOCKS=text, HAS_FF=not text)
+        ok &= check(name, rk._rectified_plan_kernel, c, warps=warps, ptrs=RECT_PTRS)
+    ok &= check("rect_finalize", rk._rectified_finalize_kernel, dict(BV=256, BN=256), warps=4,
+                ptrs=dict(RECT_PTRS, KV_COUNT="i32", TILE_ORDER="i32"))
+    return ok
 
 
 if __name__ == "__main__":

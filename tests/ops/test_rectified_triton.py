@@ -149,6 +149,16 @@ def test_fused_planner_matches_torch_planner(case):
     assert torch.equal(full, torch.arange(full.shape[-1], device=dev, dtype=full.dtype).expand_as(full))
     for name in ("rect_scale", "rect_bias", "density", "rect_frac"):
         torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-5)
+    # the fused schedule equals a stable descending argsort of kv_count
+    order = want["kv_count"].argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    assert torch.equal(got["tile_order"], order)
+    if L:  # text keys read in place from a strided half-precision view give the same plan
+        k_half = k.half()[:, lay.text_slice].transpose(1, 2)
+        want_h = plan_tensors(*stats, k_half.float(), valid, **kw)
+        got_h = plan_tensors_triton(*stats, k_half, valid, **kw)
+        assert torch.equal(got_h["rect_map"], want_h["rect_map"])
+        assert torch.equal(got_h["kv_count"], want_h["kv_count"])
+        torch.testing.assert_close(got_h["rect_bias"], want_h["rect_bias"].float(), atol=1e-5, rtol=1e-5)
     if cfg.gapr:
         assert want["rect_map"].any()
         torch.testing.assert_close(got["rect_prob"], want["rect_prob"], atol=1e-6, rtol=1e-5)

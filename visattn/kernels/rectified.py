@@ -6,19 +6,20 @@
 - ``_rectified_stats_kernel``: one program per (visual block, batch x head) reads its q, k, v tile
   once and writes the fp32 means q̄, k̄, V̄ and the mean absolute deviations δq, δk over the valid
   tokens (``tail="exact"``) or over the zero-padded block (``tail="upstream"``, parity only).
-- ``_rectified_plan_kernel`` / ``plan_tensors_triton``: the planner, fused: the pooled GEMMs (q̄k̄ᵀ,
-  δq·k̄ᵀ, q̄·δkᵀ, q̄·k_textᵀ with its log-sum-exp) run as batched matmuls, then one program per
-  (query block, batch x head) does the IPAR softmax with ``+ln w``, a ``tl.sort`` of packed
-  (probability, index) keys, cumsum, count, neighbour row, first frame, the GAPR test, R, P ⊙ 𝒢 and
-  the index list; C = (P ⊙ 𝒢) V̄ is one more batched matmul. Up to 2047 visual blocks per row.
+- ``_rectified_plan_kernel`` / ``plan_tensors_triton``: the planner, fused: one program per (16 query
+  blocks, batch x head) computes the pooled GEMMs (q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ in tf32x3, near-fp32, and
+  q̄·k_textᵀ with an online log-sum-exp from the text keys in place), the IPAR softmax with ``+ln w``,
+  a row ``tl.sort`` of packed (probability, index) keys, cumsum, count, neighbour row, first frame, the
+  GAPR test, R, C = (P ⊙ 𝒢) V̄ and the index lists; ``_rectified_finalize_kernel`` gives density,
+  rectified fraction and the tile schedule. Up to 511 visual blocks (wider rows compile too slowly).
 - ``plan_tensors``: the same planner as device-side torch ops (any dtype; the ``"torch"`` backend,
   float64 planning, and rows longer than the fused kernel's sort).
 Attention runs on the shared block-sparse core (``kernels/block_sparse.py``) with segments and the
 ``rect_scale``/``rect_bias`` epilogue (``ops/rectified.py``); one launch covers video and text tiles.
 
 Caution/limits: Triton 3.6 (GPU) / the interpreter on CPU; fp16, bf16, fp32; head dims up to 256.
-The fused planner keeps fp32 statistics; its selection can differ from a float64 plan only at exact
-cumulative-threshold ties (rounding).
+The fused planner keeps fp32 statistics and tf32x3 GEMMs; its selection can differ from a float64 plan
+only at exact cumulative-threshold or gain/error ties (rounding).
 """
 
 from __future__ import annotations
@@ -296,120 +297,200 @@ def first_frame_blocks(mode: str | None, video_grid, block: int, order) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# fused planner: one program per (visual query block, batch x head) does the row-wise part
+# fused planner: one program per (group of G visual query blocks, batch x head), GEMMs included
 
 
-@triton.jit(do_not_specialize=["nv", "nt", "k_min", "tau", "scale"])
+@triton.jit
+def _rows_dot(A, B, a_rows, a_ok, b_rows, b_ok, stride_j, acc, DK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr):
+    """``acc + A[a_rows] @ B[b_rows]^T`` over the head dim (fp32 [rows, D] tables, unit stride on D)."""
+    for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):
+        dd = d0 + tl.arange(0, DK)
+        dm = dd < HEAD_DIM
+        a = tl.load(A + a_rows.to(tl.int64)[:, None] * stride_j + dd[None, :], mask=a_ok[:, None] & dm[None, :],
+                    other=0.0)
+        b = tl.load(B + b_rows.to(tl.int64)[:, None] * stride_j + dd[None, :], mask=b_ok[:, None] & dm[None, :],
+                    other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit(do_not_specialize=["nv", "nt", "num_video", "text_len", "scale", "tau", "k_min"])
 def _rectified_plan_kernel(
-    DOTS,
-    E1,
-    E2,
-    TXT,
-    LOGW,
-    NBR,
-    FF,
-    TV,
-    KV_INDEX,
-    KV_COUNT,
-    RSCALE,
-    PG,
-    RMAP,
-    KCNT,
-    RCNT,
-    nv,
-    nt,
-    n_heads,
-    scale,
-    tau,
-    k_min,
-    BLOCK: tl.constexpr,
-    BJ: tl.constexpr,
-    BT: tl.constexpr,
-    HAS_TEXT_COL: tl.constexpr,
-    HAS_TEXT_BLOCKS: tl.constexpr,
-    GAPR: tl.constexpr,
-    HAS_NBR: tl.constexpr,
-    HAS_FF: tl.constexpr,
-    KEEP_ALL: tl.constexpr,
+    QM, KM, VM, DQ, DKS, KT, TV, NBR, FF,
+    KV_INDEX, KV_COUNT, RSCALE, RBIAS, RMAP, PG, KCNT, RCNT,
+    stride_sb, stride_sh, stride_sj, stride_tb, stride_th, stride_tn,
+    nv, nt, n_heads, num_video, text_len, scale, tau, k_min,
+    BLOCK: tl.constexpr, G: tl.constexpr, BJ: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr,
+    TL: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr,
+    HAS_TEXT_COL: tl.constexpr, HAS_TEXT_BLOCKS: tl.constexpr, IPAR: tl.constexpr, EXACT_TAIL: tl.constexpr,
+    GAPR: tl.constexpr, HAS_NBR: tl.constexpr, HAS_FF: tl.constexpr, KEEP_ALL: tl.constexpr,
+    KEEP_PROBS: tl.constexpr,
 ):
-    """Row I of (b, h): IPAR softmax (``+ln w``, text merged from its log-sum-exp), selection by a sort
-    of packed (probability, index) keys, neighbours, first frame, the GAPR test, R, P ⊙ 𝒢 and the
-    index list (kept visual ascending, valid text, then the rest so every slot is written once)."""
-    i = tl.program_id(0)
+    """Rows I0..I0+G-1 of (b, h): the pooled GEMMs (q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ, q̄·k_textᵀ with an online
+    log-sum-exp), the IPAR softmax (``+ln w``, text merged into one column), selection by a row sort
+    of packed (probability, index) keys, neighbours, first frame, the GAPR test, R, C = (P ⊙ 𝒢)V̄ and
+    the index lists (kept visual ascending, valid text, then the rest so every slot is written once).
+    Programs past the visual groups write the text query tiles (every block, R = 1, C = 0)."""
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // n_heads
-    cols = tl.arange(0, BJ)
-    cm = cols < nv
-    row = (bh.to(tl.int64) * nv + i) * nv
-    d = tl.load(DOTS + row + cols, mask=cm, other=0.0)
-    lw = tl.load(LOGW + cols, mask=cm, other=0.0)
-    logit = tl.where(cm, d * scale + lw, float("-inf"))
-    m = tl.max(logit, 0)
-    if HAS_TEXT_COL:
-        t_lse = tl.load(TXT + bh.to(tl.int64) * nv + i)
-        m = tl.maximum(m, t_lse)
-    e = tl.where(cm, tl.exp(logit - m), 0.0)
-    z = tl.sum(e, 0)
-    if HAS_TEXT_COL:
-        et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
-        z += et
-        p_col = tl.where(cols == nv, et / z, e / z)
-        ncol = nv + 1
-    else:
-        p_col = e / z
-        ncol = nv
-    p = e / z
-    valid_col = cols < ncol
-    # descending by probability, ties: lower index first; probabilities >= 0 sort like their bits
-    bits = p_col.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(valid_col, (bits << 32) | (2147483647 - cols).to(tl.int64), -1)
-    sk = tl.sort(key, descending=True)
-    sp = tl.where(sk >= 0, (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-    cs = tl.cumsum(sp, 0)
-    if KEEP_ALL:
-        count = ncol
-    else:
-        n_le = tl.sum(((cs <= tau) & valid_col).to(tl.int32), 0)
-        count = tl.minimum(tl.maximum(n_le + 1, k_min), ncol)
-    thr = tl.sum(tl.where(cols == count - 1, sk, 0), 0)  # the count-th largest key
-    kept = cm & (key >= thr)
-    if HAS_NBR:
-        kept = kept | (tl.load(NBR + i.to(tl.int64) * nv + cols, mask=cm, other=0) != 0)
-    if HAS_FF:
-        ffi = tl.load(FF + i)
-        kept = kept | ((ffi != 0) & (tl.load(FF + cols, mask=cm, other=0) != 0))
-    kept = kept & cm
-    if GAPR:
-        err = tl.abs(tl.load(E1 + row + cols, mask=cm, other=0.0)) + tl.abs(
-            tl.load(E2 + row + cols, mask=cm, other=0.0)
-        )
-        rect = cm & (kept == 0) & (tl.abs(d) > err)
-    else:
-        rect = cols < 0
-    pg = tl.where(rect, p, 0.0)
-    tl.store(PG + row + cols, pg, mask=cm)
-    tl.store(RMAP + row + cols, rect.to(tl.int8), mask=cm)
+    n_groups = (nv + G - 1) // G
     n_tiles = nv + nt
-    tile = bh.to(tl.int64) * n_tiles + i
-    tl.store(RSCALE + tile, 1.0 - tl.sum(pg, 0))
-    ki = kept.to(tl.int32)
-    nkept = tl.sum(ki, 0)
     ntv = 0
     if HAS_TEXT_BLOCKS:
         ntv = (tl.load(TV + b) + BLOCK - 1) // BLOCK
-    notk = (cm & (kept == 0)).to(tl.int32)
-    pos = tl.where(kept, tl.cumsum(ki, 0) - 1, nkept + ntv + tl.cumsum(notk, 0) - 1)
-    base = KV_INDEX + tile * (nv + nt)
-    tl.store(base + pos, cols, mask=cm)
-    if HAS_TEXT_BLOCKS:
-        tc = tl.arange(0, BT)
-        tl.store(base + tl.where(tc < ntv, nkept + tc, nv + tc), nv + tc, mask=tc < nt)
-    tl.store(KV_COUNT + tile, nkept + ntv)
-    tl.store(KCNT + bh.to(tl.int64) * nv + i, nkept)
-    tl.store(RCNT + bh.to(tl.int64) * nv + i, tl.sum(rect.to(tl.int32), 0))
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    dmask = offs_d < HEAD_DIM
+    if pid >= n_groups:  # a text query tile
+        ttile = bh.to(tl.int64) * n_tiles + nv + (pid - n_groups)
+        for c0 in range(0, n_tiles, BJ):
+            cc = c0 + tl.arange(0, BJ)
+            tl.store(KV_INDEX + ttile * n_tiles + cc, cc, mask=cc < n_tiles)
+        tl.store(KV_COUNT + ttile, nv + ntv)
+        tl.store(RSCALE + ttile, 1.0)
+        tl.store(RBIAS + ttile * HEAD_DIM + offs_d, tl.zeros([HEAD_DIM_PAD], tl.float32), mask=dmask)
+    else:
+        rows = pid * G + tl.arange(0, G)
+        r_ok = rows < nv
+        cols = tl.arange(0, BJ)
+        cm = cols < nv
+        sbase = bh.to(tl.int64) // n_heads * stride_sb + bh.to(tl.int64) % n_heads * stride_sh
+        d = _rows_dot(QM + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([G, BJ], tl.float32),
+                      DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
+        lw = 0.0
+        if IPAR:
+            w = tl.zeros([BJ], tl.int32) + BLOCK
+            if EXACT_TAIL:  # the last block's true token count
+                w = tl.where(cols == nv - 1, num_video - (nv - 1) * BLOCK, w)
+            lw = tl.log(w.to(tl.float32))[None, :]
+        logit = tl.where(cm[None, :], d * scale + lw, float("-inf"))
+        m = tl.max(logit, 1)
+        if HAS_TEXT_COL:  # log-sum-exp of the valid text logits of each row, online over text chunks
+            tvalid = tl.minimum(tl.maximum(tl.load(TV + b), 0), text_len)
+            t_m = tl.full([G], float("-inf"), tl.float32)
+            t_l = tl.zeros([G], tl.float32)
+            kt_base = KT + bh.to(tl.int64) // n_heads * stride_tb + bh.to(tl.int64) % n_heads * stride_th
+            for t0 in range(0, tvalid, TL):
+                tt = t0 + tl.arange(0, TL)
+                t_ok = tt < tvalid
+                st = tl.zeros([G, TL], tl.float32)
+                for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):
+                    dd = d0 + tl.arange(0, DK)
+                    dm = dd < HEAD_DIM
+                    qa = tl.load(QM + sbase + rows.to(tl.int64)[:, None] * stride_sj + dd[None, :],
+                                 mask=r_ok[:, None] & dm[None, :], other=0.0)
+                    kt = tl.load(kt_base + tt.to(tl.int64)[:, None] * stride_tn + dd[None, :],
+                                 mask=t_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                    st = tl.dot(qa, tl.trans(kt), st, input_precision=PREC)
+                st = tl.where(t_ok[None, :], st * scale, float("-inf"))
+                m_new = tl.maximum(t_m, tl.max(st, 1))
+                t_l = t_l * tl.exp(t_m - m_new) + tl.sum(tl.exp(st - m_new[:, None]), 1)
+                t_m = m_new
+            t_lse = tl.where(t_l > 0, t_m + tl.log(t_l), float("-inf"))
+            m = tl.maximum(m, t_lse)
+        e = tl.where(cm[None, :], tl.exp(logit - m[:, None]), 0.0)
+        z = tl.sum(e, 1)
+        if HAS_TEXT_COL:
+            et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
+            z += et
+            p_col = tl.where(cols[None, :] == nv, (et / z)[:, None], e / z[:, None])
+            ncol = nv + 1
+        else:
+            p_col = e / z[:, None]
+            ncol = nv
+        p = e / z[:, None]
+        valid_col = (cols < ncol)[None, :]
+        # descending by probability, ties: lower index first; probabilities >= 0 sort like their bits
+        bits = p_col.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(valid_col, (bits << 32) | (2147483647 - cols).to(tl.int64)[None, :], -1)
+        sk = tl.sort(key, dim=1, descending=True)
+        sp = tl.where(sk >= 0, (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+        if KEEP_ALL:
+            count = tl.full([G], 0, tl.int32) + ncol
+        else:
+            cs = tl.cumsum(sp, 1)
+            n_le = tl.sum(((cs <= tau) & valid_col).to(tl.int32), 1)
+            count = tl.minimum(tl.maximum(n_le + 1, k_min), ncol)
+        thr = tl.sum(tl.where(cols[None, :] == count[:, None] - 1, sk, 0), 1)  # the count-th largest key
+        kept = cm[None, :] & (key >= thr[:, None])
+        rc = r_ok[:, None] & cm[None, :]
+        pair = rows.to(tl.int64)[:, None] * nv + cols[None, :]
+        if HAS_NBR:
+            kept = kept | (tl.load(NBR + pair, mask=rc, other=0) != 0)
+        if HAS_FF:
+            ffi = tl.load(FF + rows, mask=r_ok, other=0) != 0
+            ffj = tl.load(FF + cols, mask=cm, other=0) != 0
+            kept = kept | (ffi[:, None] & ffj[None, :])
+        kept = kept & cm[None, :]
+        sq = bh.to(tl.int64) * nv * nv
+        tile = bh.to(tl.int64) * n_tiles + rows
+        if GAPR:
+            e1 = _rows_dot(DQ + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([G, BJ], tl.float32),
+                           DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
+            e2 = _rows_dot(QM + sbase, DKS + sbase, rows, r_ok, cols, cm, stride_sj,
+                           tl.zeros([G, BJ], tl.float32), DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
+            rect = cm[None, :] & (kept == 0) & (tl.abs(d) > tl.abs(e1) + tl.abs(e2))
+            pg = tl.where(rect, p, 0.0)
+            if KEEP_PROBS:
+                tl.store(PG + sq + pair, pg, mask=rc)
+            for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):  # C = (P ⊙ 𝒢) V̄, a [G, BJ] x [BJ, DK] GEMM per chunk
+                dd = d0 + tl.arange(0, DK)
+                dm = dd < HEAD_DIM
+                vb = tl.load(VM + sbase + cols.to(tl.int64)[:, None] * stride_sj + dd[None, :],
+                             mask=cm[:, None] & dm[None, :], other=0.0)
+                c = tl.dot(pg, vb, input_precision=PREC)
+                tl.store(RBIAS + tile[:, None] * HEAD_DIM + dd[None, :], c, mask=r_ok[:, None] & dm[None, :])
+            tl.store(RSCALE + tile, 1.0 - tl.sum(pg, 1), mask=r_ok)
+        else:
+            rect = kept & (kept == 0)
+            tl.store(RBIAS + tile[:, None] * HEAD_DIM + offs_d[None, :], tl.zeros([G, HEAD_DIM_PAD], tl.float32),
+                     mask=r_ok[:, None] & dmask[None, :])
+            tl.store(RSCALE + tile, tl.full([G], 1.0, tl.float32), mask=r_ok)
+        tl.store(RMAP + sq + pair, rect.to(tl.int8), mask=rc)
+        ki = kept.to(tl.int32)
+        nkept = tl.sum(ki, 1)
+        notk = (cm[None, :] & (kept == 0)).to(tl.int32)
+        pos = tl.where(kept, tl.cumsum(ki, 1) - 1, (nkept + ntv)[:, None] + tl.cumsum(notk, 1) - 1)
+        base = KV_INDEX + tile * n_tiles
+        tl.store(base[:, None] + pos, tl.zeros([G, BJ], tl.int32) + cols[None, :], mask=rc)
+        if HAS_TEXT_BLOCKS:
+            tc = tl.arange(0, BT)
+            tpos = tl.where(tc[None, :] < ntv, nkept[:, None] + tc[None, :], nv + tc[None, :])
+            tl.store(base[:, None] + tpos, tl.zeros([G, BT], tl.int32) + nv + tc[None, :],
+                     mask=r_ok[:, None] & (tc < nt)[None, :])
+        tl.store(KV_COUNT + tile, nkept + ntv, mask=r_ok)
+        tl.store(KCNT + bh.to(tl.int64) * nv + rows, nkept, mask=r_ok)
+        tl.store(RCNT + bh.to(tl.int64) * nv + rows, tl.sum(rect.to(tl.int32), 1), mask=r_ok)
 
 
-MAX_FUSED_BLOCKS = 2047  # tl.sort over next_pow2(n_v + 1) <= 2048 columns per program
+@triton.jit(do_not_specialize=["nv", "n_tiles"])
+def _rectified_finalize_kernel(KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER, nv, n_tiles,
+                               BV: tl.constexpr, BN: tl.constexpr):
+    """Per (b, h): kept density, rectified fraction of dropped pairs and the kernel's tile schedule
+    (tiles by decreasing kv_count, ties by index: a stable descending argsort, as one packed sort)."""
+    bh = tl.program_id(0).to(tl.int64)
+    kept = tl.zeros([BV], tl.int32)
+    rect = tl.zeros([BV], tl.int32)
+    for c0 in range(0, nv, BV):
+        cv = c0 + tl.arange(0, BV)
+        kept += tl.load(KCNT + bh * nv + cv, mask=cv < nv, other=0)
+        rect += tl.load(RCNT + bh * nv + cv, mask=cv < nv, other=0)
+    nk = tl.sum(kept, 0)
+    pairs = nv * nv
+    tl.store(DENSITY + bh, nk.to(tl.float32) / pairs.to(tl.float32))
+    tl.store(RFRAC + bh, tl.sum(rect, 0).to(tl.float32) / tl.maximum(pairs - nk, 1).to(tl.float32))
+    t = tl.arange(0, BN)
+    cnt = tl.load(KV_COUNT + bh * n_tiles + t, mask=t < n_tiles, other=0)
+    key = tl.where(t < n_tiles, (cnt.to(tl.int64) << 32) | (BN - 1 - t).to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    tl.store(TILE_ORDER + bh * n_tiles + t, (BN - 1 - (key & 0xFFFFFFFF)).to(tl.int32), mask=t < n_tiles)
+
+
+# rows of next_pow2(n_v + 1) <= 512 columns: wider [16, 1024] sorts took minutes to compile (Triton 3.9,
+# sm_90); larger plans (e.g. 720p video, 593+ blocks) use the device-side torch planner, a small share there
+MAX_FUSED_BLOCKS = 511
+PLAN_GROUP = 16  # query-block rows per planner program (tl.dot needs M >= 16)
 
 
 def plan_tensors_triton(
@@ -430,79 +511,94 @@ def plan_tensors_triton(
     first_frame,
     keep_probs: bool,
 ):
-    """:func:`plan_tensors` with the row-wise part fused in one Triton kernel (fp32 statistics)."""
+    """:func:`plan_tensors` (``n_v <= MAX_FUSED_BLOCKS``) as two Triton launches (the planner with its
+    GEMMs, then per-head totals and the tile schedule); fp32 statistics ``[B, H, n_v, D]`` with one
+    shared layout. ``k_text`` is a ``[B, H, L, D]`` view of the text keys in any float dtype (read in
+    place). Also returns ``tile_order`` (int32 ``[B, H, n_tiles]``)."""
     B, H, nv, D = qm.shape
     dev = qm.device
     nt = n_text_blocks
     ncols = nv + nt
-    kmT = km.transpose(-1, -2)
-    dots = qm @ kmT
-    e1 = dq @ kmT if config.gapr else dots
-    e2 = qm @ dk.transpose(-1, -2) if config.gapr else dots
-    w = block_weights(nv, block, num_video, config.tail == "exact", torch.float32, dev)
-    logw = w.log() if config.ipar else torch.zeros_like(w)
+    stats = [qm, km, vm, dq, dk]
+    if any(s.stride() != qm.stride() or s.dtype != torch.float32 for s in stats) or qm.stride(-1) != 1:
+        stats = [s.float().contiguous() for s in stats]
     has_text_col = k_text is not None and config.ipar
-    txt = dots
-    if has_text_col:
-        st = (qm @ k_text.transpose(-1, -2)) * scale  # [B, H, n_v, L]
-        tmask = torch.arange(k_text.shape[2], device=dev)[None, :] < text_valid[:, None]
-        txt = st.masked_fill(~tmask[:, None, None, :], float("-inf")).logsumexp(-1)
-    tv = text_valid if (nt and text_valid is not None) else torch.zeros(B, dtype=torch.int32, device=dev)
+    if k_text is None:
+        k_text, strides_t = qm, (0, 0, 0)
+    else:
+        k_text = k_text if k_text.stride(-1) == 1 else k_text.contiguous()
+        strides_t = (k_text.stride(0), k_text.stride(1), k_text.stride(2))
+    tv = text_valid if text_valid is not None else torch.zeros(1, dtype=torch.int32, device=dev)
     kv_index = torch.empty((B, H, ncols, ncols), dtype=torch.int32, device=dev)
     kv_count = torch.empty((B, H, ncols), dtype=torch.int32, device=dev)
-    rect_scale = torch.ones((B, H, ncols), dtype=torch.float32, device=dev)
-    pg = torch.empty((B, H, nv, nv), dtype=torch.float32, device=dev)
+    rect_scale = torch.empty((B, H, ncols), dtype=torch.float32, device=dev)
+    rect_bias = torch.empty((B, H, ncols, D), dtype=torch.float32, device=dev)
     rmap = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev)
-    kcnt = torch.empty((B, H, nv), dtype=torch.int32, device=dev)
-    rcnt = torch.empty((B, H, nv), dtype=torch.int32, device=dev)
-    if nt:  # text query tiles: every video block and the valid text blocks, R = 1, C = 0
-        kv_index[:, :, nv:] = torch.arange(ncols, dtype=torch.int32, device=dev)
-        kv_count[:, :, nv:] = (nv + (tv + block - 1) // block)[:, None, None].to(torch.int32)
-    dummy = kcnt
-    _rectified_plan_kernel[(nv, B * H)](
-        dots,
-        e1,
-        e2,
-        txt,
-        logw,
-        nbr if nbr is not None else dummy,
-        first_frame if first_frame is not None else dummy,
+    counts = torch.empty((2, B, H, nv), dtype=torch.int32, device=dev)  # kept / rectified per row
+    totals = torch.empty((2, B, H), dtype=torch.float32, device=dev)  # density / rectified fraction
+    tile_order = torch.empty((B, H, ncols), dtype=torch.int32, device=dev)
+    keep = keep_probs and config.gapr
+    pg = torch.empty((B, H, nv, nv), dtype=torch.float32, device=dev) if keep else rmap
+    bj = max(16, triton.next_power_of_2(nv + int(has_text_col)))
+    dpad = head_dim_pad(D)
+    _rectified_plan_kernel[(triton.cdiv(nv, PLAN_GROUP) + nt, B * H)](
+        *stats,
+        k_text,
         tv,
+        nbr if nbr is not None else kv_count,
+        first_frame if first_frame is not None else kv_count,
         kv_index,
         kv_count,
         rect_scale,
-        pg,
+        rect_bias,
         rmap,
-        kcnt,
-        rcnt,
+        pg,
+        counts[0],
+        counts[1],
+        stats[0].stride(0),
+        stats[0].stride(1),
+        stats[0].stride(2),
+        *strides_t,
         nv,
         nt,
         H,
+        num_video,
+        0 if not has_text_col else k_text.shape[2],
         scale,
         float(config.cum_threshold),
         int((1.0 - config.drop_rate) * nv),
         BLOCK=block,
-        BJ=triton.next_power_of_2(nv + 1),
-        BT=triton.next_power_of_2(max(nt, 1)),
+        G=PLAN_GROUP,
+        BJ=bj,
+        BT=max(16, triton.next_power_of_2(max(nt, 1))),
+        DK=min(dpad, 32),
+        TL=32,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=dpad,
+        PREC="tf32x3",  # ~fp32 accuracy on tensor cores (the interpreter computes in fp32)
         HAS_TEXT_COL=has_text_col,
         HAS_TEXT_BLOCKS=nt > 0,
+        IPAR=config.ipar,
+        EXACT_TAIL=config.tail == "exact",
         GAPR=config.gapr,
         HAS_NBR=nbr is not None,
         HAS_FF=first_frame is not None,
         KEEP_ALL=config.cum_threshold >= 1.0,
-        num_warps=4 if nv < 512 else 8,
+        KEEP_PROBS=keep,
+        num_warps=4 if bj <= 256 else 8,
     )
-    rect_bias = torch.zeros((B, H, ncols, D), dtype=torch.float32, device=dev)
-    if config.gapr:
-        rect_bias[:, :, :nv].copy_(pg @ vm)
-    dropped = nv * nv - kcnt.sum(-1)
+    _rectified_finalize_kernel[(B * H,)](
+        counts[0], counts[1], kv_count, totals[0], totals[1], tile_order, nv, ncols,
+        BV=min(1024, max(16, triton.next_power_of_2(nv))), BN=max(16, triton.next_power_of_2(ncols)),
+    )
     return dict(
         kv_index=kv_index,
         kv_count=kv_count,
         rect_scale=rect_scale,
         rect_bias=rect_bias,
-        rect_map=rmap.bool(),
-        rect_prob=pg if keep_probs and config.gapr else None,
-        density=kcnt.sum(-1).float() / (nv * nv),
-        rect_frac=rcnt.sum(-1).float() / dropped.clamp(min=1).float(),
+        rect_map=rmap.view(torch.bool),
+        rect_prob=pg if keep else None,
+        density=totals[0],
+        rect_frac=totals[1],
+        tile_order=tile_order,
     )

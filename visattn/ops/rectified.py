@@ -185,14 +185,15 @@ def rectified_plan(
                 upstream,
                 sdt,
             )
-        k_text = tv = None
-        if lay.text_len:
-            k_text = _bhnd(k, layout)[:, :, lay.text_slice].to(sdt)
-            tv = lay.valid_text(B, q.device)
-        nbr, ff = _tables(lay, config, q.device)
         fused = (
             sdt == torch.float32 and _use_triton(q, backend) and lay.num_video_blocks(b) <= MAX_FUSED_BLOCKS
         )
+        k_text = tv = None
+        if lay.text_len:
+            k_text = _bhnd(k, layout)[:, :, lay.text_slice]  # [B, H, L, D] view; the fused planner reads it
+            k_text = k_text if fused else k_text.to(sdt)
+            tv = lay.valid_text(B, q.device)
+        nbr, ff = _tables(lay, config, q.device)
         t = (plan_tensors_triton if fused else plan_tensors)(
             *stats,
             k_text,
@@ -219,7 +220,7 @@ def rectified_plan(
         config,
         t["rect_prob"],
         None if torch.compiler.is_compiling() else _v_key(v),
-        t["kv_count"].argsort(dim=-1, descending=True, stable=True).to(torch.int32) if fused else None,
+        t.get("tile_order"),
     )
 
 
