@@ -69,8 +69,13 @@ def full_contract() -> bool:
     return os.environ.get("VISATTN_FULL_CONTRACT", "") == "1" or torch.cuda.is_available()
 
 
+# Names that match LARGE_FILTERS but are the smallest (and cheap) member of their family, so the full
+# contract still reaches that family on CPU: nat_isotropic_small has 22M parameters and 64 tokens at 128.
+CPU_FULL_CONTRACT: tuple[str, ...] = ("nat_isotropic_small",)
+
+
 def is_large(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in LARGE_FILTERS)
+    return name not in CPU_FULL_CONTRACT and any(fnmatch.fnmatch(name, p) for p in LARGE_FILTERS)
 
 
 def all_models() -> list[str]:

@@ -1,8 +1,8 @@
 """timm-registered backbone families; importing this package registers them with timm.
 
-Each family lives in one module named after it (``nat``, ``dinat_s``, ``biformer``, ``agent_*``); the
-module's ``@register_model`` entrypoints run on import, so ``import visattn`` is all a user needs
-before ``timm.create_model("nat_tiny")``. Family modules import only torch, timm and visattn's layers
+Each family lives in one module named after it (``nat``, ``dinat_s``, ``nat_isotropic``, ``biformer``,
+``agent_*``); the module's ``@register_model`` entrypoints run on import, so ``import visattn`` is all
+a user needs before ``timm.create_model("nat_tiny")``. Family modules import only torch, timm and visattn's layers
 and ops: no Triton, no diffusers, no CUDA initialisation (specs/timm.md §2).
 """
 
@@ -14,7 +14,7 @@ import timm
 
 # Family modules, in registration order. A family adds its module name here and nowhere else.
 FAMILY_MODULES: tuple[str, ...] = (
-    "nat", "dinat_s", "biformer", "agent_deit", "agent_pvt", "agent_swin", "agent_cswin",
+    "nat", "dinat_s", "nat_isotropic", "biformer", "agent_deit", "agent_pvt", "agent_swin", "agent_cswin",
 )
 
 for _name in FAMILY_MODULES:

@@ -1,8 +1,9 @@
-"""Variant and pretrained-cfg tables of the neighborhood-attention families (``nat``, ``dinat_s``).
+"""Variant and pretrained-cfg tables of the neighborhood-attention families (``nat``, ``dinat_s``,
+``nat_isotropic``).
 
 Kept out of the model files because the NAT/DiNAT zoo has more than 12 entries (STYLE.md §2).
 Architectures and checkpoints: ``SHI-Labs/Neighborhood-Attention-Transformer``
-(``classification/{nat,dinat,dinats}.py``, ``classification/{NAT,DiNAT}.md``); specs/neighborhood.md §5.2.
+(``classification/{nat,dinat,dinats,isotropic}.py``, ``classification/{NAT,DiNAT}.md``); specs/neighborhood.md §5.2.
 Drop-path rates are upstream's training values; builders default to 0 (timm convention) and the
 recipes in ``configs/`` set them.
 """
@@ -118,3 +119,17 @@ for _c in NAT_CFGS.values():
     _c.setdefault("first_conv", "patch_embed.proj.0")
 for _c in (*NAT_CFGS.values(), *DINAT_S_CFGS.values()):
     _c["classifier"] = "head.fc"
+
+# isotropic (``classification/isotropic.py``): patch 16, depth 12, kernel 7; DiNAT alternates dilation 1 / 2
+_ISO_S = dict(embed_dim=384, depth=12, num_heads=12)
+_ISO_B = dict(embed_dim=768, depth=12, num_heads=24)
+ISO_VARIANTS: dict[str, dict] = {
+    "nat_isotropic_small": dict(_ISO_S),
+    "nat_isotropic_base": dict(_ISO_B),
+    "dinat_isotropic_small": dict(_ISO_S, dilation=2),
+    "dinat_isotropic_base": dict(_ISO_B, dilation=2),
+}
+_ISO = dict(first_conv="patch_embed.proj", classifier="head", pool_size=(14, 14))
+ISO_CFGS: dict[str, dict] = {
+    f"{name}.in1k": _dinat(f"isotropic/{name}_in1k_224.pth", **_ISO) for name in ISO_VARIANTS
+}

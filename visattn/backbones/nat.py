@@ -139,15 +139,20 @@ def check_nat_args(depths, num_heads, dilations, ints: dict, floats: dict, layer
     if not isinstance(dilations, (tuple, list)) or len(dilations) != n:
         raise TypeError(f"expected dilations to be one tuple per stage ({n}), got {dilations=}")
     dilations = tuple(_check_tuple(dl, depths[i], f"dilations[{i}]") for i, dl in enumerate(dilations))
+    check_scalar_args(ints, floats)
+    if layer_scale is not None and (isinstance(layer_scale, bool) or not isinstance(layer_scale, (int, float))):
+        raise TypeError(f"expected layer_scale to be None or a float, got {layer_scale=}")
+    return depths, num_heads, dilations
+
+
+def check_scalar_args(ints: dict, floats: dict) -> None:
+    """``TypeError`` naming the argument for a non-int in ``ints`` or a non-number in ``floats``."""
     for name, v in ints.items():
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"expected {name} to be an int, got {name}={v!r}")
     for name, v in floats.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"expected {name} to be a float, got {name}={v!r}")
-    if layer_scale is not None and (isinstance(layer_scale, bool) or not isinstance(layer_scale, (int, float))):
-        raise TypeError(f"expected layer_scale to be None or a float, got {layer_scale=}")
-    return depths, num_heads, dilations
 
 
 class HierarchicalNA(nn.Module):
