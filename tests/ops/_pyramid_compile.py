@@ -79,8 +79,8 @@ RECT_PTRS.update(dict(KT="bf16", NBR="i1", FF="i1", RMAP="i8"))
 
 
 def _rectified() -> bool:
-    """Rectified SpaAttn's statistics, fused planner (Wan 480p: 256 blocks, no text; with a text column) and
-    finalize kernels, at the launchers' settings."""
+    """Rectified SpaAttn's statistics, fused planner (Wan 480p: 256 blocks, no text; with a text column),
+    finalize and row-planner kernels, at the launchers' settings."""
     from visattn.kernels import rectified as rk
 
     ok = check("rect_stats", rk._rectified_stats_kernel,
@@ -92,6 +92,16 @@ def _rectified() -> bool:
         ok &= check(name, rk._rectified_plan_kernel, c, warps=warps, ptrs=RECT_PTRS)
     ok &= check("rect_finalize", rk._rectified_finalize_kernel, dict(BV=256, BN=256), warps=4,
                 ptrs=dict(RECT_PTRS, KV_COUNT="i32", TILE_ORDER="i32"))
+    # the row planner for 512-2047 visual blocks (HunyuanVideo 720p: 929), at its widest sorts
+    from visattn.kernels import _rectified_rows as rr
+
+    row_ptrs = {n: "fp32" for n in ("DOTS", "E1", "E2", "TXT", "LOGW", "RSCALE", "PG")}
+    row_ptrs.update({n: "i32" for n in ("TV", "KV_INDEX", "KV_COUNT", "KCNT", "RCNT", "NBR", "FF")})
+    row_ptrs.update(RMAP="i8")
+    for bj in (1024, 2048):
+        c = dict(BLOCK=128, BJ=bj, BT=16, HAS_TEXT_COL=True, HAS_TEXT_BLOCKS=True, GAPR=True, HAS_NBR=True,
+                 HAS_FF=False, KEEP_ALL=False)
+        ok &= check(f"rect_rows_{bj}", rr._rectified_row_plan_kernel, c, warps=8, ptrs=row_ptrs)
     return ok
 
 

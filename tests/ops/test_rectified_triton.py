@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from visattn.kernels._rectified_rows import plan_tensors_rows
 from visattn.kernels.rectified import block_stats_torch, block_stats_triton, plan_tensors, plan_tensors_triton
 from visattn.ops import (
     RectifiedConfig,
@@ -108,8 +109,10 @@ PLAN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("planner", ["fused", "rows"])
 @pytest.mark.parametrize("case", range(len(PLAN_CASES)))
-def test_fused_planner_matches_torch_planner(case):
+def test_triton_planners_match_torch_planner(case, planner):
+    """The fused planner (<= 511 visual blocks) and the row planner (longer rows) against the torch one."""
     from visattn.ops.rectified import _tables
 
     grid, L, tv, cfg = PLAN_CASES[case]
@@ -139,7 +142,7 @@ def test_fused_planner_matches_torch_planner(case):
         keep_probs=True,
     )
     want = plan_tensors(*stats, k_text, valid, **kw)
-    got = plan_tensors_triton(*stats, k_text, valid, **kw)
+    got = (plan_tensors_triton if planner == "fused" else plan_tensors_rows)(*stats, k_text, valid, **kw)
     for name in ("kv_count", "rect_map"):
         assert torch.equal(got[name], want[name]), name
     cnt = want["kv_count"]
@@ -149,10 +152,10 @@ def test_fused_planner_matches_torch_planner(case):
     assert torch.equal(full, torch.arange(full.shape[-1], device=dev, dtype=full.dtype).expand_as(full))
     for name in ("rect_scale", "rect_bias", "density", "rect_frac"):
         torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-5)
-    # the fused schedule equals a stable descending argsort of kv_count
+    # the schedule equals a stable descending argsort of kv_count
     order = want["kv_count"].argsort(dim=-1, descending=True, stable=True).to(torch.int32)
     assert torch.equal(got["tile_order"], order)
-    if L:  # text keys read in place from a strided half-precision view give the same plan
+    if L and planner == "fused":  # text keys read in place from a strided half-precision view: same plan
         k_half = k.half()[:, lay.text_slice].transpose(1, 2)
         want_h = plan_tensors(*stats, k_half.float(), valid, **kw)
         got_h = plan_tensors_triton(*stats, k_half, valid, **kw)
@@ -177,3 +180,28 @@ def test_compile_fullgraph_with_plan():
         backend="aot_eager",
     )
     torch.testing.assert_close(fn(q, k, v), eager)
+
+
+@pytest.mark.parametrize("limits", [(511, 2047), (4, 2047), (4, 8)])
+def test_plan_picks_planner_by_row_length(monkeypatch, limits):
+    """rectified_plan plans rows of n_v visual blocks with the fused planner (n_v <= 511), the row planner
+    (<= 2047) or torch; limits lowered here so 11 blocks reach each tier. Same plan from every tier."""
+    import visattn.kernels._rectified_rows as rows_mod
+    import visattn.kernels.rectified as rect_mod
+
+    calls = []
+    for mod, name in ((rect_mod, "plan_tensors_triton"), (rows_mod, "plan_tensors_rows"), (rect_mod, "plan_tensors")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **kw: (calls.append(_n), _fn(*a, **kw))[1])
+    monkeypatch.setattr(rect_mod, "MAX_FUSED_BLOCKS", limits[0])
+    monkeypatch.setattr(rows_mod, "MAX_ROW_BLOCKS", limits[1])
+    dev = _dev()
+    lay = SequenceLayout((3, 6, 9), text_len=9, text_valid_len=torch.tensor([9, 4], device=dev))
+    assert lay.num_video_blocks(16) == 11
+    q, k, v = (_structured(lay, 2, 2, 16).to(dev) for _ in range(3))
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=CFG, backend="triton")
+    want = {(511, 2047): "plan_tensors_triton", (4, 2047): "plan_tensors_rows", (4, 8): "plan_tensors"}[limits]
+    assert calls == [want]
+    ref = rectified_plan(q, k, v, seq_layout=lay, config=CFG, backend="torch")
+    assert torch.equal(plan.kv_count, ref.kv_count)
+    assert torch.equal(plan.rect_map, ref.rect_map)

@@ -11,9 +11,10 @@
   q̄·k_textᵀ with an online log-sum-exp from the text keys in place), the IPAR softmax with ``+ln w``,
   a row ``tl.sort`` of packed (probability, index) keys, cumsum, count, neighbour row, first frame, the
   GAPR test, R, C = (P ⊙ 𝒢) V̄ and the index lists; ``_rectified_finalize_kernel`` gives density,
-  rectified fraction and the tile schedule. Up to 511 visual blocks (wider rows compile too slowly).
+  rectified fraction and the tile schedule. Up to 511 visual blocks (wider rows compile too slowly);
+  ``kernels/_rectified_rows.py`` plans rows of up to 2047 blocks with one program per row.
 - ``plan_tensors``: the same planner as device-side torch ops (any dtype; the ``"torch"`` backend,
-  float64 planning, and rows longer than the fused kernel's sort).
+  float64 planning, and rows longer than 2047 blocks).
 Attention runs on the shared block-sparse core (``kernels/block_sparse.py``) with segments and the
 ``rect_scale``/``rect_bias`` epilogue (``ops/rectified.py``); one launch covers video and text tiles.
 
@@ -488,7 +489,7 @@ def _rectified_finalize_kernel(KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER,
 
 
 # rows of next_pow2(n_v + 1) <= 512 columns: wider [16, 1024] sorts took minutes to compile (Triton 3.9,
-# sm_90); larger plans (e.g. 720p video, 593+ blocks) use the device-side torch planner, a small share there
+# sm_90); larger plans (e.g. 720p video, 593+ blocks) use the row planner of kernels/_rectified_rows.py
 MAX_FUSED_BLOCKS = 511
 PLAN_GROUP = 16  # query-block rows per planner program (tl.dot needs M >= 16)
 

@@ -146,6 +146,7 @@ def rectified_plan(
     Returns:
         A :class:`RectifiedPlan` on q's device.
     """
+    from ..kernels._rectified_rows import MAX_ROW_BLOCKS, plan_tensors_rows
     from ..kernels.rectified import (
         MAX_FUSED_BLOCKS,
         block_stats_torch,
@@ -185,16 +186,22 @@ def rectified_plan(
                 upstream,
                 sdt,
             )
-        fused = (
-            sdt == torch.float32 and _use_triton(q, backend) and lay.num_video_blocks(b) <= MAX_FUSED_BLOCKS
-        )
+        # fused planner up to 511 visual blocks, the row planner up to 2047, device-side torch beyond
+        n_v = lay.num_video_blocks(b)
+        planner = plan_tensors
+        if sdt == torch.float32 and _use_triton(q, backend):
+            planner = (
+                plan_tensors_triton
+                if n_v <= MAX_FUSED_BLOCKS
+                else plan_tensors_rows if n_v <= MAX_ROW_BLOCKS else plan_tensors
+            )
         k_text = tv = None
         if lay.text_len:
             k_text = _bhnd(k, layout)[:, :, lay.text_slice]  # [B, H, L, D] view; the fused planner reads it
-            k_text = k_text if fused else k_text.to(sdt)
+            k_text = k_text if planner is plan_tensors_triton else k_text.to(sdt)
             tv = lay.valid_text(B, q.device)
         nbr, ff = _tables(lay, config, q.device)
-        t = (plan_tensors_triton if fused else plan_tensors)(
+        t = planner(
             *stats,
             k_text,
             tv,

@@ -1,0 +1,228 @@
+"""Rectified SpaAttn's row planner for long rows (``MAX_FUSED_BLOCKS < n_v <= MAX_ROW_BLOCKS``).
+
+The fused planner of ``kernels/rectified.py`` handles up to 511 visual blocks (wider [16, 1024] row
+sorts compile too slowly); 720p video and larger (HunyuanVideo 720p: 929 blocks) run this planner:
+the pooled GEMMs (q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ, q̄·k_textᵀ with its log-sum-exp) as batched matmuls, then one
+program per (query block, batch x head) does the IPAR softmax with ``+ln w``, a ``tl.sort`` of packed
+(probability, index) keys, cumsum, count, neighbour row, first frame, the GAPR test, R, P ⊙ 𝒢 and the
+index list; C = (P ⊙ 𝒢) V̄ is one more batched matmul. Same selection rules as ``plan_tensors``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rectified import block_weights
+
+
+@triton.jit(do_not_specialize=["nv", "nt", "k_min", "tau", "scale"])
+def _rectified_row_plan_kernel(
+    DOTS,
+    E1,
+    E2,
+    TXT,
+    LOGW,
+    NBR,
+    FF,
+    TV,
+    KV_INDEX,
+    KV_COUNT,
+    RSCALE,
+    PG,
+    RMAP,
+    KCNT,
+    RCNT,
+    nv,
+    nt,
+    n_heads,
+    scale,
+    tau,
+    k_min,
+    BLOCK: tl.constexpr,
+    BJ: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_TEXT_COL: tl.constexpr,
+    HAS_TEXT_BLOCKS: tl.constexpr,
+    GAPR: tl.constexpr,
+    HAS_NBR: tl.constexpr,
+    HAS_FF: tl.constexpr,
+    KEEP_ALL: tl.constexpr,
+):
+    """Row I of (b, h): IPAR softmax (``+ln w``, text merged from its log-sum-exp), selection by a sort
+    of packed (probability, index) keys, neighbours, first frame, the GAPR test, R, P ⊙ 𝒢 and the
+    index list (kept visual ascending, valid text, then the rest so every slot is written once)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    cols = tl.arange(0, BJ)
+    cm = cols < nv
+    row = (bh.to(tl.int64) * nv + i) * nv
+    d = tl.load(DOTS + row + cols, mask=cm, other=0.0)
+    lw = tl.load(LOGW + cols, mask=cm, other=0.0)
+    logit = tl.where(cm, d * scale + lw, float("-inf"))
+    m = tl.max(logit, 0)
+    if HAS_TEXT_COL:
+        t_lse = tl.load(TXT + bh.to(tl.int64) * nv + i)
+        m = tl.maximum(m, t_lse)
+    e = tl.where(cm, tl.exp(logit - m), 0.0)
+    z = tl.sum(e, 0)
+    if HAS_TEXT_COL:
+        et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
+        z += et
+        p_col = tl.where(cols == nv, et / z, e / z)
+        ncol = nv + 1
+    else:
+        p_col = e / z
+        ncol = nv
+    p = e / z
+    valid_col = cols < ncol
+    # descending by probability, ties: lower index first; probabilities >= 0 sort like their bits
+    bits = p_col.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(valid_col, (bits << 32) | (2147483647 - cols).to(tl.int64), -1)
+    sk = tl.sort(key, descending=True)
+    sp = tl.where(sk >= 0, (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+    cs = tl.cumsum(sp, 0)
+    if KEEP_ALL:
+        count = ncol
+    else:
+        n_le = tl.sum(((cs <= tau) & valid_col).to(tl.int32), 0)
+        count = tl.minimum(tl.maximum(n_le + 1, k_min), ncol)
+    thr = tl.sum(tl.where(cols == count - 1, sk, 0), 0)  # the count-th largest key
+    kept = cm & (key >= thr)
+    if HAS_NBR:
+        kept = kept | (tl.load(NBR + i.to(tl.int64) * nv + cols, mask=cm, other=0) != 0)
+    if HAS_FF:
+        ffi = tl.load(FF + i)
+        kept = kept | ((ffi != 0) & (tl.load(FF + cols, mask=cm, other=0) != 0))
+    kept = kept & cm
+    if GAPR:
+        err = tl.abs(tl.load(E1 + row + cols, mask=cm, other=0.0)) + tl.abs(
+            tl.load(E2 + row + cols, mask=cm, other=0.0)
+        )
+        rect = cm & (kept == 0) & (tl.abs(d) > err)
+    else:
+        rect = cols < 0
+    pg = tl.where(rect, p, 0.0)
+    tl.store(PG + row + cols, pg, mask=cm)
+    tl.store(RMAP + row + cols, rect.to(tl.int8), mask=cm)
+    n_tiles = nv + nt
+    tile = bh.to(tl.int64) * n_tiles + i
+    tl.store(RSCALE + tile, 1.0 - tl.sum(pg, 0))
+    ki = kept.to(tl.int32)
+    nkept = tl.sum(ki, 0)
+    ntv = 0
+    if HAS_TEXT_BLOCKS:
+        ntv = (tl.load(TV + b) + BLOCK - 1) // BLOCK
+    notk = (cm & (kept == 0)).to(tl.int32)
+    pos = tl.where(kept, tl.cumsum(ki, 0) - 1, nkept + ntv + tl.cumsum(notk, 0) - 1)
+    base = KV_INDEX + tile * (nv + nt)
+    tl.store(base + pos, cols, mask=cm)
+    if HAS_TEXT_BLOCKS:
+        tc = tl.arange(0, BT)
+        tl.store(base + tl.where(tc < ntv, nkept + tc, nv + tc), nv + tc, mask=tc < nt)
+    tl.store(KV_COUNT + tile, nkept + ntv)
+    tl.store(KCNT + bh.to(tl.int64) * nv + i, nkept)
+    tl.store(RCNT + bh.to(tl.int64) * nv + i, tl.sum(rect.to(tl.int32), 0))
+
+
+MAX_ROW_BLOCKS = 2047  # tl.sort over next_pow2(n_v + 1) <= 2048 columns per program
+
+
+def plan_tensors_rows(
+    qm,
+    km,
+    vm,
+    dq,
+    dk,
+    k_text,
+    text_valid,
+    *,
+    scale: float,
+    block: int,
+    num_video: int,
+    n_text_blocks: int,
+    config,
+    nbr,
+    first_frame,
+    keep_probs: bool,
+):
+    """:func:`plan_tensors` for ``MAX_FUSED_BLOCKS < n_v <= MAX_ROW_BLOCKS``: cuBLAS for the pooled GEMMs,
+    then one Triton program per row (fp32 statistics); also returns ``tile_order``."""
+    B, H, nv, D = qm.shape
+    dev = qm.device
+    nt = n_text_blocks
+    ncols = nv + nt
+    kmT = km.transpose(-1, -2)
+    dots = qm @ kmT
+    e1 = dq @ kmT if config.gapr else dots
+    e2 = qm @ dk.transpose(-1, -2) if config.gapr else dots
+    w = block_weights(nv, block, num_video, config.tail == "exact", torch.float32, dev)
+    logw = w.log() if config.ipar else torch.zeros_like(w)
+    has_text_col = k_text is not None and config.ipar
+    txt = dots
+    if has_text_col:
+        st = (qm @ k_text.transpose(-1, -2)) * scale  # [B, H, n_v, L]
+        tmask = torch.arange(k_text.shape[2], device=dev)[None, :] < text_valid[:, None]
+        txt = st.masked_fill(~tmask[:, None, None, :], float("-inf")).logsumexp(-1)
+    tv = text_valid if (nt and text_valid is not None) else torch.zeros(B, dtype=torch.int32, device=dev)
+    kv_index = torch.empty((B, H, ncols, ncols), dtype=torch.int32, device=dev)
+    kv_count = torch.empty((B, H, ncols), dtype=torch.int32, device=dev)
+    rect_scale = torch.ones((B, H, ncols), dtype=torch.float32, device=dev)
+    pg = torch.empty((B, H, nv, nv), dtype=torch.float32, device=dev)
+    rmap = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev)
+    kcnt = torch.empty((B, H, nv), dtype=torch.int32, device=dev)
+    rcnt = torch.empty((B, H, nv), dtype=torch.int32, device=dev)
+    if nt:  # text query tiles: every video block and the valid text blocks, R = 1, C = 0
+        kv_index[:, :, nv:] = torch.arange(ncols, dtype=torch.int32, device=dev)
+        kv_count[:, :, nv:] = (nv + (tv + block - 1) // block)[:, None, None].to(torch.int32)
+    dummy = kcnt
+    _rectified_row_plan_kernel[(nv, B * H)](
+        dots,
+        e1,
+        e2,
+        txt,
+        logw,
+        nbr if nbr is not None else dummy,
+        first_frame if first_frame is not None else dummy,
+        tv,
+        kv_index,
+        kv_count,
+        rect_scale,
+        pg,
+        rmap,
+        kcnt,
+        rcnt,
+        nv,
+        nt,
+        H,
+        scale,
+        float(config.cum_threshold),
+        int((1.0 - config.drop_rate) * nv),
+        BLOCK=block,
+        BJ=triton.next_power_of_2(nv + 1),
+        BT=triton.next_power_of_2(max(nt, 1)),
+        HAS_TEXT_COL=has_text_col,
+        HAS_TEXT_BLOCKS=nt > 0,
+        GAPR=config.gapr,
+        HAS_NBR=nbr is not None,
+        HAS_FF=first_frame is not None,
+        KEEP_ALL=config.cum_threshold >= 1.0,
+        num_warps=4 if nv < 512 else 8,
+    )
+    rect_bias = torch.zeros((B, H, ncols, D), dtype=torch.float32, device=dev)
+    if config.gapr:
+        rect_bias[:, :, :nv].copy_(pg @ vm)
+    dropped = nv * nv - kcnt.sum(-1)
+    return dict(
+        kv_index=kv_index,
+        kv_count=kv_count,
+        rect_scale=rect_scale,
+        rect_bias=rect_bias,
+        rect_map=rmap.bool(),
+        rect_prob=pg if keep_probs and config.gapr else None,
+        density=kcnt.sum(-1).float() / (nv * nv),
+        rect_frac=rcnt.sum(-1).float() / dropped.clamp(min=1).float(),
+        tile_order=kv_count.argsort(dim=-1, descending=True, stable=True).to(torch.int32),
+    )
