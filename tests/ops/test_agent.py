@@ -280,6 +280,27 @@ def test_errors():
         AgentBias(**{**random_bias_params(2, 4, (4, 4)), "ah": torch.zeros(1, 2, 5, 4, 1)})
 
 
+def test_errors_shapes_agents_and_bias_binding():
+    """The rest of spec §3.1's error list: layout/rank, key length, explicit agents, bias binding."""
+    q, k, v = _qkv(2, 17, 17, 2, 8)
+    _err("layout to be one of", layout="BHWC")
+    _err("q of rank 4", qkv=(q[0], k, v))
+    _err(r"prefix token\(s\) and a key grid", qkv=(q, k[:, :1], v[:, :1]))  # one prefix token, no key grid
+    agents = torch.randn(2, 4, 2, 8, dtype=torch.float64)
+    _err("agents of rank 4", agent_shape=None, agents=agents[0])
+    _err("agents with q's dtype", agent_shape=None, agents=agents.float())
+    _err(r"agents of shape \[B\|1, n, H=2, D=8\]", agent_shape=None, agents=torch.randn(2, 4, 3, 8, dtype=torch.float64))
+    _err("agents of shape", agent_shape=None, agents=torch.randn(3, 4, 2, 8, dtype=torch.float64))
+    bias = AgentBias(**random_bias_params(2, 4, (4, 4)))
+    _err("2-D grid with an AgentBias", grid=(16,), agent_shape=(2,), bias=bias)
+    _err("bias for 5 agents", agent_shape=None, agents=torch.randn(2, 5, 2, 8, dtype=torch.float64), bias=bias)
+    # a bias with a prefix (cls) token on a grid without one (16 = 4 x 4 tokens: P = 0)
+    q16, k16, v16 = _qkv(2, 16, 16, 2, 8)
+    biased = AgentBias(**random_bias_params(2, 4, (4, 4), prefix=1))
+    _err("bias with 0 prefix token", qkv=(q16, k16, v16), bias=biased)
+    _err("AgentBias or a pair", bias=torch.zeros(3))
+
+
 def test_backend_selection():
     q, k, v = _qkv(1, 16, 16, 1, 8)
     assert visattn.list_backends("agent")["agent"] == ["sdpa", "triton", "torch", "upstream"]
