@@ -286,6 +286,17 @@ def test_errors():
         rectified_attention(qg, k.float(), v.float(), seq_layout=lay, config=B16, backend="triton")
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_plan_length_mismatch_without_seq_layout(backend):
+    # 125 and 122 tokens both cut into 8 blocks of 16: only the length check can catch the reuse
+    lay = SequenceLayout((5, 5, 5))
+    q, k, v = _qkv(lay, B=1, H=2, D=16, dtype=torch.float32)
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=B16, backend="torch")
+    assert plan.num_tiles == -(-122 // 16)
+    with pytest.raises(ValueError, match=r"plan.*N=122.*seq_len=125"):
+        rectified_attention(q[:, :122], k[:, :122], v[:, :122], plan=plan, backend=backend)
+
 def test_torch_backend_is_differentiable():
     lay = LAYOUTS["start"](1)
     q, k, v = (t.requires_grad_() for t in _qkv(lay, B=1, H=1, D=8))
