@@ -288,6 +288,29 @@ def test_op_errors():
         pyramid_attention(q.double(), q.double(), q.double(), plan=plan, backend="triton")
 
 
+
+def test_plan_layout_mismatch():
+    lay = SequenceLayout((1, 4, 8), text_len=16, text_position="end")
+    q = torch.randn(1, lay.seq_len, 2, 16)
+    cfg = PyramidConfig(block_q=16, block_k=16)
+    one_segment = pyramid_plan(q, q, config=cfg)  # no layout: one segment over all 48 tokens
+    with pytest.raises(ValueError, match=r"plan made for seq_layout=.*plan.seq_layout=None"):
+        pyramid_attention(q, q, q, plan=one_segment, seq_layout=lay, backend="torch")
+    hand_made = PyramidPlan.from_dense(one_segment.to_dense(), block_q=16, block_k=16, seq_len=lay.seq_len)
+    with pytest.raises(ValueError, match="plan.seq_layout=None"):
+        pyramid_attention(q, q, q, plan=hand_made, seq_layout=lay, backend="torch")
+    other = SequenceLayout((1, 4, 8), text_len=16, text_position="start")
+    with pytest.raises(ValueError, match="plan.seq_layout == seq_layout"):
+        pyramid_attention(q, q, q, plan=pyramid_plan(q, q, config=cfg, seq_layout=lay), seq_layout=other)
+    # fitting uses: the plan's own layout, and a one-segment plan made on purpose (text_keys="as_video")
+    fit = pyramid_plan(q, q, config=cfg, seq_layout=lay)
+    assert torch.equal(
+        pyramid_attention(q, q, q, plan=fit, seq_layout=lay), pyramid_attention(q, q, q, plan=fit)
+    )
+    as_video = pyramid_plan(q, q, config=cfg.replace(text_keys="as_video"), seq_layout=lay)
+    assert as_video.seq_layout is None
+    pyramid_attention(q, q, q, plan=as_video, seq_layout=lay)
+
 def test_presets_load():
     for name in (
         "default",

@@ -145,7 +145,16 @@ class PyramidPlan:
             )
         if seq_len != self.seq_len:
             raise ValueError(f"expected {name} made for N={seq_len}, got {name}.seq_len={self.seq_len}")
-        if seq_layout is not None and self.seq_layout is not None and seq_layout != self.seq_layout:
+        if seq_layout is None:
+            return  # the plan's own segments (or one segment) apply
+        if self.seq_layout is None:
+            # a one-segment plan is right for a layout only when made so on purpose (text_keys="as_video")
+            if self.config is None or self.config.text_keys != "as_video":
+                raise ValueError(
+                    f"expected {name} made for seq_layout={seq_layout!r} (or with config.text_keys="
+                    f"'as_video'), got {name}.seq_layout=None (a one-segment plan)"
+                )
+        elif seq_layout != self.seq_layout:
             raise ValueError(
                 f"expected {name}.seq_layout == seq_layout, got {self.seq_layout!r} and {seq_layout!r}"
             )
