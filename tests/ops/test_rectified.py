@@ -234,6 +234,24 @@ def test_plan_reuse_new_v_save_load(tmp_path):
     torch.testing.assert_close(got2[ok], want[ok], atol=1e-6, rtol=0)
 
 
+
+def test_save_load_roundtrip_is_weights_only(tmp_path):
+    # a preset config (tuples of strings and ints), an int text_valid_len, no rect_prob
+    lay = SequenceLayout((2, 5, 7), text_len=12, text_position="start", text_valid_len=9, token_order="gilbert")
+    cfg = RectifiedConfig.from_preset("flux_dev_4096")._with_block(16)
+    q, k, v = _qkv(lay, B=2, H=2, D=16, dtype=torch.float32)
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch")
+    plan.save(tmp_path / "p.pt")
+    torch.load(tmp_path / "p.pt", weights_only=True)  # the safe unpickler reads the saved format
+    back = RectifiedPlan.load(tmp_path / "p.pt")
+    for name in ("kv_index", "kv_count", "rect_scale", "rect_bias", "rect_map", "density", "rect_fraction"):
+        assert torch.equal(getattr(back, name), getattr(plan, name)), name
+    assert back.rect_prob is None and back.block_size == 16
+    assert back.seq_layout == lay and back.config == cfg and back.config.dense_blocks == cfg.dense_blocks
+    # the loaded plan cannot know which v made C, and without rect_prob it cannot recompute it
+    with pytest.raises(ValueError, match="keep_probs"):
+        rectified_attention(q, k, v, plan=back, backend="torch")
+
 def test_neighbour_and_first_frame_rules():
     lay = SequenceLayout((3, 6, 8), token_order="gilbert")
     q, k, v = _qkv(lay, B=1, H=1)

@@ -270,7 +270,8 @@ class RectifiedPlan:
 
     @classmethod
     def load(cls, path, map_location=None) -> RectifiedPlan:
-        data = torch.load(path, map_location=map_location, weights_only=False)
+        # only tensors and plain containers were saved, so the safe unpickler reads it (no code runs)
+        data = torch.load(path, map_location=map_location, weights_only=True)
         t = data["tensors"]
         cfg = data["config"]
         if cfg is not None:
