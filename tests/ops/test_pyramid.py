@@ -311,6 +311,23 @@ def test_plan_layout_mismatch():
     assert as_video.seq_layout is None
     pyramid_attention(q, q, q, plan=as_video, seq_layout=lay)
 
+
+def test_triton_head_dim_reasons():
+    # the message names the backend and lists every reason on its own line (no kernel is launched)
+    N, D = 40, 264
+    q = torch.randn(1, N, 1, D, dtype=torch.float64)
+    plan = PyramidPlan.from_dense(torch.ones(1, 1, 3, 3, dtype=torch.int8), block_q=16, block_k=16, seq_len=N)
+    with pytest.raises(NotImplementedError) as info:
+        pyramid_attention(q, q, q, plan=plan, backend="triton")
+    msg = str(info.value)
+    assert msg.startswith("No visattn backend can run pyramid attention") and "  backend 'triton':" in msg
+    lines = msg.splitlines()
+    assert "    - head dim 264 > 256 is not supported" in lines
+    assert any(x.startswith("    - dtype torch.float64 is not supported") for x in lines)
+    with pytest.raises(NotImplementedError, match="head dim 264 > 256"):
+        pyramid_attention(q.float(), q.float(), q.float(), plan=plan, backend="triton")
+    assert pyramid_attention(q, q, q, plan=plan, backend="torch").shape == q.shape  # torch runs it
+
 def test_presets_load():
     for name in (
         "default",

@@ -315,6 +315,22 @@ def test_plan_length_mismatch_without_seq_layout(backend):
     with pytest.raises(ValueError, match=r"plan.*N=122.*seq_len=125"):
         rectified_attention(q[:, :122], k[:, :122], v[:, :122], plan=plan, backend=backend)
 
+
+def test_triton_head_dim_reasons():
+    # the message names the backend and lists every reason on its own line (no kernel is launched)
+    lay = SequenceLayout((1, 4, 8))
+    q, k, v = _qkv(lay, B=1, H=1, D=264, dtype=torch.float32)
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=B16, backend="torch")
+    with pytest.raises(NotImplementedError) as info:
+        rectified_attention(q.requires_grad_(), k, v, plan=plan, backend="triton")
+    msg = str(info.value)
+    assert msg.startswith("No visattn backend can run rectified attention") and "  backend 'triton':" in msg
+    lines = msg.splitlines()
+    assert "    - head dim 264 > 256 is not supported" in lines
+    assert any(x.startswith("    - no backward on 'triton'") for x in lines)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="head dim 264 > 256"):
+        rectified_attention(q, k, v, plan=plan, backend="triton")
+
 def test_torch_backend_is_differentiable():
     lay = LAYOUTS["start"](1)
     q, k, v = (t.requires_grad_() for t in _qkv(lay, B=1, H=1, D=8))
