@@ -160,6 +160,54 @@ def test_no_rectification_equals_block_sparse():
     assert torch.all(plan2.rect_scale == 1) and torch.all(plan2.rect_bias == 0)
 
 
+
+def test_gapr_rectifying_nothing_equals_block_sparse():
+    """Spec §2.6-2.7: with gapr=True but no dropped pair passing G > E, R = 1, C = 0, plain block-sparse.
+
+    Every q entry is positive, so q̄_I > 0 element-wise. Every visual key is k̄_J ± a_J (signs
+    alternating, so each block, the 6-token tail included, has as many + as -), a_J = 2|k̄_J| + 0.1:
+    the block mean is k̄_J and δk_J = a_J, so E_IJ ≥ q̄_I·a_J > Σ q̄_I|k̄_J| ≥ |q̄_I·k̄_J| = G_IJ.
+    """
+    lay = SequenceLayout((2, 5, 7), text_len=12, text_position="end", text_valid_len=torch.tensor([12, 5]))
+    B, H, D, b = 2, 2, 16, 16
+    Nv = lay.num_video  # 70 = 4 full blocks + a tail of 6
+    g = torch.Generator().manual_seed(3)
+    q = 0.2 + 3 * torch.rand(B, lay.seq_len, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, lay.seq_len, H, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, lay.seq_len, H, D, generator=g, dtype=torch.float64)
+    sign = 1.0 - 2.0 * (torch.arange(Nv) % 2).double()  # +, -, +, - ... from the video start
+    for j in range(-(-Nv // b)):
+        s, e = j * b, min((j + 1) * b, Nv)
+        mean = torch.randn(B, 1, H, D, generator=g, dtype=torch.float64)
+        k[:, s:e] = mean + sign[s:e, None, None] * (2 * mean.abs() + 0.1)
+    cfg = B16.replace(drop_rate=0.75, cum_threshold=0.2, neighbours=False)
+    assert cfg.gapr and cfg.ipar
+    out, plan = rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="torch", return_plan=True)
+    kept = plan.kept_visual()  # [B, H, n_v, n_v]
+    assert not kept.all() and not plan.rect_map.any()  # blocks were dropped, none rectified
+    assert torch.all(plan.rect_scale == 1) and torch.all(plan.rect_bias == 0)
+    ref, ref_kept, ref_rect, R, C = rectified_attention_ref(
+        q, k, v, seq_layout=lay, config=cfg, return_maps=True
+    )
+    assert torch.equal(ref_kept, kept) and not ref_rect.any() and torch.all(R == 1) and torch.all(C == 0)
+    # independent masked dense float64 attention: video rows see their kept blocks and valid text,
+    # text rows see every valid key
+    tv = lay.valid_text(B)
+    blk = torch.arange(Nv) // b
+    want = torch.zeros_like(q)
+    for bi in range(B):
+        key_ok = torch.ones(lay.seq_len, dtype=torch.bool)
+        key_ok[Nv + int(tv[bi]) :] = False
+        for h in range(H):
+            allowed = key_ok.expand(lay.seq_len, -1).clone()
+            allowed[:Nv, :Nv] = kept[bi, h][blk[:, None], blk[None, :]]
+            logits = (q[bi, :, h] @ k[bi, :, h].T) * D**-0.5
+            p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+            want[bi, :, h] = p @ v[bi, :, h]
+    ok = _valid_rows(lay, B)
+    torch.testing.assert_close(out[ok], want[ok], atol=1e-12, rtol=0)
+    torch.testing.assert_close(ref[ok], want[ok], atol=1e-12, rtol=0)
+
 @pytest.mark.parametrize("lay_name", ["video", "end_padded", "start"])
 def test_block_constant_qk_gives_dense_output(lay_name):
     lay = LAYOUTS[lay_name](2)
