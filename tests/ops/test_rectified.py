@@ -285,7 +285,9 @@ def test_plan_reuse_new_v_save_load(tmp_path):
 
 def test_save_load_roundtrip_is_weights_only(tmp_path):
     # a preset config (tuples of strings and ints), an int text_valid_len, no rect_prob
-    lay = SequenceLayout((2, 5, 7), text_len=12, text_position="start", text_valid_len=9, token_order="gilbert")
+    lay = SequenceLayout(
+        (2, 5, 7), text_len=12, text_position="start", text_valid_len=9, token_order="gilbert"
+    )
     cfg = RectifiedConfig.from_preset("flux_dev_4096")._with_block(16)
     q, k, v = _qkv(lay, B=2, H=2, D=16, dtype=torch.float32)
     plan = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch")
