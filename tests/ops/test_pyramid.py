@@ -28,7 +28,7 @@ def _qkv(B, N, H, D, seed=0, dtype=torch.float64):
 
 
 def _plan(lmap, bq, bk, N, lay=None, causal=False):
-    cfg = PyramidConfig(block_q=bq, block_k=bk, causal=causal) if causal else None
+    cfg = PyramidConfig(causal=causal)._with_blocks(bq, bk) if causal else None
     return PyramidPlan.from_dense(lmap, block_q=bq, block_k=bk, seq_len=N, seq_layout=lay, config=cfg)
 
 
@@ -204,7 +204,7 @@ def test_default_quotas_give_density_015():
 def test_text_rows_dense_and_text_keys_full():
     lay = SequenceLayout((1, 4, 40), text_len=30, text_position="end", text_valid_len=20)
     q = torch.randn(1, lay.seq_len, 1, 16)
-    cfg = PyramidConfig(block_q=32, block_k=32, levels={1: 0.0, 8: 0.0}, mode="topk", align="none")
+    cfg = PyramidConfig(levels={1: 0.0, 8: 0.0}, mode="topk", align="none")._with_blocks(32, 32)
     d = pyramid_plan(q, q, config=cfg, seq_layout=lay).to_dense()[0, 0]
     nq, nk = cdiv(160, 32), cdiv(160, 32)
     assert (d[:nq, :nk] == 0).all() and (d[:nq, nk:] == 1).all() and (d[nq:] == 1).all()
@@ -232,7 +232,7 @@ def test_plan_conversions_roundtrip(tmp_path):
     plan = pyramid_plan(
         q,
         q,
-        config=PyramidConfig(block_q=16, block_k=16, levels={1: 0.2, 2: 0.4, 4: 0.5, 8: 0.7}),
+        config=PyramidConfig(levels={1: 0.2, 2: 0.4, 4: 0.5, 8: 0.7})._with_blocks(16, 16),
         seq_layout=lay,
     )
     d = plan.to_dense()
@@ -258,16 +258,41 @@ def test_plan_conversions_roundtrip(tmp_path):
     "kw, match",
     [
         (dict(block_k=48), "config.block_k"),
+        (dict(block_k=16), r"config.block_k in \(32, 64, 128\), got config.block_k=16"),
+        (dict(block_k=256), "config.block_k"),
+        (dict(block_q=32), r"config.block_q in \(64, 128\), got config.block_q=32"),
+        (dict(block_q=16), "config.block_q"),
         (dict(levels={3: 0.5}), "config.levels"),
         (dict(levels={1: 0.5, 2: 0.4}), "config.levels"),
         (dict(mode="nope"), "config.mode"),
-        (dict(block_k=16, sample_fraction=0.05), "one sample per block"),
+        (dict(block_k=32, sample_fraction=0.03), "one sample per block"),
     ],
 )
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         PyramidConfig(**kw)
 
+
+
+def test_test_only_block_sizes_stay_behind_the_escape_hatch(tmp_path):
+    from visattn.ops._pyramid_config import allow_test_block_sizes
+
+    with allow_test_block_sizes():
+        inside = PyramidConfig(block_q=16, block_k=16)
+        with pytest.raises(ValueError, match="config.block_q"):
+            PyramidConfig(block_q=48)  # the hatch admits the test sizes only
+    with pytest.raises(ValueError, match="config.block_k"):
+        PyramidConfig(block_k=16)  # closed again
+    small = PyramidConfig(levels={1: 0.5})._with_blocks(32, 16)
+    assert (small.block_q, small.block_k, small.level_ends) == (32, 16, (0.5,) * 4) and inside.block_q == 16
+    # a test-only config keeps its sizes through replace and save/load, changing them is checked
+    assert small.replace(mode="thresholdbound").block_k == 16
+    with pytest.raises(ValueError, match="config.block_q"):
+        PyramidConfig().replace(block_q=32)
+    assert small.replace(block_q=64).block_q == 64  # spec sizes are fine
+    q = torch.randn(1, 40, 1, 16)
+    pyramid_plan(q, q, config=small).save(tmp_path / "p.pt")
+    assert PyramidPlan.load(tmp_path / "p.pt").config == small
 
 def test_op_errors():
     q = torch.randn(1, 64, 2, 16)
@@ -279,11 +304,11 @@ def test_op_errors():
         pyramid_attention(q, q[:, :, :1], q[:, :, :1])
     with pytest.raises(ValueError, match="plan"):
         pyramid_attention(q, q, q, plan="x")
-    plan = pyramid_plan(q, q, config=PyramidConfig(block_q=16, block_k=16))
+    plan = pyramid_plan(q, q, config=PyramidConfig()._with_blocks(16, 16))
     with pytest.raises(ValueError, match="plan"):
         pyramid_attention(q[:, :48], q[:, :48], q[:, :48], plan=plan)
     with pytest.raises(ValueError, match="scores"):
-        pyramid_plan(q, q, config=PyramidConfig(block_q=16, block_k=16), scores=torch.zeros(1, 2, 3, 3))
+        pyramid_plan(q, q, config=PyramidConfig()._with_blocks(16, 16), scores=torch.zeros(1, 2, 3, 3))
     with pytest.raises(NotImplementedError, match="float64"):
         pyramid_attention(q.double(), q.double(), q.double(), plan=plan, backend="triton")
 
@@ -292,7 +317,7 @@ def test_op_errors():
 def test_plan_layout_mismatch():
     lay = SequenceLayout((1, 4, 8), text_len=16, text_position="end")
     q = torch.randn(1, lay.seq_len, 2, 16)
-    cfg = PyramidConfig(block_q=16, block_k=16)
+    cfg = PyramidConfig()._with_blocks(16, 16)
     one_segment = pyramid_plan(q, q, config=cfg)  # no layout: one segment over all 48 tokens
     with pytest.raises(ValueError, match=r"plan made for seq_layout=.*plan.seq_layout=None"):
         pyramid_attention(q, q, q, plan=one_segment, seq_layout=lay, backend="torch")
@@ -355,7 +380,7 @@ def test_sampled_estimator_matches_naive_definition():
     g = torch.Generator().manual_seed(1)
     B, N, H, D, bq, bk = 1, 75, 2, 8, 16, 16
     q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
-    cfg = PyramidConfig(block_q=bq, block_k=bk)
+    cfg = PyramidConfig()._with_blocks(bq, bk)
     S = sampled_scores(q, k, cfg, None, D**-0.5)
     qo, ko = sample_offsets(B, H, bq, 4, "cpu", None), sample_offsets(B, H, bk, 4, "cpu", None)
     nq, nk = cdiv(N, bq), cdiv(N, bk)
@@ -382,7 +407,7 @@ def test_triton_estimator_matches_torch(estimator, reduce, causal, device):
     lay = SequenceLayout((3, 5, 7), text_len=20, text_position="start") if not causal else None
     N = 150 if lay is None else lay.seq_len
     q, k = (torch.randn(2, N, 2, 16, generator=g).to(device) for _ in range(2))
-    cfg = PyramidConfig(block_q=32, block_k=16, estimator=estimator, reduce=reduce, causal=causal)
+    cfg = PyramidConfig(estimator=estimator, reduce=reduce, causal=causal)._with_blocks(32, 16)
     a = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="torch", seq_layout=lay)
     b = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="triton", seq_layout=lay)
     assert torch.allclose(a.scores, b.scores, atol=1e-5)
