@@ -253,6 +253,44 @@ def test_plan_conversions_roundtrip(tmp_path):
     assert torch.equal(PyramidPlan(idx, lp, 16, 16, lay.seq_len, lay).to_dense(), d)
 
 
+
+def test_upstream_format_against_hand_built_mask():
+    # upstream's new mask format (spec §3.1; upstream calc_density_newtype): per row [n_k + 5] entries,
+    # the block ids of factor 1, then 2, 4, 8, then the skipped ones, each segment closed by -1
+    dense = torch.tensor(
+        [
+            [[2, 1, 0, 8, 1, 4], [8, 8, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]],
+            [[0, 0, 0, 0, 0, 0], [4, 2, 4, 2, 8, 0], [0, 8, 0, 0, 0, 1]],
+        ],
+        dtype=torch.int8,
+    )[None]  # [B=1, H=2, n_q=3, n_k=6]
+    want = torch.tensor(
+        [
+            [
+                [1, 4, -1, 0, -1, 5, -1, 3, -1, 2, -1],
+                [2, 5, -1, -1, -1, 0, 1, -1, 3, 4, -1],
+                [0, 1, 2, 3, 4, 5, -1, -1, -1, -1, -1],
+            ],
+            [
+                [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5, -1],
+                [-1, 1, 3, -1, 0, 2, -1, 4, -1, 5, -1],
+                [5, -1, -1, -1, 1, -1, 0, 2, 3, 4, -1],
+            ],
+        ],
+        dtype=torch.int32,
+    )[None]
+    geo = dict(block_q=32, block_k=16, seq_len=96)  # 3 query tiles, 6 KV blocks
+    plan = PyramidPlan.from_dense(dense, **geo)
+    assert torch.equal(plan.to_upstream(), want)
+    assert torch.equal(PyramidPlan.from_upstream(want, **geo).to_dense(), dense)
+    # within a segment the ids follow the rank (here: block 4 ranked before block 1 in row 0)
+    rank = torch.arange(6).expand(1, 2, 3, 6).clone()
+    rank[0, 0, 0, 4] = -1
+    ranked = want.clone()
+    ranked[0, 0, 0, :2] = torch.tensor([4, 1])
+    assert torch.equal(PyramidPlan.from_dense(dense, rank=rank, **geo).to_upstream(), ranked)
+    assert torch.equal(PyramidPlan.from_upstream(ranked, **geo).to_dense(), dense)
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "kw, match",
