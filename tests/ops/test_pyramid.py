@@ -437,6 +437,45 @@ def test_sampled_estimator_matches_naive_definition():
         assert torch.allclose(S[0, h], want, atol=1e-6)
 
 
+
+def _antidiagonal_naive(q, k, S, bq, bk, causal):
+    """Spec §2.4 by loops for one head: q, k ``[N, D]`` video tokens, N a multiple of S."""
+    N, D = q.shape
+    G = N // S
+    logit = torch.empty(G, G, dtype=torch.float64)
+    for g in range(G):
+        for h in range(G):
+            dot = sum(float(q[g * S + S - 1 - u].double() @ k[h * S + u].double()) for u in range(S))
+            logit[g, h] = dot / (D**0.5 * S) if not (causal and h > g) else float("-inf")
+    p = torch.softmax(logit, -1)  # over each group row
+    out = torch.zeros(cdiv(N, bq), cdiv(N, bk), dtype=torch.float64)
+    for g in range(G):
+        for h in range(G):
+            out[g * S // bq, h * S // bk] += p[g, h]  # the blocks that hold groups g and h
+    return out
+
+
+@pytest.mark.parametrize("causal, text", [(False, False), (True, False), (False, True)])
+def test_antidiagonal_estimator_matches_naive_definition(causal, text):
+    from visattn.ops._pyramid_rules import antidiagonal_scores
+
+    # 92 video tokens: 23 groups of S = 4, partial last blocks (92 = 2*32 + 28 = 5*16 + 12)
+    lay = SequenceLayout((1, 4, 23), text_len=13, text_position="start") if text else None
+    N = 92 + (13 if text else 0)
+    g = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(2, 2, N, 8, generator=g) for _ in range(2))  # [B, H, N, D]
+    cfg = PyramidConfig(estimator="antidiagonal", antidiagonal_stride=4, causal=causal)._with_blocks(32, 16)
+    got = antidiagonal_scores(q, k, cfg, lay)
+    if not causal:  # the op plans with these scores (causal planning masks future blocks afterwards)
+        bnhd = (q.transpose(1, 2), k.transpose(1, 2))
+        assert torch.equal(pyramid_plan(*bnhd, config=cfg, seq_layout=lay, keep_scores=True).scores, got)
+    vid = slice(13, N) if text else slice(0, N)  # the estimator sees the video segment only
+    assert got.shape == (2, 2, 3, 6)
+    for b in range(2):
+        for h in range(2):
+            want = _antidiagonal_naive(q[b, h, vid], k[b, h, vid], 4, 32, 16, causal)
+            torch.testing.assert_close(got[b, h].double(), want, atol=1e-5, rtol=0)
+
 @pytest.mark.parametrize(
     "estimator, reduce, causal", [("sampled_max", "max", False), ("sampled_softmax_max", "mean", True)]
 )
