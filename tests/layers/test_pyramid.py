@@ -11,7 +11,7 @@ from visattn.ops import PyramidConfig
 
 def test_layer_triton_matches_torch_and_reuses_plan(device):
     torch.manual_seed(0)
-    cfg = PyramidConfig(block_q=32, block_k=32)
+    cfg = PyramidConfig()._with_blocks(32, 32)  # test-only block_q
     layer = PyramidAttention(64, 4, config=cfg, qk_norm="rms", backend="triton").to(device)
     x = torch.randn(1, 100, 64, device=device, requires_grad=True)
     out, plan = layer(x, return_plan=True)

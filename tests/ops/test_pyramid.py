@@ -28,7 +28,7 @@ def _qkv(B, N, H, D, seed=0, dtype=torch.float64):
 
 
 def _plan(lmap, bq, bk, N, lay=None, causal=False):
-    cfg = PyramidConfig(block_q=bq, block_k=bk, causal=causal) if causal else None
+    cfg = PyramidConfig(causal=causal)._with_blocks(bq, bk) if causal else None
     return PyramidPlan.from_dense(lmap, block_q=bq, block_k=bk, seq_len=N, seq_layout=lay, config=cfg)
 
 
@@ -204,7 +204,7 @@ def test_default_quotas_give_density_015():
 def test_text_rows_dense_and_text_keys_full():
     lay = SequenceLayout((1, 4, 40), text_len=30, text_position="end", text_valid_len=20)
     q = torch.randn(1, lay.seq_len, 1, 16)
-    cfg = PyramidConfig(block_q=32, block_k=32, levels={1: 0.0, 8: 0.0}, mode="topk", align="none")
+    cfg = PyramidConfig(levels={1: 0.0, 8: 0.0}, mode="topk", align="none")._with_blocks(32, 32)
     d = pyramid_plan(q, q, config=cfg, seq_layout=lay).to_dense()[0, 0]
     nq, nk = cdiv(160, 32), cdiv(160, 32)
     assert (d[:nq, :nk] == 0).all() and (d[:nq, nk:] == 1).all() and (d[nq:] == 1).all()
@@ -232,7 +232,7 @@ def test_plan_conversions_roundtrip(tmp_path):
     plan = pyramid_plan(
         q,
         q,
-        config=PyramidConfig(block_q=16, block_k=16, levels={1: 0.2, 2: 0.4, 4: 0.5, 8: 0.7}),
+        config=PyramidConfig(levels={1: 0.2, 2: 0.4, 4: 0.5, 8: 0.7})._with_blocks(16, 16),
         seq_layout=lay,
     )
     d = plan.to_dense()
@@ -253,21 +253,84 @@ def test_plan_conversions_roundtrip(tmp_path):
     assert torch.equal(PyramidPlan(idx, lp, 16, 16, lay.seq_len, lay).to_dense(), d)
 
 
+
+def test_upstream_format_against_hand_built_mask():
+    # upstream's new mask format (spec §3.1; upstream calc_density_newtype): per row [n_k + 5] entries,
+    # the block ids of factor 1, then 2, 4, 8, then the skipped ones, each segment closed by -1
+    dense = torch.tensor(
+        [
+            [[2, 1, 0, 8, 1, 4], [8, 8, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]],
+            [[0, 0, 0, 0, 0, 0], [4, 2, 4, 2, 8, 0], [0, 8, 0, 0, 0, 1]],
+        ],
+        dtype=torch.int8,
+    )[None]  # [B=1, H=2, n_q=3, n_k=6]
+    want = torch.tensor(
+        [
+            [
+                [1, 4, -1, 0, -1, 5, -1, 3, -1, 2, -1],
+                [2, 5, -1, -1, -1, 0, 1, -1, 3, 4, -1],
+                [0, 1, 2, 3, 4, 5, -1, -1, -1, -1, -1],
+            ],
+            [
+                [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5, -1],
+                [-1, 1, 3, -1, 0, 2, -1, 4, -1, 5, -1],
+                [5, -1, -1, -1, 1, -1, 0, 2, 3, 4, -1],
+            ],
+        ],
+        dtype=torch.int32,
+    )[None]
+    geo = dict(block_q=32, block_k=16, seq_len=96)  # 3 query tiles, 6 KV blocks
+    plan = PyramidPlan.from_dense(dense, **geo)
+    assert torch.equal(plan.to_upstream(), want)
+    assert torch.equal(PyramidPlan.from_upstream(want, **geo).to_dense(), dense)
+    # within a segment the ids follow the rank (here: block 4 ranked before block 1 in row 0)
+    rank = torch.arange(6).expand(1, 2, 3, 6).clone()
+    rank[0, 0, 0, 4] = -1
+    ranked = want.clone()
+    ranked[0, 0, 0, :2] = torch.tensor([4, 1])
+    assert torch.equal(PyramidPlan.from_dense(dense, rank=rank, **geo).to_upstream(), ranked)
+    assert torch.equal(PyramidPlan.from_upstream(ranked, **geo).to_dense(), dense)
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "kw, match",
     [
         (dict(block_k=48), "config.block_k"),
+        (dict(block_k=16), r"config.block_k in \(32, 64, 128\), got config.block_k=16"),
+        (dict(block_k=256), "config.block_k"),
+        (dict(block_q=32), r"config.block_q in \(64, 128\), got config.block_q=32"),
+        (dict(block_q=16), "config.block_q"),
         (dict(levels={3: 0.5}), "config.levels"),
         (dict(levels={1: 0.5, 2: 0.4}), "config.levels"),
         (dict(mode="nope"), "config.mode"),
-        (dict(block_k=16, sample_fraction=0.05), "one sample per block"),
+        (dict(block_k=32, sample_fraction=0.03), "one sample per block"),
     ],
 )
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         PyramidConfig(**kw)
 
+
+
+def test_test_only_block_sizes_stay_behind_the_escape_hatch(tmp_path):
+    from visattn.ops._pyramid_config import allow_test_block_sizes
+
+    with allow_test_block_sizes():
+        inside = PyramidConfig(block_q=16, block_k=16)
+        with pytest.raises(ValueError, match="config.block_q"):
+            PyramidConfig(block_q=48)  # the hatch admits the test sizes only
+    with pytest.raises(ValueError, match="config.block_k"):
+        PyramidConfig(block_k=16)  # closed again
+    small = PyramidConfig(levels={1: 0.5})._with_blocks(32, 16)
+    assert (small.block_q, small.block_k, small.level_ends) == (32, 16, (0.5,) * 4) and inside.block_q == 16
+    # a test-only config keeps its sizes through replace and save/load, changing them is checked
+    assert small.replace(mode="thresholdbound").block_k == 16
+    with pytest.raises(ValueError, match="config.block_q"):
+        PyramidConfig().replace(block_q=32)
+    assert small.replace(block_q=64).block_q == 64  # spec sizes are fine
+    q = torch.randn(1, 40, 1, 16)
+    pyramid_plan(q, q, config=small).save(tmp_path / "p.pt")
+    assert PyramidPlan.load(tmp_path / "p.pt").config == small
 
 def test_op_errors():
     q = torch.randn(1, 64, 2, 16)
@@ -279,14 +342,54 @@ def test_op_errors():
         pyramid_attention(q, q[:, :, :1], q[:, :, :1])
     with pytest.raises(ValueError, match="plan"):
         pyramid_attention(q, q, q, plan="x")
-    plan = pyramid_plan(q, q, config=PyramidConfig(block_q=16, block_k=16))
+    plan = pyramid_plan(q, q, config=PyramidConfig()._with_blocks(16, 16))
     with pytest.raises(ValueError, match="plan"):
         pyramid_attention(q[:, :48], q[:, :48], q[:, :48], plan=plan)
     with pytest.raises(ValueError, match="scores"):
-        pyramid_plan(q, q, config=PyramidConfig(block_q=16, block_k=16), scores=torch.zeros(1, 2, 3, 3))
+        pyramid_plan(q, q, config=PyramidConfig()._with_blocks(16, 16), scores=torch.zeros(1, 2, 3, 3))
     with pytest.raises(NotImplementedError, match="float64"):
         pyramid_attention(q.double(), q.double(), q.double(), plan=plan, backend="triton")
 
+
+
+def test_plan_layout_mismatch():
+    lay = SequenceLayout((1, 4, 8), text_len=16, text_position="end")
+    q = torch.randn(1, lay.seq_len, 2, 16)
+    cfg = PyramidConfig()._with_blocks(16, 16)
+    one_segment = pyramid_plan(q, q, config=cfg)  # no layout: one segment over all 48 tokens
+    with pytest.raises(ValueError, match=r"plan made for seq_layout=.*plan.seq_layout=None"):
+        pyramid_attention(q, q, q, plan=one_segment, seq_layout=lay, backend="torch")
+    hand_made = PyramidPlan.from_dense(one_segment.to_dense(), block_q=16, block_k=16, seq_len=lay.seq_len)
+    with pytest.raises(ValueError, match="plan.seq_layout=None"):
+        pyramid_attention(q, q, q, plan=hand_made, seq_layout=lay, backend="torch")
+    other = SequenceLayout((1, 4, 8), text_len=16, text_position="start")
+    with pytest.raises(ValueError, match="plan.seq_layout == seq_layout"):
+        pyramid_attention(q, q, q, plan=pyramid_plan(q, q, config=cfg, seq_layout=lay), seq_layout=other)
+    # fitting uses: the plan's own layout, and a one-segment plan made on purpose (text_keys="as_video")
+    fit = pyramid_plan(q, q, config=cfg, seq_layout=lay)
+    assert torch.equal(
+        pyramid_attention(q, q, q, plan=fit, seq_layout=lay), pyramid_attention(q, q, q, plan=fit)
+    )
+    as_video = pyramid_plan(q, q, config=cfg.replace(text_keys="as_video"), seq_layout=lay)
+    assert as_video.seq_layout is None
+    pyramid_attention(q, q, q, plan=as_video, seq_layout=lay)
+
+
+def test_triton_head_dim_reasons():
+    # the message names the backend and lists every reason on its own line (no kernel is launched)
+    N, D = 40, 264
+    q = torch.randn(1, N, 1, D, dtype=torch.float64)
+    plan = PyramidPlan.from_dense(torch.ones(1, 1, 3, 3, dtype=torch.int8), block_q=16, block_k=16, seq_len=N)
+    with pytest.raises(NotImplementedError) as info:
+        pyramid_attention(q, q, q, plan=plan, backend="triton")
+    msg = str(info.value)
+    assert msg.startswith("No visattn backend can run pyramid attention") and "  backend 'triton':" in msg
+    lines = msg.splitlines()
+    assert "    - head dim 264 > 256 is not supported" in lines
+    assert any(x.startswith("    - dtype torch.float64 is not supported") for x in lines)
+    with pytest.raises(NotImplementedError, match="head dim 264 > 256"):
+        pyramid_attention(q.float(), q.float(), q.float(), plan=plan, backend="triton")
+    assert pyramid_attention(q, q, q, plan=plan, backend="torch").shape == q.shape  # torch runs it
 
 def test_presets_load():
     for name in (
@@ -315,7 +418,7 @@ def test_sampled_estimator_matches_naive_definition():
     g = torch.Generator().manual_seed(1)
     B, N, H, D, bq, bk = 1, 75, 2, 8, 16, 16
     q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
-    cfg = PyramidConfig(block_q=bq, block_k=bk)
+    cfg = PyramidConfig()._with_blocks(bq, bk)
     S = sampled_scores(q, k, cfg, None, D**-0.5)
     qo, ko = sample_offsets(B, H, bq, 4, "cpu", None), sample_offsets(B, H, bk, 4, "cpu", None)
     nq, nk = cdiv(N, bq), cdiv(N, bk)
@@ -334,6 +437,45 @@ def test_sampled_estimator_matches_naive_definition():
         assert torch.allclose(S[0, h], want, atol=1e-6)
 
 
+
+def _antidiagonal_naive(q, k, S, bq, bk, causal):
+    """Spec §2.4 by loops for one head: q, k ``[N, D]`` video tokens, N a multiple of S."""
+    N, D = q.shape
+    G = N // S
+    logit = torch.empty(G, G, dtype=torch.float64)
+    for g in range(G):
+        for h in range(G):
+            dot = sum(float(q[g * S + S - 1 - u].double() @ k[h * S + u].double()) for u in range(S))
+            logit[g, h] = dot / (D**0.5 * S) if not (causal and h > g) else float("-inf")
+    p = torch.softmax(logit, -1)  # over each group row
+    out = torch.zeros(cdiv(N, bq), cdiv(N, bk), dtype=torch.float64)
+    for g in range(G):
+        for h in range(G):
+            out[g * S // bq, h * S // bk] += p[g, h]  # the blocks that hold groups g and h
+    return out
+
+
+@pytest.mark.parametrize("causal, text", [(False, False), (True, False), (False, True)])
+def test_antidiagonal_estimator_matches_naive_definition(causal, text):
+    from visattn.ops._pyramid_rules import antidiagonal_scores
+
+    # 92 video tokens: 23 groups of S = 4, partial last blocks (92 = 2*32 + 28 = 5*16 + 12)
+    lay = SequenceLayout((1, 4, 23), text_len=13, text_position="start") if text else None
+    N = 92 + (13 if text else 0)
+    g = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(2, 2, N, 8, generator=g) for _ in range(2))  # [B, H, N, D]
+    cfg = PyramidConfig(estimator="antidiagonal", antidiagonal_stride=4, causal=causal)._with_blocks(32, 16)
+    got = antidiagonal_scores(q, k, cfg, lay)
+    if not causal:  # the op plans with these scores (causal planning masks future blocks afterwards)
+        bnhd = (q.transpose(1, 2), k.transpose(1, 2))
+        assert torch.equal(pyramid_plan(*bnhd, config=cfg, seq_layout=lay, keep_scores=True).scores, got)
+    vid = slice(13, N) if text else slice(0, N)  # the estimator sees the video segment only
+    assert got.shape == (2, 2, 3, 6)
+    for b in range(2):
+        for h in range(2):
+            want = _antidiagonal_naive(q[b, h, vid], k[b, h, vid], 4, 32, 16, causal)
+            torch.testing.assert_close(got[b, h].double(), want, atol=1e-5, rtol=0)
+
 @pytest.mark.parametrize(
     "estimator, reduce, causal", [("sampled_max", "max", False), ("sampled_softmax_max", "mean", True)]
 )
@@ -342,7 +484,7 @@ def test_triton_estimator_matches_torch(estimator, reduce, causal, device):
     lay = SequenceLayout((3, 5, 7), text_len=20, text_position="start") if not causal else None
     N = 150 if lay is None else lay.seq_len
     q, k = (torch.randn(2, N, 2, 16, generator=g).to(device) for _ in range(2))
-    cfg = PyramidConfig(block_q=32, block_k=16, estimator=estimator, reduce=reduce, causal=causal)
+    cfg = PyramidConfig(estimator=estimator, reduce=reduce, causal=causal)._with_blocks(32, 16)
     a = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="torch", seq_layout=lay)
     b = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="triton", seq_layout=lay)
     assert torch.allclose(a.scores, b.scores, atol=1e-5)

@@ -84,7 +84,7 @@ def test_triton_text_segments_with_valid_lengths(device, pos):
     N = lay.seq_len
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, N, 1, 16, generator=g) for _ in range(3))
-    cfg = PyramidConfig(block_q=32, block_k=16, levels={1: 0.2, 2: 0.4, 4: 0.6, 8: 0.8}, align="none")
+    cfg = PyramidConfig(levels={1: 0.2, 2: 0.4, 4: 0.6, 8: 0.8}, align="none")._with_blocks(32, 16)
     plan = pyramid_plan(q, k, config=cfg, seq_layout=lay)
     rows_ok = torch.ones(2, N, dtype=torch.bool)
     rows_ok[1, lay.text_start + 7 : lay.text_start + 23] = False
@@ -98,20 +98,15 @@ def test_triton_causal_variant(device):
     N = 120
     q, k, v = (torch.randn(1, N, 2, 16, generator=g) for _ in range(3))
     cfg = PyramidConfig(
-        block_q=16,
-        block_k=32,
-        levels={1: 0.3, 2: 0.5, 4: 0.7, 8: 0.9},
-        align="none",
-        causal=True,
-        mode="thresholdbound",
-    )
+        levels={1: 0.3, 2: 0.5, 4: 0.7, 8: 0.9}, align="none", causal=True, mode="thresholdbound"
+    )._with_blocks(16, 32)
     _compare(device, q, k, v, pyramid_plan(q, k, config=cfg))
 
 
 def test_triton_plans_itself_and_returns_plan(device):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 200, 2, 16, generator=g).to(device) for _ in range(3))
-    cfg = PyramidConfig(block_q=32, block_k=32)
+    cfg = PyramidConfig()._with_blocks(32, 32)
     out, plan = pyramid_attention(q, k, v, config=cfg, backend="triton", return_plan=True)
     assert isinstance(plan, PyramidPlan)
     assert max_abs(out, pyramid_attention_ref(q, k, v, plan)) < TOL

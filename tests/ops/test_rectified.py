@@ -160,6 +160,54 @@ def test_no_rectification_equals_block_sparse():
     assert torch.all(plan2.rect_scale == 1) and torch.all(plan2.rect_bias == 0)
 
 
+
+def test_gapr_rectifying_nothing_equals_block_sparse():
+    """Spec §2.6-2.7: with gapr=True but no dropped pair passing G > E, R = 1, C = 0, plain block-sparse.
+
+    Every q entry is positive, so q̄_I > 0 element-wise. Every visual key is k̄_J ± a_J (signs
+    alternating, so each block, the 6-token tail included, has as many + as -), a_J = 2|k̄_J| + 0.1:
+    the block mean is k̄_J and δk_J = a_J, so E_IJ ≥ q̄_I·a_J > Σ q̄_I|k̄_J| ≥ |q̄_I·k̄_J| = G_IJ.
+    """
+    lay = SequenceLayout((2, 5, 7), text_len=12, text_position="end", text_valid_len=torch.tensor([12, 5]))
+    B, H, D, b = 2, 2, 16, 16
+    Nv = lay.num_video  # 70 = 4 full blocks + a tail of 6
+    g = torch.Generator().manual_seed(3)
+    q = 0.2 + 3 * torch.rand(B, lay.seq_len, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, lay.seq_len, H, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, lay.seq_len, H, D, generator=g, dtype=torch.float64)
+    sign = 1.0 - 2.0 * (torch.arange(Nv) % 2).double()  # +, -, +, - ... from the video start
+    for j in range(-(-Nv // b)):
+        s, e = j * b, min((j + 1) * b, Nv)
+        mean = torch.randn(B, 1, H, D, generator=g, dtype=torch.float64)
+        k[:, s:e] = mean + sign[s:e, None, None] * (2 * mean.abs() + 0.1)
+    cfg = B16.replace(drop_rate=0.75, cum_threshold=0.2, neighbours=False)
+    assert cfg.gapr and cfg.ipar
+    out, plan = rectified_attention(q, k, v, seq_layout=lay, config=cfg, backend="torch", return_plan=True)
+    kept = plan.kept_visual()  # [B, H, n_v, n_v]
+    assert not kept.all() and not plan.rect_map.any()  # blocks were dropped, none rectified
+    assert torch.all(plan.rect_scale == 1) and torch.all(plan.rect_bias == 0)
+    ref, ref_kept, ref_rect, R, C = rectified_attention_ref(
+        q, k, v, seq_layout=lay, config=cfg, return_maps=True
+    )
+    assert torch.equal(ref_kept, kept) and not ref_rect.any() and torch.all(R == 1) and torch.all(C == 0)
+    # independent masked dense float64 attention: video rows see their kept blocks and valid text,
+    # text rows see every valid key
+    tv = lay.valid_text(B)
+    blk = torch.arange(Nv) // b
+    want = torch.zeros_like(q)
+    for bi in range(B):
+        key_ok = torch.ones(lay.seq_len, dtype=torch.bool)
+        key_ok[Nv + int(tv[bi]) :] = False
+        for h in range(H):
+            allowed = key_ok.expand(lay.seq_len, -1).clone()
+            allowed[:Nv, :Nv] = kept[bi, h][blk[:, None], blk[None, :]]
+            logits = (q[bi, :, h] @ k[bi, :, h].T) * D**-0.5
+            p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+            want[bi, :, h] = p @ v[bi, :, h]
+    ok = _valid_rows(lay, B)
+    torch.testing.assert_close(out[ok], want[ok], atol=1e-12, rtol=0)
+    torch.testing.assert_close(ref[ok], want[ok], atol=1e-12, rtol=0)
+
 @pytest.mark.parametrize("lay_name", ["video", "end_padded", "start"])
 def test_block_constant_qk_gives_dense_output(lay_name):
     lay = LAYOUTS[lay_name](2)
@@ -234,6 +282,26 @@ def test_plan_reuse_new_v_save_load(tmp_path):
     torch.testing.assert_close(got2[ok], want[ok], atol=1e-6, rtol=0)
 
 
+
+def test_save_load_roundtrip_is_weights_only(tmp_path):
+    # a preset config (tuples of strings and ints), an int text_valid_len, no rect_prob
+    lay = SequenceLayout(
+        (2, 5, 7), text_len=12, text_position="start", text_valid_len=9, token_order="gilbert"
+    )
+    cfg = RectifiedConfig.from_preset("flux_dev_4096")._with_block(16)
+    q, k, v = _qkv(lay, B=2, H=2, D=16, dtype=torch.float32)
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=cfg, backend="torch")
+    plan.save(tmp_path / "p.pt")
+    torch.load(tmp_path / "p.pt", weights_only=True)  # the safe unpickler reads the saved format
+    back = RectifiedPlan.load(tmp_path / "p.pt")
+    for name in ("kv_index", "kv_count", "rect_scale", "rect_bias", "rect_map", "density", "rect_fraction"):
+        assert torch.equal(getattr(back, name), getattr(plan, name)), name
+    assert back.rect_prob is None and back.block_size == 16
+    assert back.seq_layout == lay and back.config == cfg and back.config.dense_blocks == cfg.dense_blocks
+    # the loaded plan cannot know which v made C, and without rect_prob it cannot recompute it
+    with pytest.raises(ValueError, match="keep_probs"):
+        rectified_attention(q, k, v, plan=back, backend="torch")
+
 def test_neighbour_and_first_frame_rules():
     lay = SequenceLayout((3, 6, 8), token_order="gilbert")
     q, k, v = _qkv(lay, B=1, H=1)
@@ -285,6 +353,33 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="backward"):
         rectified_attention(qg, k.float(), v.float(), seq_layout=lay, config=B16, backend="triton")
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_plan_length_mismatch_without_seq_layout(backend):
+    # 125 and 122 tokens both cut into 8 blocks of 16: only the length check can catch the reuse
+    lay = SequenceLayout((5, 5, 5))
+    q, k, v = _qkv(lay, B=1, H=2, D=16, dtype=torch.float32)
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=B16, backend="torch")
+    assert plan.num_tiles == -(-122 // 16)
+    with pytest.raises(ValueError, match=r"plan.*N=122.*seq_len=125"):
+        rectified_attention(q[:, :122], k[:, :122], v[:, :122], plan=plan, backend=backend)
+
+
+def test_triton_head_dim_reasons():
+    # the message names the backend and lists every reason on its own line (no kernel is launched)
+    lay = SequenceLayout((1, 4, 8))
+    q, k, v = _qkv(lay, B=1, H=1, D=264, dtype=torch.float32)
+    plan = rectified_plan(q, k, v, seq_layout=lay, config=B16, backend="torch")
+    with pytest.raises(NotImplementedError) as info:
+        rectified_attention(q.requires_grad_(), k, v, plan=plan, backend="triton")
+    msg = str(info.value)
+    assert msg.startswith("No visattn backend can run rectified attention") and "  backend 'triton':" in msg
+    lines = msg.splitlines()
+    assert "    - head dim 264 > 256 is not supported" in lines
+    assert any(x.startswith("    - no backward on 'triton'") for x in lines)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="head dim 264 > 256"):
+        rectified_attention(q, k, v, plan=plan, backend="triton")
 
 def test_torch_backend_is_differentiable():
     lay = LAYOUTS["start"](1)

@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 
 import visattn
 import visattn.pipelines as vp
+from visattn.ops._pyramid_config import allow_test_block_sizes
 from visattn.pipelines.pyramid import PyramidPipelineConfig
 from visattn.pipelines.tiny import tiny_inputs
 
@@ -25,7 +26,7 @@ _SPARSE = dict(block_q=16, block_k=16, levels={1: 0.25, 2: 0.4, 4: 0.5, 8: 0.75}
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
-    with visattn.use_backend("torch"):
+    with visattn.use_backend("torch"), allow_test_block_sizes():  # tiny models: 16-token blocks
         yield
 
 

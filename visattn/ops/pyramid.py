@@ -185,8 +185,7 @@ def pyramid_attention(
                 f"{(config.block_q, config.block_k, config.causal)}, plan="
                 f"{(plan.block_q, plan.block_k, plan.causal)}"
             )
-        lay = seq_layout if plan.seq_layout is not None else None
-        plan.check_against(B, H, N, lay)
+        plan.check_against(B, H, N, seq_layout)
         if plan.device != q.device:
             raise ValueError(f"expected the plan on q's device {q.device}, got plan.device={plan.device}")
     chosen = _dispatch.select(

@@ -145,7 +145,16 @@ class PyramidPlan:
             )
         if seq_len != self.seq_len:
             raise ValueError(f"expected {name} made for N={seq_len}, got {name}.seq_len={self.seq_len}")
-        if seq_layout is not None and self.seq_layout is not None and seq_layout != self.seq_layout:
+        if seq_layout is None:
+            return  # the plan's own segments (or one segment) apply
+        if self.seq_layout is None:
+            # a one-segment plan is right for a layout only when made so on purpose (text_keys="as_video")
+            if self.config is None or self.config.text_keys != "as_video":
+                raise ValueError(
+                    f"expected {name} made for seq_layout={seq_layout!r} (or with config.text_keys="
+                    f"'as_video'), got {name}.seq_layout=None (a one-segment plan)"
+                )
+        elif seq_layout != self.seq_layout:
             raise ValueError(
                 f"expected {name}.seq_layout == seq_layout, got {self.seq_layout!r} and {seq_layout!r}"
             )
@@ -331,7 +340,11 @@ class PyramidPlan:
     def load(cls, path, map_location=None) -> PyramidPlan:
         d = torch.load(path, map_location=map_location, weights_only=True)
         lay = None if d["seq_layout"] is None else SequenceLayout(**d["seq_layout"])
-        cfg = None if d["config"] is None else PyramidConfig(**d["config"])
+        c = d["config"]
+        # a saved test-only block size (tests' tiny plans) comes back as it was, as RectifiedPlan.load
+        cfg = None if c is None else PyramidConfig(**{**c, "block_q": 128, "block_k": 64})._with_blocks(
+            c["block_q"], c["block_k"]
+        )
         return cls(
             d["kv_index"], d["level_ptr"], d["block_q"], d["block_k"], d["seq_len"], lay, cfg, d["scores"]
         )

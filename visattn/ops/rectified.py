@@ -288,7 +288,7 @@ def rectified_attention(
     else:
         if not isinstance(plan, RectifiedPlan):
             raise ValueError(f"expected plan to be a RectifiedPlan, got plan={type(plan).__name__}")
-        plan.check_against(B, H, D, seq_layout)
+        plan.check_against(B, H, N, D, seq_layout)
         if plan.device != q.device:
             raise ValueError(f"expected the plan on q's device {q.device}, got plan.device={plan.device}")
         gapr = plan.config is None or plan.config.gapr

@@ -177,8 +177,16 @@ class RectifiedPlan:
     def device(self) -> torch.device:
         return self.kv_index.device
 
-    def check_against(self, batch: int, heads: int, head_dim: int, seq_layout: SequenceLayout | None) -> None:
+    def check_against(
+        self, batch: int, heads: int, seq_len: int, head_dim: int, seq_layout: SequenceLayout | None
+    ) -> None:
         """Raise ``ValueError`` (naming ``plan``) when the plan does not fit these inputs."""
+        # the tile count alone misses lengths that round to the same blocks (N=122 vs a plan for 125)
+        if seq_len != self.seq_layout.seq_len:
+            raise ValueError(
+                f"expected plan made for N={seq_len} tokens (the length of q, k, v), got plan for "
+                f"plan.seq_layout.seq_len={self.seq_layout.seq_len}"
+            )
         want = (batch, heads, self.num_tiles)
         if tuple(self.kv_count.shape) != want or tuple(self.rect_bias.shape) != want + (head_dim,):
             raise ValueError(
@@ -262,7 +270,8 @@ class RectifiedPlan:
 
     @classmethod
     def load(cls, path, map_location=None) -> RectifiedPlan:
-        data = torch.load(path, map_location=map_location, weights_only=False)
+        # only tensors and plain containers were saved, so the safe unpickler reads it (no code runs)
+        data = torch.load(path, map_location=map_location, weights_only=True)
         t = data["tensors"]
         cfg = data["config"]
         if cfg is not None:
