@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("diffusers")  # the diffusers extra; installed in CI through the test extra
 
@@ -77,7 +78,8 @@ def _gen(tmp_path, monkeypatch, tiny, method, *extra):
         ),
     ],
 )
-def test_generate_tiny(tmp_path, monkeypatch, tiny, method, extra):
+def test_generate_tiny(tmp_path, monkeypatch, capsys, tiny, method, extra):
+    monkeypatch.setattr(_generate_io, "mp4_unavailable_reason", lambda: "no MP4 writer in this test")
     out, rep = _gen(tmp_path, monkeypatch, tiny, method, *extra)
     assert rep["method"] == method and rep["steps"] == 2
     assert rep["attention_time_s"] > 0 and 0 < rep["attention_share"] <= 1
@@ -87,6 +89,15 @@ def test_generate_tiny(tmp_path, monkeypatch, tiny, method, extra):
     assert rep["files"][0].startswith(f"{method}_seed0")
     assert rep["versions"]["diffusers"] and rep["config"]
     assert len(rep["warmup_s"]) == (1 if tiny == "dit" else 0)
+    err = capsys.readouterr().err
+    if tiny == "wan":  # a video with --format auto and no MP4 writer: a GIF, and the reason printed
+        assert rep["files"] == ["neighborhood_seed0.gif"]
+        assert rep["output_note"] == "wrote a GIF instead of MP4: no MP4 writer in this test"
+        assert f"visattn generate: {rep['output_note']}" in err
+        with Image.open(out / rep["files"][0]) as im:
+            assert im.size == (64, 64) and im.n_frames > 1
+    else:
+        assert rep["output_note"] is None and "visattn generate:" not in err
     if tiny == "wan":
         assert rep["layouts"] and rep["density"] < 1
         assert (
@@ -97,7 +108,10 @@ def test_generate_tiny(tmp_path, monkeypatch, tiny, method, extra):
         assert rep["dense"]["method"] == "dense"
 
 
-def test_generate_bad_input(tmp_path):
+def test_generate_bad_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(_generate_io, "mp4_unavailable_reason", lambda: "no MP4 writer in this test")
+    with pytest.raises(ImportError, match="--format mp4 cannot write videos: no MP4 writer in this test"):
+        main(["generate", "--tiny", "wan", "--format", "mp4", "--out", str(tmp_path)])  # before loading
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         main(["generate", "--tiny", "dit", "--method", "nope", "--out", str(tmp_path)])
     with pytest.raises(TypeError, match="unknown NeighborhoodConfig field"):

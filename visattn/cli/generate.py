@@ -5,9 +5,9 @@
   visattn generate --model ./saved_pipeline --method dense --out runs/base     # a local directory
   visattn generate --tiny wan --method neighborhood --steps 2 --out runs/tiny  # offline, built in code
 
-Writes the output (PNG; MP4 or PNG frames + .npy for videos) and report.json (versions, resolved
-config, layouts, wall times, attention time and its share, calls, fallbacks with reasons, density,
-peak memory). --compare-dense reruns with the dense method and the same seed and adds the speedup,
+Writes the output (PNG images; videos as MP4 when imageio-ffmpeg or OpenCV is installed, else a GIF,
+saying why) and report.json (versions, resolved config, layouts, wall times, attention time and its
+share, calls, fallbacks with reasons, density, peak memory). --compare-dense reruns with the dense method and the same seed and adds the speedup,
 PSNR, relative L2 and cosine against it. Warm-up generations (--warmup) are not timed.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/generate", help="output folder")
-    p.add_argument("--format", choices=["auto", "png", "mp4", "npy"], default="auto")
+    p.add_argument(
+        "--format",
+        choices=["auto", "png", "mp4", "gif", "npy"],
+        default="auto",
+        help="auto: PNG for images; for videos MP4 when a writer is installed (imageio-ffmpeg or "
+        "opencv-python), else GIF, printing why. png: images or PNG frames; mp4 (fails early without "
+        "a writer) and gif: videos; npy: the float array in [0, 1]",
+    )
     p.add_argument(
         "--warmup",
         type=int,
@@ -167,12 +175,21 @@ def _table(rows: list[tuple[str, object]]) -> str:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ._generate_io import compare, load_pipeline, save_output, versions, write_report
+    from ._generate_io import (
+        compare,
+        load_pipeline,
+        mp4_unavailable_reason,
+        save_output,
+        versions,
+        write_report,
+    )
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     t_start = time.perf_counter()
     spec, overrides, device, dtype = _resolve(args)  # bad method / --set fail before loading anything
+    if args.format == "mp4" and (reason := mp4_unavailable_reason()) is not None:
+        raise ImportError(f"--format mp4 cannot write videos: {reason} (or use --format gif)")
     if args.warmup is None:
         args.warmup = 1 if args.compile else 0
     if args.tiny and args.height is None:
@@ -187,7 +204,9 @@ def run(args: argparse.Namespace) -> int:
         pipe, spec.slug, args, device, preset=args.preset, overrides=overrides, progress=progress, stats=stats
     )
     stem = f"{spec.slug}_seed{args.seed}"
-    rec["files"] = save_output(arr, out, stem, video, args.format)
+    rec["files"], rec["output_note"] = save_output(arr, out, stem, video, args.format)
+    if rec["output_note"]:
+        print(f"visattn generate: {rec['output_note']}", file=sys.stderr)
     report = {
         "versions": versions(),
         "source": args.model or f"tiny:{args.tiny}",
@@ -202,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         darr, _, drec = _one_method(
             pipe, "dense", args, device, preset=None, overrides={}, progress=progress, stats=stats
         )
-        drec["files"] = save_output(darr, out, f"dense_seed{args.seed}", video, args.format)
+        dstem = f"dense_seed{args.seed}"
+        drec["files"], drec["output_note"] = save_output(darr, out, dstem, video, args.format)
         speed = {"speedup": drec["generate_s"] / rec["generate_s"]}
         if rec["attention_time_s"] and drec["attention_time_s"]:
             speed["attention_speedup"] = drec["attention_time_s"] / rec["attention_time_s"]
@@ -221,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         ("calls", rec["total_calls"]),
         ("fallbacks", sum(rec["fallbacks"].values())),
         ("density", rec["density"]),
+        ("output", ", ".join(rec["files"][:2]) + (" ..." if len(rec["files"]) > 2 else "")),
     ]
     for k, v in report.get("compare_dense", {}).items():
         rows.append((k, v))
