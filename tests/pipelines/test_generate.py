@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -106,6 +107,63 @@ def test_generate_tiny(tmp_path, monkeypatch, capsys, tiny, method, extra):
         cmp = rep["compare_dense"]
         assert cmp["speedup"] > 0 and cmp["psnr_db"] > 10 and 0 < cmp["rel_l2"] < 1  # differs from dense
         assert rep["dense"]["method"] == "dense"
+
+
+_WAN_SIZE = ("--height", "64", "--width", "64")  # 2 x 4 x 4 latent tokens: two 16-token blocks
+
+
+@pytest.mark.parametrize(
+    "tiny,method,extra,expected_calls",
+    [
+        # 3 attn1 at ds = 1 in the tiny UNet (down_blocks.0: 1, up_blocks.1: 2). agentsd_sd15's phase
+        # starts at 0.4 of the steps: step 0 merges with agents, step 1 (ceil(0.8)) merges only
+        (
+            "unet",
+            "agent",
+            ("--preset", "agentsd_sd15", "--set", "backend=torch"),
+            {"agent": 3, "agent: tome only": 3},
+        ),
+        # tiny Wan: 2 blocks x 2 steps x separate cond / uncond calls
+        (
+            "wan",
+            "pyramid",
+            (
+                *("--set", "backend=torch", "--set", "block_q=16", "--set", "block_k=16"),
+                *("--set", "levels={1: 0.25, 2: 0.4, 4: 0.5, 8: 0.75}", "--set", "align=none", *_WAN_SIZE),
+            ),
+            {"PyramidWanAttnProcessor": 8},
+        ),
+        (
+            "wan",
+            "rectified",
+            (
+                *("--set", "backend=torch", "--set", "block_size=16", "--set", "drop_rate=0.9"),
+                *("--set", "cum_threshold=0.1", "--set", "neighbours=false", *_WAN_SIZE),
+            ),
+            {"RectifiedWanAttnProcessor": 8},
+        ),
+    ],
+)
+def test_generate_tiny_sparse_methods(tmp_path, monkeypatch, capsys, tiny, method, extra, expected_calls):
+    from visattn.ops.rectified_plan import allow_test_block_sizes
+
+    monkeypatch.setattr(_generate_io, "mp4_unavailable_reason", lambda: "no MP4 writer in this test")
+    with allow_test_block_sizes():  # rectified's 16-token blocks (the tiny Wan has 32 video tokens)
+        out, rep = _gen(tmp_path, monkeypatch, tiny, method, *extra)
+    printed = capsys.readouterr().out
+    assert rep["method"] == method and rep["files"]
+    for f in rep["files"]:
+        assert (out / f).is_file()
+    assert rep["files"][0] == f"{method}_seed0." + ("gif" if tiny == "wan" else "png")
+    # every call ran the method itself: no fallback, none made dense by a schedule
+    assert rep["calls"] == expected_calls and rep["fallbacks"] == {} and rep["dense_by_schedule"] == 0
+    assert rep["attention_time_s"] > 0
+    if method == "rectified":
+        assert rep["config"]["block_size"] == 16 and rep["config"]["neighbours"] is False
+    calls = ", ".join(f"{k}: {v}" for k, v in expected_calls.items())
+    total = sum(expected_calls.values())
+    assert re.search(rf"^  calls +{total} \({re.escape(calls)}\)$", printed, re.M), printed
+    assert re.search(r"^  fallbacks +0$", printed, re.M), printed
 
 
 def test_generate_bad_input(tmp_path, monkeypatch):

@@ -7,8 +7,9 @@
 
 Writes the output (PNG images; videos as MP4 when imageio-ffmpeg or OpenCV is installed, else a GIF,
 saying why) and report.json (versions, resolved config, layouts, wall times, attention time and its
-share, calls, fallbacks with reasons, density, peak memory). --compare-dense reruns with the dense method and the same seed and adds the speedup,
-PSNR, relative L2 and cosine against it. Warm-up generations (--warmup) are not timed.
+share, calls, fallbacks with reasons, density, peak memory). --compare-dense reruns with the dense
+method and the same seed and adds the speedup, PSNR, relative L2 and cosine against it. Warm-up
+generations (--warmup) are not timed.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def _one_method(pipe, method, args, device, *, preset, overrides, progress, stat
         handle.remove()
 
 
+def _counted(counts: dict[str, int]) -> str:
+    """``"8 (PyramidWanAttnProcessor: 8)"``: the total, then each name or reason with its count."""
+    total = sum(counts.values())
+    return f"{total} ({', '.join(f'{k}: {v}' for k, v in counts.items())})" if counts else str(total)
+
+
 def _table(rows: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = []
@@ -238,8 +245,8 @@ def run(args: argparse.Namespace) -> int:
         ("denoise_s", rec["denoise_s"]),
         ("attention_time_s", rec["attention_time_s"]),
         ("attention_share", rec["attention_share"]),
-        ("calls", rec["total_calls"]),
-        ("fallbacks", sum(rec["fallbacks"].values())),
+        ("calls", _counted(rec["calls"])),
+        ("fallbacks", _counted(rec["fallbacks"])),
         ("density", rec["density"]),
         ("output", ", ".join(rec["files"][:2]) + (" ..." if len(rec["files"]) > 2 else "")),
     ]
