@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -75,6 +76,7 @@ def _gen(tmp_path, monkeypatch, tiny, method, *extra):
                 "--width",
                 "64",
                 "--compare-dense",
+                "--compare-default",
             ),
         ),
     ],
@@ -106,7 +108,10 @@ def test_generate_tiny(tmp_path, monkeypatch, capsys, tiny, method, extra):
         )  # preset + --set
         cmp = rep["compare_dense"]
         assert cmp["speedup"] > 0 and cmp["psnr_db"] > 10 and 0 < cmp["rel_l2"] < 1  # differs from dense
-        assert rep["dense"]["method"] == "dense"
+        assert rep["dense"]["method"] == "dense" and cmp["attention_speedup"] > 0
+        dflt = rep["compare_default"]
+        assert dflt["speedup"] > 0 and dflt["denoise_speedup"] > 0 and 0 < dflt["rel_l2"] < 1
+        assert rep["default"]["files"] == ["default_seed0.gif"] and "attention_speedup" not in dflt
 
 
 _WAN_SIZE = ("--height", "64", "--width", "64")  # 2 x 4 x 4 latent tokens: two 16-token blocks
@@ -164,6 +169,34 @@ def test_generate_tiny_sparse_methods(tmp_path, monkeypatch, capsys, tiny, metho
     total = sum(expected_calls.values())
     assert re.search(rf"^  calls +{total} \({re.escape(calls)}\)$", printed, re.M), printed
     assert re.search(r"^  fallbacks +0$", printed, re.M), printed
+
+
+def test_compare_default_reruns_the_unmodified_pipeline(tmp_path, monkeypatch, capsys):
+    """--compare-default: a second generation with the pipeline's own processors (no visattn processor
+    installed during it), equal to calling the pipeline directly; dense's math matches it."""
+    from visattn.pipelines._tiny_pipes import tiny_pipeline
+
+    kw = dict(steps=2, guidance=4.0, seed=0, height=32, width=32, progress=False)  # _gen's, CLI defaults
+    direct = tiny_pipeline("unet").generate(**kw)
+    installed = []  # per generation: does the UNet hold a visattn processor?
+    real_run = _generate_io.run_pipeline
+
+    def spy(pipe, *args, **kwargs):
+        installed.append(any(isinstance(p, vp.VisattnProcessor) for p in pipe.unet.attn_processors.values()))
+        return real_run(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(_generate_io, "run_pipeline", spy)
+    out, rep = _gen(tmp_path, monkeypatch, "unet", "dense", "--compare-default", "--format", "npy")
+    assert installed == [True, False]  # the method's run, then the default run
+    assert rep["files"] == ["dense_seed0.npy"] and rep["default"]["files"] == ["default_seed0.npy"]
+    np.testing.assert_array_equal(np.load(out / "default_seed0.npy"), direct)
+    cmp = rep["compare_default"]
+    assert cmp["speedup"] > 0 and cmp["denoise_speedup"] > 0 and cmp["rel_l2"] < 1e-5  # the same math
+    assert rep["default"]["method"] == "default" and rep["default"]["apply_s"] is None
+    assert "attention_time_s" not in rep["default"] and "compare_dense" not in rep
+    printed = capsys.readouterr().out
+    assert re.search(r"^  speedup vs default +[0-9.e+-]+$", printed, re.M), printed
+    assert re.search(r"^  denoise_speedup vs default +[0-9.e+-]+$", printed, re.M), printed
 
 
 def test_generate_bad_input(tmp_path, monkeypatch):
