@@ -135,33 +135,93 @@ def run_pipeline(
     return np.asarray(arr, dtype=np.float32), times, video
 
 
-def save_output(arr: np.ndarray, out: Path, stem: str, video: bool, fmt: str) -> list[str]:
-    """PNG images; a video as MP4 (imageio/OpenCV) or PNG frames + ``.npy``. Returns the file names."""
+VIDEO_FPS = 16
+
+
+def mp4_unavailable_reason() -> str | None:
+    """Why ``diffusers.utils.export_to_video`` cannot write MP4 here, or ``None`` when it can.
+
+    diffusers writes through imageio when imageio is installed (which then needs its ffmpeg plugin,
+    ``imageio-ffmpeg``) and only otherwise through OpenCV, so imageio without ffmpeg cannot write MP4
+    even when OpenCV is present.
+    """
+    from importlib.util import find_spec
+
+    if find_spec("imageio") is not None:
+        try:
+            import imageio.plugins.ffmpeg as ffmpeg_plugin
+
+            ffmpeg_plugin.get_exe()
+        except Exception as e:  # ImportError without imageio-ffmpeg; RuntimeError without a binary
+            return f"imageio has no ffmpeg ({type(e).__name__}: {e}); pip install imageio-ffmpeg"
+        return None
+    if find_spec("cv2") is not None:
+        return None
+    return "neither imageio with imageio-ffmpeg nor opencv-python is installed; pip install imageio-ffmpeg"
+
+
+def _save_gif(frames: np.ndarray, path: Path, fps: int) -> None:
+    """An endlessly looping GIF of ``[F, H, W, 3]`` uint8 frames, written with Pillow.
+
+    GIF stores delays in 1/100 s, so the frame time is rounded to 10 ms. Pillow merges consecutive
+    identical frames into one longer frame: the playback time is kept, the frame count can drop.
+    """
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    frame_ms = 10 * max(1, round(100 / fps))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+
+
+def save_output(
+    arr: np.ndarray, out: Path, stem: str, video: bool, fmt: str
+) -> tuple[list[str], str | None]:
+    """Save a generation; returns ``(file names, note)``.
+
+    Images are PNG. A video is MP4 (through ``diffusers.utils.export_to_video``), a GIF (Pillow) or PNG
+    frames; ``auto`` writes MP4 when a writer is installed (:func:`mp4_unavailable_reason`), else a GIF.
+    ``npy`` saves the float array. ``note`` is ``None`` when the output is in the asked format and
+    otherwise says what was written instead and why (callers print it; nothing falls back silently).
+
+    Raises:
+        ImportError: ``fmt="mp4"`` for a video and no MP4 writer is installed.
+    """
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    u8 = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-    files: list[str] = []
-    if fmt == "npy" or (video and fmt in ("auto", "mp4")):
-        if video and fmt != "npy":
-            try:
-                from diffusers.utils import export_to_video
-
-                path = out / f"{stem}.mp4"
-                export_to_video(list(arr), str(path), fps=16)
-                return [path.name]
-            except Exception as e:  # no imageio / OpenCV: fall back to frames + npy, and say so
-                if fmt == "mp4":
-                    raise ImportError(f"writing MP4 needs imageio[ffmpeg] or opencv-python ({e})") from e
+    if fmt == "npy":
         np.save(out / f"{stem}.npy", arr)
-        files.append(f"{stem}.npy")
-        if fmt == "npy":
-            return files
+        return [f"{stem}.npy"], None
+    u8 = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    note = None
+    if video and fmt in ("auto", "mp4"):
+        reason = mp4_unavailable_reason()
+        if reason is None:
+            from diffusers.utils import export_to_video
+
+            path = out / f"{stem}.mp4"
+            try:
+                export_to_video([Image.fromarray(f) for f in u8], str(path), fps=VIDEO_FPS)
+                return [path.name], None
+            except Exception as e:  # a writer that is installed but fails (codec, permissions)
+                if fmt == "mp4":
+                    raise
+                reason = f"the MP4 writer failed ({type(e).__name__}: {e})"
+        elif fmt == "mp4":
+            raise ImportError(f"--format mp4 cannot write the video: {reason}")
+        note = f"wrote a GIF instead of MP4: {reason}"
+        fmt = "gif"
+    if video and fmt == "gif":
+        _save_gif(u8, out / f"{stem}.gif", VIDEO_FPS)
+        return [f"{stem}.gif"], note
+    if not video and fmt in ("mp4", "gif"):
+        note = f"the pipeline made images, not a video: wrote PNG instead of {fmt.upper()}"
+    files: list[str] = []
     for i, img in enumerate(u8):
         name = f"{stem}_frame{i:03d}.png" if video else (f"{stem}.png" if len(u8) == 1 else f"{stem}_{i}.png")
         Image.fromarray(img).save(out / name)
         files.append(name)
-    return files
+    return files, note
 
 
 def compare(a: np.ndarray, ref: np.ndarray) -> dict[str, float]:

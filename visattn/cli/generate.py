@@ -5,21 +5,28 @@
   visattn generate --model ./saved_pipeline --method dense --out runs/base     # a local directory
   visattn generate --tiny wan --method neighborhood --steps 2 --out runs/tiny  # offline, built in code
 
-Writes the output (PNG; MP4 or PNG frames + .npy for videos) and report.json (versions, resolved
-config, layouts, wall times, attention time and its share, calls, fallbacks with reasons, density,
-peak memory). --compare-dense reruns with the dense method and the same seed and adds the speedup,
-PSNR, relative L2 and cosine against it. Warm-up generations (--warmup) are not timed.
+Writes the output (PNG images; videos as MP4 when imageio-ffmpeg or OpenCV is installed, else a GIF,
+saying why) and report.json (versions, resolved config, layouts, wall times, attention time and its
+share, calls, fallbacks with reasons, density, peak memory). --compare-default reruns with the
+pipeline's own processors (visattn not applied) and the same seed and adds the speedup over that
+unmodified run and the PSNR, relative L2 and cosine against it; --compare-dense does the same against
+visattn's dense method, which times attention like every method, so it adds the attention-time speedup.
+Warm-up generations (--warmup) are not timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
 NAME = "generate"
-HELP = "generate with a visattn attention method in a diffusers pipeline (report.json, --compare-dense)"
+HELP = (
+    "generate with a visattn attention method in a diffusers pipeline "
+    "(report.json, --compare-default, --compare-dense)"
+)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -58,7 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/generate", help="output folder")
-    p.add_argument("--format", choices=["auto", "png", "mp4", "npy"], default="auto")
+    p.add_argument(
+        "--format",
+        choices=["auto", "png", "mp4", "gif", "npy"],
+        default="auto",
+        help="auto: PNG for images; for videos MP4 when a writer is installed (imageio-ffmpeg or "
+        "opencv-python), else GIF, printing why. png: images or PNG frames; mp4 (fails early without "
+        "a writer) and gif: videos; npy: the float array in [0, 1]",
+    )
     p.add_argument(
         "--warmup",
         type=int,
@@ -67,7 +81,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the repeated blocks (wall times only)"
     )
-    p.add_argument("--compare-dense", action="store_true", help="rerun dense with the same seed and compare")
+    p.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="rerun with visattn's dense processors (the models' math, timed like every method) and the "
+        "same seed: speedup (wall), denoise_speedup, attention_speedup, PSNR / relative L2 / cosine",
+    )
+    p.add_argument(
+        "--compare-default",
+        action="store_true",
+        help="rerun with the pipeline's own default processors (no visattn processor installed) and the "
+        "same seed: the speedup over an unmodified run (wall time of the generation and of the "
+        "denoising loop; attention time is not measured there), PSNR / relative L2 / cosine. For "
+        "timings add --warmup 1, so every run is warm",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -97,61 +124,91 @@ def _compile(pipe) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
 
 
+DEFAULT = "default"  # the record name of a run with the pipeline's own processors (--compare-default)
+
+
 def _one_method(pipe, method, args, device, *, preset, overrides, progress, stats):
-    """Apply ``method``, warm up, run one timed generation; returns ``(array, video, record)``."""
+    """Apply ``method``, warm up, run one timed generation; returns ``(array, video, record)``.
+
+    ``method=None`` applies nothing: the pipeline's own (diffusers default) processors, which time no
+    attention, so the record has wall times only.
+    """
     import torch
 
     from visattn.pipelines import apply
 
     from ._generate_io import StepClock, run_pipeline
 
-    t0 = time.perf_counter()
-    handle = apply(pipe, method, preset=preset, stats=stats, **overrides)
-    apply_s = time.perf_counter() - t0
+    handle, apply_s = None, None
+    if method is not None:
+        t0 = time.perf_counter()
+        handle = apply(pipe, method, preset=preset, stats=stats, **overrides)
+        apply_s = time.perf_counter() - t0
     try:
         clock = StepClock(handle)
         if args.compile:
             _compile(pipe)
         warmup_s = []  # the first includes Triton JIT / autotune: reported apart from the timed run
         for _ in range(args.warmup):
-            handle.reset()
+            if handle is not None:
+                handle.reset()
             _, times, _ = run_pipeline(pipe, args, args.steps, device, clock, progress=False)
             warmup_s.append(times["generate_s"])
-        handle.reset()
-        handle.context.stats.reset()
+        if handle is not None:
+            handle.reset()
+            handle.context.stats.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         arr, times, video = run_pipeline(pipe, args, args.steps, device, clock, progress)
-        st = handle.stats()
-        denom = times["denoise_s"] or times["generate_s"]
-        cfg = handle.config
-        layouts = {c: repr(lay) for c, lay in handle.context.layouts.items()}
-        density = None
-        if hasattr(cfg, "density") and handle.context.layouts:
-            lay = next(iter(handle.context.layouts.values()))
-            density = cfg.density(lay.video_grid)
-        record = {
-            "method": method,
-            "config": dataclasses.asdict(cfg),
-            "layouts": layouts,
-            "apply_s": apply_s,
-            "warmup_s": warmup_s,
-            **times,
-            "attention_time_s": st["attention_time_s"] if stats else None,
-            "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,
-            "calls": st["calls"],
-            "total_calls": st["total_calls"],
-            "dense_by_schedule": st["dense_by_schedule"],
-            "fallbacks": st["fallbacks"],
-            "density": density,
-            "step_source": handle.context.step_source,
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
-            if device.type == "cuda"
-            else None,
-        }
+        record = {"method": method or DEFAULT, "apply_s": apply_s, "warmup_s": warmup_s, **times}
+        if handle is not None:
+            record.update(_handle_record(handle, times, stats))
+        record["peak_memory_gb"] = (
+            torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        )
         return arr, video, record
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+
+
+def _handle_record(handle, times, stats: bool) -> dict:
+    """What the handle knows after a run: config, layouts, attention time and share, calls, fallbacks."""
+    st = handle.stats()
+    denom = times["denoise_s"] or times["generate_s"]
+    cfg = handle.config
+    density = None
+    if hasattr(cfg, "density") and handle.context.layouts:
+        lay = next(iter(handle.context.layouts.values()))
+        density = cfg.density(lay.video_grid)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "layouts": {c: repr(lay) for c, lay in handle.context.layouts.items()},
+        "attention_time_s": st["attention_time_s"] if stats else None,
+        "attention_share": (st["attention_time_s"] / denom) if stats and denom else None,
+        "calls": st["calls"],
+        "total_calls": st["total_calls"],
+        "dense_by_schedule": st["dense_by_schedule"],
+        "fallbacks": st["fallbacks"],
+        "density": density,
+        "step_source": handle.context.step_source,
+    }
+
+
+def _speedups(rec: dict, base: dict) -> dict[str, float]:
+    """Wall-time speedups of ``rec`` over the baseline ``base`` (and attention time where both have it)."""
+    out = {"speedup": base["generate_s"] / rec["generate_s"]}
+    if rec["denoise_s"] and base["denoise_s"]:
+        out["denoise_speedup"] = base["denoise_s"] / rec["denoise_s"]
+    if rec.get("attention_time_s") and base.get("attention_time_s"):
+        out["attention_speedup"] = base["attention_time_s"] / rec["attention_time_s"]
+    return out
+
+
+def _counted(counts: dict[str, int]) -> str:
+    """``"8 (PyramidWanAttnProcessor: 8)"``: the total, then each name or reason with its count."""
+    total = sum(counts.values())
+    return f"{total} ({', '.join(f'{k}: {v}' for k, v in counts.items())})" if counts else str(total)
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -167,12 +224,21 @@ def _table(rows: list[tuple[str, object]]) -> str:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ._generate_io import compare, load_pipeline, save_output, versions, write_report
+    from ._generate_io import (
+        compare,
+        load_pipeline,
+        mp4_unavailable_reason,
+        save_output,
+        versions,
+        write_report,
+    )
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     t_start = time.perf_counter()
     spec, overrides, device, dtype = _resolve(args)  # bad method / --set fail before loading anything
+    if args.format == "mp4" and (reason := mp4_unavailable_reason()) is not None:
+        raise ImportError(f"--format mp4 cannot write videos: {reason} (or use --format gif)")
     if args.warmup is None:
         args.warmup = 1 if args.compile else 0
     if args.tiny and args.height is None:
@@ -187,7 +253,9 @@ def run(args: argparse.Namespace) -> int:
         pipe, spec.slug, args, device, preset=args.preset, overrides=overrides, progress=progress, stats=stats
     )
     stem = f"{spec.slug}_seed{args.seed}"
-    rec["files"] = save_output(arr, out, stem, video, args.format)
+    rec["files"], rec["output_note"] = save_output(arr, out, stem, video, args.format)
+    if rec["output_note"]:
+        print(f"visattn generate: {rec['output_note']}", file=sys.stderr)
     report = {
         "versions": versions(),
         "source": args.model or f"tiny:{args.tiny}",
@@ -198,16 +266,19 @@ def run(args: argparse.Namespace) -> int:
         "load_s": load_s,
         **rec,
     }
+    baselines = []  # (report key, method to apply: None = the pipeline's own processors)
     if args.compare_dense and spec.slug != "dense":
-        darr, _, drec = _one_method(
-            pipe, "dense", args, device, preset=None, overrides={}, progress=progress, stats=stats
+        baselines.append(("dense", "dense"))
+    if args.compare_default:
+        baselines.append((DEFAULT, None))
+    for name, method in baselines:
+        barr, _, brec = _one_method(
+            pipe, method, args, device, preset=None, overrides={}, progress=progress, stats=stats
         )
-        drec["files"] = save_output(darr, out, f"dense_seed{args.seed}", video, args.format)
-        speed = {"speedup": drec["generate_s"] / rec["generate_s"]}
-        if rec["attention_time_s"] and drec["attention_time_s"]:
-            speed["attention_speedup"] = drec["attention_time_s"] / rec["attention_time_s"]
-        report["dense"] = drec
-        report["compare_dense"] = {**speed, **compare(arr, darr)}
+        bstem = f"{name}_seed{args.seed}"
+        brec["files"], brec["output_note"] = save_output(barr, out, bstem, video, args.format)
+        report[name] = brec
+        report[f"compare_{name}"] = {**_speedups(rec, brec), **compare(arr, barr)}
     report["total_s"] = time.perf_counter() - t_start
     path = write_report(out, report)
     rows = [
@@ -218,12 +289,13 @@ def run(args: argparse.Namespace) -> int:
         ("denoise_s", rec["denoise_s"]),
         ("attention_time_s", rec["attention_time_s"]),
         ("attention_share", rec["attention_share"]),
-        ("calls", rec["total_calls"]),
-        ("fallbacks", sum(rec["fallbacks"].values())),
+        ("calls", _counted(rec["calls"])),
+        ("fallbacks", _counted(rec["fallbacks"])),
         ("density", rec["density"]),
+        ("output", ", ".join(rec["files"][:2]) + (" ..." if len(rec["files"]) > 2 else "")),
     ]
-    for k, v in report.get("compare_dense", {}).items():
-        rows.append((k, v))
+    for name, _ in baselines:
+        rows += [(f"{k} vs {name}", v) for k, v in report[f"compare_{name}"].items()]
     rows.append(("report", str(path)))
     print(_table(rows))
     return 0
