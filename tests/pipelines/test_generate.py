@@ -150,12 +150,11 @@ _WAN_SIZE = ("--height", "64", "--width", "64")  # 2 x 4 x 4 latent tokens: two 
     ],
 )
 def test_generate_tiny_sparse_methods(tmp_path, monkeypatch, capsys, tiny, method, extra, expected_calls):
-    from visattn.ops._pyramid_config import allow_test_block_sizes as pyramid_test_blocks
-    from visattn.ops.rectified_plan import allow_test_block_sizes as rectified_test_blocks
+    from visattn.ops.rectified_plan import allow_test_block_sizes
 
     monkeypatch.setattr(_generate_io, "mp4_unavailable_reason", lambda: "no MP4 writer in this test")
     # 16-token blocks for both sparse methods (the tiny Wan has 32 video tokens)
-    with pyramid_test_blocks(), rectified_test_blocks():
+    with allow_test_block_sizes():
         out, rep = _gen(tmp_path, monkeypatch, tiny, method, *extra)
     printed = capsys.readouterr().out
     assert rep["method"] == method and rep["files"]

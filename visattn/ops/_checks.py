@@ -7,6 +7,7 @@ reads tensor *values*, so no check synchronises with the device.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -141,3 +142,23 @@ def describe_tensors(**tensors: torch.Tensor) -> str:
         if isinstance(t, torch.Tensor)
     ]
     return "; ".join(parts)
+
+
+# Tests only: the sparse video methods (PSA, Rectified SpaAttn) accept their test-only block sizes (tiny
+# interpreter shapes) for configs built inside ``allow_test_block_sizes()``; one switch for both.
+_TEST_BLOCK_SIZES = [0]
+
+
+@contextlib.contextmanager
+def allow_test_block_sizes():
+    """Tests only: method configs built inside accept their test-only block sizes (tiny interpreter shapes)."""
+    _TEST_BLOCK_SIZES[0] += 1
+    try:
+        yield
+    finally:
+        _TEST_BLOCK_SIZES[0] -= 1
+
+
+def block_sizes_for_tests_allowed() -> bool:
+    """True inside :func:`allow_test_block_sizes`."""
+    return _TEST_BLOCK_SIZES[0] > 0

@@ -7,30 +7,20 @@ estimation, level assignment and the kernel; ``token_order``, ``axis_order``, ``
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ._checks import allow_test_block_sizes, block_sizes_for_tests_allowed
 
 FACTORS = (1, 2, 4, 8)
 _MODES = ("topk", "thresholdbound", "energybound")
 _ESTIMATORS = ("sampled_max", "sampled_softmax_max", "antidiagonal")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "pipelines" / "pyramid"
 _BLOCKS = {"block_q": (64, 128), "block_k": (32, 64, 128)}  # spec §2.1, §3.2
-# interpreter tests only (PyramidConfig._with_blocks, allow_test_block_sizes), as RectifiedConfig's
+# interpreter tests only (PyramidConfig._with_blocks, _checks.allow_test_block_sizes), as RectifiedConfig's
 _TEST_BLOCKS = {"block_q": (16, 32), "block_k": (16,)}
-_TEST_BLOCKS_ON = [0]
-
-
-@contextlib.contextmanager
-def allow_test_block_sizes():
-    """Tests only: configs built inside accept block_q 16 and 32 and block_k 16 (tiny interpreter shapes)."""
-    _TEST_BLOCKS_ON[0] += 1
-    try:
-        yield
-    finally:
-        _TEST_BLOCKS_ON[0] -= 1
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -103,7 +93,7 @@ class PyramidConfig:
     def __post_init__(self) -> None:
         for name, allowed in _BLOCKS.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or v not in allowed + (_TEST_BLOCKS[name] if _TEST_BLOCKS_ON[0] else ()):
+            if isinstance(v, bool) or v not in allowed + (_TEST_BLOCKS[name] if block_sizes_for_tests_allowed() else ()):
                 raise ValueError(f"expected config.{name} in {allowed}, got config.{name}={v!r}")
         lv = self.levels
         if isinstance(lv, (tuple, list)) and all(isinstance(x, (tuple, list)) for x in lv):

@@ -7,29 +7,18 @@ Spec: ``specs/rectified.md`` §2-3. Presets are YAML files ``configs/pipelines/r
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._checks import allow_test_block_sizes, block_sizes_for_tests_allowed
 from ._layout import SequenceLayout
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "pipelines" / "rectified"
 _FIRST_FRAME = (None, "curve_prefix", "frame")
 _TEST_BLOCKS = (16, 32)  # interpreter tests only (RectifiedConfig._with_block, allow_test_block_sizes)
-_TEST_BLOCKS_ON = [0]
-
-
-@contextlib.contextmanager
-def allow_test_block_sizes():
-    """Tests only: configs built inside accept block sizes 16 and 32 (tiny interpreter shapes)."""
-    _TEST_BLOCKS_ON[0] += 1
-    try:
-        yield
-    finally:
-        _TEST_BLOCKS_ON[0] -= 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +53,7 @@ class RectifiedConfig:
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if isinstance(b, bool) or b not in (64, 128) + (_TEST_BLOCKS if _TEST_BLOCKS_ON[0] else ()):
+        if isinstance(b, bool) or b not in (64, 128) + (_TEST_BLOCKS if block_sizes_for_tests_allowed() else ()):
             raise ValueError(f"expected config.block_size in (64, 128), got config.block_size={b!r}")
         t = self.cum_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
