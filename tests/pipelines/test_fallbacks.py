@@ -22,6 +22,8 @@ import visattn.pipelines as vp
 import visattn.pipelines._base as base
 from visattn.pipelines.tiny import tiny_inputs
 
+from ._method_checks import run as _run
+
 CP_REASON = "context parallelism (_parallel_config is set)"
 
 
@@ -33,12 +35,6 @@ class _StandInParallelConfig:
 def _torch_backend():
     with visattn.use_backend("torch"):
         yield
-
-
-def _run(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs)
-    return out[0] if isinstance(out, tuple) else out.sample
 
 
 @pytest.fixture
