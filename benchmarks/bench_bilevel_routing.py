@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from visattn.bench._harness import environment, time_ms
+from visattn.bench._harness import environment, graph_time_ms, time_ms
 from visattn.ops import region_routing, routed_attention, routed_attention_ref
 
 STAGES = [  # name, map side, C, heads, topk (BiFormer-S at 224, n_win 7)
@@ -74,8 +74,8 @@ def bench_stages(dev, batch, rep) -> list[dict]:
             try:
                 with torch.no_grad():
                     row["fwd_ms"][backend] = time_ms(fn, dev, rep=rep)
-                out = fn()
-                g = torch.randn_like(out)
+                with torch.no_grad():  # a graph kept alive here would pin AccumulateGrad to this stream
+                    g = torch.randn_like(fn())
 
                 def step(fn=fn, g=g):
                     fn().backward(g)
@@ -94,6 +94,35 @@ def bench_stages(dev, batch, rep) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def bench_stages_graph(dev, batch, rows) -> None:
+    """Adds ``fwdbwd_graph_ms``: each backend's fwd+bwd step captured in a CUDA graph and replayed.
+
+    Run last: a backend whose step cannot be captured can leave the CUDA generator in a capture state
+    that fails later allocations of random tensors, so nothing else may come after it.
+    """
+    for row, (_, L, C, heads, topk) in zip(rows, STAGES):
+        q, k, v = _maps(batch, L, L, heads, C // heads, dev)
+        scale = C**-0.5
+        r = region_routing(q, k, 7, topk=topk, scale=scale)
+        row["fwdbwd_graph_ms"], row["graph_errors"] = {}, {}
+        for backend, fn in _attn_fns(q, k, v, r, scale).items():
+            with torch.no_grad():
+                g = torch.randn_like(fn())
+
+            def step(fn=fn, g=g):
+                fn().backward(g)
+
+            try:
+                row["fwdbwd_graph_ms"][backend] = graph_time_ms(step)
+            except Exception as e:
+                row["graph_errors"][backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        tg = row["fwdbwd_graph_ms"].get("triton")
+        row["speedup_fwdbwd_graph"] = {
+            b: ms / tg for b, ms in row["fwdbwd_graph_ms"].items() if tg and b != "triton"
+        }
+        print(json.dumps({k: row[k] for k in ("case", "fwdbwd_graph_ms", "graph_errors")}), flush=True)
 
 
 def _peak_fwdbwd(fn, q, k, v) -> float:
@@ -222,6 +251,8 @@ def markdown(env, stages, mem, models) -> str:
         f"# Bi-level routing attention benchmarks ({env.get('device_name')})",
         "",
         f"torch {env.get('torch')}, triton {env.get('triton')}; bf16; times are do_bench medians (ms).",
+        "Rows `fwd+bwd GPU (graph)`: the same step captured in a CUDA graph and replayed, so host",
+        "overhead (launches, autograd) is excluded for every backend alike (`_harness.graph_time_ms`).",
         "",
         "## BiFormer-S stages at 224 (routed attention only; routing precomputed)",
         "",
@@ -229,10 +260,14 @@ def markdown(env, stages, mem, models) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stages:
-        for mode, key, sp in (("fwd", "fwd_ms", "speedup_fwd"), ("fwd+bwd", "fwdbwd_ms", "speedup_fwdbwd")):
-            ms = r[key]
+        for mode, key, sp in (
+            ("fwd", "fwd_ms", "speedup_fwd"),
+            ("fwd+bwd", "fwdbwd_ms", "speedup_fwdbwd"),
+            ("fwd+bwd GPU (graph)", "fwdbwd_graph_ms", "speedup_fwdbwd_graph"),
+        ):
+            ms = r.get(key, {})
             cell = lambda b: f"{ms[b]:.3f}" if b in ms else "-"  # noqa: E731
-            ratio = lambda b: f"{r[sp][b]:.2f}x" if b in r[sp] else "-"  # noqa: E731
+            ratio = lambda b: f"{r[sp][b]:.2f}x" if b in r.get(sp, {}) else "-"  # noqa: E731
             lines.append(
                 f"| {r['case']} | {mode} | {cell('triton')} | {cell('gather')} | {cell('flex')} | "
                 f"{cell('cudnn_dense')} | {ratio('gather')} | {ratio('flex')} | {ratio('cudnn_dense')} | "
@@ -276,6 +311,7 @@ def main() -> None:
     models = (
         None if args.skip_models else bench_models(dev, 32 if args.quick else 128, 3 if args.quick else 10)
     )
+    bench_stages_graph(dev, 16 if args.quick else 64, stages)
     env["wall_s"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

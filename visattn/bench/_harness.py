@@ -60,6 +60,37 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 25,
     return statistics.median(samples)
 
 
+def graph_time_ms(fn: Callable[[], object], *, replays: int = 20, rounds: int = 5) -> float:
+    """GPU milliseconds of one ``fn()`` with the host taken out: ``fn`` is captured once in a CUDA
+    graph and replayed (median over ``rounds`` of ``replays`` back-to-back replays; no L2 flush).
+
+    For ops whose eager call is host bound (launch and autograd overhead longer than the kernels),
+    this is the time the GPU needs, e.g. when the op runs inside a model whose other layers keep the
+    GPU queue full, or under CUDA graphs. Report it beside the eager time, never instead of it.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the capture (compilation, allocator, lazy init)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / replays)
+    return statistics.median(samples)
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "torch": torch.__version__,

@@ -360,15 +360,20 @@ def _bra_plan_kernel(
 # visattn.ops.bilevel_routing_plan. ``geo`` = (r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n).
 
 
-def default_blocks(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter, 64 x 32 on GPUs.
+def default_blocks(device: torch.device, dtype: torch.dtype, region_tokens: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter; on GPUs 64 x 32, or one region per query tile
+    (``BLOCK_M`` = its token count rounded up to a power of two) for regions of 16-32 tokens.
 
-    H100 sweep at BiFormer-S's stage shapes (bf16, batch 64; benchmarks/NOTES.md): 64 x 32 with 4 warps
-    and no software pipelining was fastest at every stage, forward and backward (64 x 64 / 2 stages:
-    1.2-2x slower; 8 warps: 2x slower). The programs are short, so latency, not bandwidth, bounds them.
+    H100 sweeps at BiFormer-S's stage shapes (bf16, batch 64; benchmarks/NOTES.md): 64 x 32 with 4 warps
+    and no software pipelining was fastest for 64-token (stage 1) and 4-token (stage 3) regions
+    (64 x 64 / 2 stages: 1.2-2x slower; 8 warps: 2x slower). For 16-token regions (stage 2) a 16-row
+    tile per region took fwd+bwd from 0.63 to 0.34 ms: a grouped tile attends the union of its
+    regions' routed lists, so with 4 regions per tile ~3/4 of its scores are masked work.
     """
     if INTERPRET or device.type != "cuda":
         return 32, 32
+    if 16 <= region_tokens <= 32:
+        return triton.next_power_of_2(region_tokens), 32
     return 64, 32
 
 

@@ -194,7 +194,7 @@ def triton_geometry(device, dtype, region, grid, opts) -> tuple[int, ...]:
     """``(r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n)`` of a launch (options override defaults)."""
     from ..kernels.bilevel_routing import default_blocks
 
-    bm, bn = default_blocks(device, dtype)
+    bm, bn = default_blocks(device, dtype, region[0] * region[1])
     bm, bn = opts.get("block_m") or bm, opts.get("block_n") or bn
     group = tuple(opts["group"]) if opts.get("group") else choose_group(region, grid, bm)
     return (region[0], region[1], grid[0], grid[1], group[0], group[1], bm, bn)
