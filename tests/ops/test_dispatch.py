@@ -97,6 +97,22 @@ def test_reference_is_never_auto_picked_for_cuda(monkeypatch):
     assert _dispatch.select("block_sparse", "auto", CPU, "", *_inputs()).name == "torch"
 
 
+def test_summary_callable_is_built_only_for_an_error(monkeypatch):
+    calls = []
+
+    def summary():
+        calls.append(1)
+        return "LAZY SUMMARY"
+
+    assert _dispatch.select("block_sparse", "torch", CPU, summary, *_inputs()).name == "torch"
+    assert calls == []  # a successful selection formats nothing
+    triton = _dispatch._REGISTRY["block_sparse"]["triton"]
+    monkeypatch.setattr(triton, "can_run", lambda *a, **kw: ["pretend: no usable GPU"])
+    with pytest.raises(NotImplementedError, match="  inputs: LAZY SUMMARY\n  backend 'triton'"):
+        _dispatch.select("block_sparse", "triton", CPU, summary, *_inputs())
+    assert calls == [1]
+
+
 @pytest.fixture
 def fake_op():
     """A made-up op with three backends, removed from the registry afterwards."""

@@ -124,7 +124,8 @@ def use_backend(name: str | BackendName) -> Iterator[None]:
         _CURRENT_NAME = previous
 
 
-def _format_failure(op: str, summary: str, tried: list[tuple[str, list[str]]], hint: str) -> str:
+def _format_failure(op: str, summary, tried: list[tuple[str, list[str]]], hint: str) -> str:
+    summary = summary() if callable(summary) else summary
     lines = [f"No visattn backend can run {op.replace('_', ' ')} attention for these inputs.", f"  inputs: {summary}"]
     for name, reasons in tried:
         lines.append(f"  backend {name!r}:")
@@ -133,8 +134,11 @@ def _format_failure(op: str, summary: str, tried: list[tuple[str, list[str]]], h
     return "\n".join(lines)
 
 
-def select(op: str, backend: str | None, device: torch.device, summary: str, *args, **kwargs) -> _Backend:
+def select(op: str, backend: str | None, device: torch.device, summary, *args, **kwargs) -> _Backend:
     """Pick the backend of ``op`` that runs these inputs (see the module docstring).
+
+    ``summary`` describes the inputs in error messages: a string, or a zero-argument callable that
+    builds it only when an error is raised (formatting tensor descriptions costs host time per call).
 
     Raises:
         ValueError: ``backend`` is not a backend name.

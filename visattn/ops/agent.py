@@ -297,7 +297,7 @@ def agent_attention(
     p = _prepare(q, k, v, agents, agent_shape, grid, bias, key_padding_mask, scale, layout)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"expected 0 <= dropout_p < 1, got dropout_p={dropout_p!r}")
-    chosen = _dispatch.select("agent", backend, q.device, describe_tensors(q=q, k=k, v=v) + f"; grid={p.grid}",
+    chosen = _dispatch.select("agent", backend, q.device, lambda: describe_tensors(q=q, k=k, v=v) + f"; grid={p.grid}",
                               p, float(dropout_p))
     out = chosen.fn(p, float(dropout_p))
     return out.transpose(1, 2) if p.layout == "BNHD" else out

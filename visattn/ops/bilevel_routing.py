@@ -476,11 +476,9 @@ def routed_attention(
     idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid)
     scale = check_scale(scale, q.shape[-1])
     opts = dict(backend_options or {})
-    summary = (
-        ""
-        if torch.compiler.is_compiling()
-        else (describe_tensors(q=q, k=k, v=v) + f"; region_size={region}, grid={grid}, topk={idx.shape[-1]}")
-    )
+    def summary() -> str:
+        return describe_tensors(q=q, k=k, v=v) + f"; region_size={region}, grid={grid}, topk={idx.shape[-1]}"
+
     chosen = _dispatch.select(
         "bilevel_routing",
         backend,

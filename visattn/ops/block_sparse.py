@@ -74,7 +74,7 @@ def block_sparse_attention(
     scale = check_scale(scale, D)
     chosen = _dispatch.select(
         "block_sparse", backend, q.device,
-        describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
+        lambda: describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
         q, k, v, plan,
     )
     out, lse = chosen.fn(q, k, v, plan, scale, layout)

@@ -171,11 +171,15 @@ def _check(q, k, v, kernel_size, stride, dilation, is_causal, scale, extra_kv, r
                              f"{(kpm.dtype, tuple(kpm.shape)) if isinstance(kpm, torch.Tensor) else type(kpm).__name__}")
         if kpm.device != q.device:
             raise ValueError(f"expected key_padding_mask on q's device {q.device}, got {kpm.device}")
-    # one f-string, no concatenation: with symbolic shapes dynamo cannot add two formatted strings (fullgraph)
-    extra_shape = None if extra_kv is None else tuple(extra_kv[0].shape)
-    info = (f"q: shape={tuple(q.shape)} dtype={q.dtype} device={q.device}; k: {tuple(k.shape)}; v: {tuple(v.shape)}; "
-            f"kernel_size={p.kernel_size}, stride={p.stride}, dilation={p.dilation}, is_causal={p.is_causal}; "
-            f"extra_kv: {extra_shape}; rpb: {rpb is not None}; key_padding_mask: {kpm is not None}")
+    # built only for an error message (host time per call otherwise); one f-string, no concatenation:
+    # with symbolic shapes dynamo cannot add two formatted strings (fullgraph)
+    def info() -> str:
+        extra_shape = None if extra_kv is None else tuple(extra_kv[0].shape)
+        return (f"q: shape={tuple(q.shape)} dtype={q.dtype} device={q.device}; k: {tuple(k.shape)}; "
+                f"v: {tuple(v.shape)}; kernel_size={p.kernel_size}, stride={p.stride}, dilation={p.dilation}, "
+                f"is_causal={p.is_causal}; extra_kv: {extra_shape}; rpb: {rpb is not None}; "
+                f"key_padding_mask: {kpm is not None}")
+
     return p, info
 
 

@@ -192,7 +192,7 @@ def pyramid_attention(
         "pyramid",
         backend,
         q.device,
-        describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
+        lambda: describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
         q,
         k,
         v,

@@ -348,7 +348,7 @@ def rectified_attention(
         "rectified",
         backend,
         q.device,
-        describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
+        lambda: describe_tensors(q=q, k=k, v=v) + f"; plan={plan!r}; layout={layout}",
         q,
         k,
         v,
