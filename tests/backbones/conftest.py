@@ -36,3 +36,10 @@ def _offline_torch_backend(monkeypatch):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The timm contract runs model by model, so each model's default build is shared (``_contract``)."""
+    from ._contract import order_by_model
+
+    order_by_model(items)

@@ -8,6 +8,11 @@ a copy of timm's ``_get_input_size``. Markers follow timm's ``tests/test_models.
 ``torchscript``, ``features`` (features_only wrappers, forward_intermediates). On a CPU machine the
 largest variants (``*large*``, ``*_384*``) only get construction, parameter count and a reduced
 forward (§7.4); ``VISATTN_FULL_CONTRACT=1`` runs the whole contract on them.
+
+The suite runs model by model (``conftest.py``). Tests that need the default model without testing its
+construction arguments share one build per model (``pristine_model``; ``fresh_model`` for a private
+copy they may change); every test whose kwargs matter (``num_classes``, ``features_only``, scriptable,
+``pretrained``) still calls ``timm.create_model`` itself.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ from ._contract import (
     contract_models,
     family_of,
     first_mismatch,
+    fresh_model,
     get_input_size,
     is_non_std,
     jit_exclusion,
     large_models,
+    pristine_model,
     upstream_renamer,
 )
 
@@ -62,7 +69,7 @@ def _finite(t: torch.Tensor) -> bool:
 @pytest.mark.base
 @pytest.mark.parametrize("name", MODELS)
 def test_model_forward(name):
-    model = _create(name).eval()
+    model = fresh_model(name)
     size = get_input_size(model, target=TARGET_FWD_SIZE)
     x = torch.randn(1, *size)
     with torch.no_grad():
@@ -126,7 +133,7 @@ def _save_upstream(name: str, tmp_path) -> tuple[dict, str]:
     """A random model's state dict, renamed to the original repository's keys, in a safetensors file."""
     from safetensors.torch import save_file
 
-    src = _create(name)
+    src = pristine_model(name)
     sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
     upstream = upstream_renamer(family_of(name))(dict(sd), src)
     if not isinstance(upstream, dict) or not upstream:
@@ -175,7 +182,7 @@ def test_model_load_pretrained_file(name, tmp_path):
 @pytest.mark.parametrize("name", MODELS)
 def test_model_optim_layer_decay(name):
     """§7.2: create_optimizer_v2 with layer decay works; no_weight_decay() names exist."""
-    model = _create(name)
+    model = pristine_model(name)  # the optimizer only reads it (no step)
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     param_names = [n for n, _ in model.named_parameters()]
     for pattern in nwd:
@@ -194,7 +201,7 @@ def test_model_optim_layer_decay(name):
 @pytest.mark.cfg
 @pytest.mark.parametrize("name", STD)
 def test_model_default_cfgs(name):
-    model = _create(name).eval()
+    model = fresh_model(name)
     cfg = model.pretrained_cfg
     sd = model.state_dict()
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
@@ -238,7 +245,7 @@ def test_model_default_cfgs(name):
 @pytest.mark.parametrize("name", NON_STD)
 def test_model_default_cfgs_non_std(name):
     """Isotropic families: timm's non-std rules, NLC ``forward_features`` allowed (feature dim -1)."""
-    model = _create(name).eval()
+    model = fresh_model(name)
     cfg = model.pretrained_cfg
     sd = model.state_dict()
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
@@ -274,7 +281,10 @@ def test_model_cfg_hygiene(name):
         for key in ("license", "paper_ids", "origin_url", "input_size", "pool_size", "mean", "std",
                     "crop_pct", "interpolation", "num_classes", "first_conv", "classifier"):
             assert cfg.get(key) not in (None, ""), f"{tag_name}: cfg has no {key}"
-    model = _create(name) if name in MODELS else timm.create_model(name, pretrained=False, device="meta")
+    if name in MODELS:
+        model = pristine_model(name)
+    else:
+        model = timm.create_model(name, pretrained=False, device="meta")
     data_cfg = resolve_data_config({}, model=model)
     transform = create_transform(**data_cfg)
     assert transform is not None
@@ -343,7 +353,7 @@ def test_model_forward_features(name, feature_cls):
 @pytest.mark.features
 @pytest.mark.parametrize("name", MODELS)
 def test_model_forward_intermediates(name):
-    model = _create(name).eval()
+    model = fresh_model(name)
     info = model.feature_info
     size = get_input_size(model, target=TARGET_FFEAT_SIZE)
     x = torch.randn(1, *size)
