@@ -433,26 +433,28 @@ def neighborhood_attention_gather(q, k, v, p: NAParams, scale: float, extra_kv=N
     """
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     Hk, Dv = k.shape[-2], v.shape[-1]
+    G = H // Hk
     N = math.prod(p.size)
     idx, valid, off = _window_slots(p, q.device)
     K = idx.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.reshape(B, N, Hk, H // Hk, D)
-    kg = k.reshape(B, N, Hk, D)[:, idx]  # [B, N, K, Hk, D]
-    vg = v.reshape(B, N, Hk, Dv)[:, idx]
-    s = torch.einsum("bnkgd,bnckd->bnkgc", qf, kg).to(acc) * scale  # [B, N, Hk, G, K]
-    s = s.reshape(B, N, H, K)
+    # Head-major layouts: keys are gathered straight into [B, Hk, N, K, D], the batched-matmul layout,
+    # so the K-times-larger gathered tensors are never permuted (only q and out, N x H x D, are).
+    qf = q.reshape(B, N, Hk, G, D).permute(0, 2, 1, 3, 4)  # [B, Hk, N, G, D]
+    kg = k.reshape(B, N, Hk, D).transpose(1, 2)[:, :, idx]  # [B, Hk, N, K, D]
+    vg = v.reshape(B, N, Hk, Dv).transpose(1, 2)[:, :, idx]
+    s = torch.matmul(qf, kg.transpose(-1, -2)).to(acc) * scale  # [B, Hk, N, G, K]
     if rpb is not None:
         bias = rpb[(slice(None), *off)]  # [H, N, K]
-        s = s + bias.permute(1, 0, 2).to(acc)
-    mask = valid[None, :, None, :]
+        s = s + bias.reshape(Hk, G, N, K).transpose(1, 2).to(acc)
+    mask = valid[:, None, :]  # [N, 1, K]
     if key_padding_mask is not None:
-        mask = mask & key_padding_mask.reshape(B, N)[:, idx][:, :, None, :]
+        mask = mask & key_padding_mask.reshape(B, N)[:, idx][:, None, :, None, :]
     s = s.masked_fill(~mask, float("-inf"))
     if extra_kv is not None:
-        ke, ve = extra_kv
-        se = torch.einsum("bnkgd,bekd->bnkge", qf, ke).to(acc).reshape(B, N, H, -1) * scale
-        s = torch.cat([s, se], dim=-1)
+        # extra keys [B, E, Hk, D]: the flat query rows against them, no broadcast copy per query
+        se = torch.matmul(qf.reshape(B, Hk, N * G, D), extra_kv[0].permute(0, 2, 3, 1)).to(acc) * scale
+        s = torch.cat([s, se.reshape(B, Hk, N, G, -1)], dim=-1)
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
@@ -460,11 +462,11 @@ def neighborhood_attention_gather(q, k, v, p: NAParams, scale: float, extra_kv=N
     has = denom > 0
     safe = torch.where(has, denom, torch.ones_like(denom))
     prob = (e / safe).to(q.dtype)
-    pw = prob[..., :K].reshape(B, N, Hk, H // Hk, K)
-    out = torch.einsum("bnkgc,bnckd->bnkgd", pw, vg)
+    out = torch.matmul(prob[..., :K], vg)  # [B, Hk, N, G, Dv]
     if extra_kv is not None:
-        pe = prob[..., K:].reshape(B, N, Hk, H // Hk, -1)
-        out = out + torch.einsum("bnkge,bekd->bnkgd", pe, extra_kv[1])
+        pe = prob[..., K:].reshape(B, Hk, N * G, -1)
+        out = out + torch.matmul(pe, extra_kv[1].transpose(1, 2)).reshape(B, Hk, N, G, Dv)
     lse = torch.where(has, torch.log(safe) + m, torch.full_like(m, float("-inf"))).squeeze(-1)
-    return out.reshape(B, *p.size, H, Dv), lse.reshape(B, *p.size, H).to(
-        torch.float64 if q.dtype == torch.float64 else torch.float32)
+    out = out.permute(0, 2, 1, 3, 4).reshape(B, *p.size, H, Dv)
+    lse = lse.permute(0, 2, 1, 3).reshape(B, *p.size, H)
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
