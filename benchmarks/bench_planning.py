@@ -5,7 +5,8 @@ q/k/v from ``visattn.testing.local_qkv``) this prints, per configuration, ``trit
 medians of every planning sub-step, of the whole plan call, of the sparse kernel with the plan prebuilt
 and the ratio plan / kernel (targets: rectified <= 0.10, specs/rectified.md §4; PSA <= 0.15,
 specs/pyramid.md §4). "host" is the Python time to enqueue one plan call (no synchronisation): when it
-is close to the plan time, launches and torch glue, not GPU work, bound the plan. Every measurement is
+is close to the plan time, launches and torch glue, not GPU work, bound the plan; the "GPU time (CUDA
+graph)" row times the plan call replayed from a CUDA graph, i.e. its GPU work alone. Every measurement is
 wrapped so one failure prints its error and the rest still runs. Background: benchmarks/NOTES.md,
 "Planning cost".
 
@@ -54,6 +55,19 @@ def _row(label, fn, quick, results, host=False):
         print(f"    {label:<44s} FAILED: {type(e).__name__}: {e}", flush=True)
         traceback.print_exc(limit=3)
         return None
+
+
+def _graph_row(label, fn, results):
+    """GPU time of ``fn`` captured in a CUDA graph (host excluded): what a plan costs inside a pipeline,
+    where the host enqueues it while the GPU still runs the previous layer."""
+    from visattn.bench._harness import graph_time_ms
+
+    try:
+        ms = graph_time_ms(fn)
+        print(f"    {label:<44s} {ms:8.3f} ms", flush=True)
+        results[label] = ms
+    except Exception as e:  # noqa: BLE001  (report and go on)
+        print(f"    {label:<44s} FAILED: {type(e).__name__}: {e}", flush=True)
 
 
 def _ratio(results, plan_key, kern_key, target):
@@ -109,6 +123,8 @@ def _rectified_case(q, k, v, lay, cfg, quick):
     _row("end to end (plan + kernel)", lambda: rectified_attention(
         q, k, v, seq_layout=lay, config=cfg, backend="triton"), quick, res)
     _ratio(res, "plan call (rectified_plan)", "kernel, plan prebuilt", 0.10)
+    _graph_row("plan call, GPU time (CUDA graph)", lambda: rectified_plan(q, k, v, seq_layout=lay, config=cfg), res)
+    _ratio(res, "plan call, GPU time (CUDA graph)", "kernel, plan prebuilt", 0.10)
 
 
 def pyramid(q, k, v, quick):
@@ -147,6 +163,8 @@ def _pyramid_case(q, k, v, qb, kb, preset, quick):
     _row("end to end (plan + kernel)", lambda: pyramid_attention(q, k, v, config=cfg, backend="triton"),
          quick, res)
     _ratio(res, "plan call (pyramid_plan)", "kernel, plan prebuilt", 0.15)
+    _graph_row("plan call, GPU time (CUDA graph)", lambda: pyramid_plan(q, k, config=cfg), res)
+    _ratio(res, "plan call, GPU time (CUDA graph)", "kernel, plan prebuilt", 0.15)
 
 
 def main(argv=None) -> int:
