@@ -302,6 +302,29 @@ def test_triton_plan_kernel_matches_the_torch_plan(grid, topk, group, heads):
 
 
 @needs_interpreter
+@pytest.mark.parametrize(
+    "region, want",
+    [((4, 4), (16, 32, (1, 1))), ((5, 5), (32, 32, (1, 1))), ((4, 8), (32, 32, (1, 1))),
+     ((8, 8), (64, 32, (1, 1))), ((2, 2), (64, 32, (4, 4))), ((3, 3), (64, 32, (1, 7)))],  # 7 regions of 9 tokens fill 63 rows
+    ids=["16-tok", "25-tok", "32-tok", "64-tok", "4-tok", "9-tok"],
+)
+def test_gpu_tile_defaults(monkeypatch, region, want):
+    # GPU defaults (benchmarks/NOTES.md, routing v3): regions of 16-32 tokens get a query tile each,
+    # smaller ones are grouped into 64-row tiles, larger ones fill 64-row tiles; options still win
+    import visattn.kernels.bilevel_routing as kb
+    from visattn.ops._bilevel_routing_backends import triton_geometry
+
+    monkeypatch.setattr(kb, "INTERPRET", False)
+    cuda = torch.device("cuda")
+    geo = triton_geometry(cuda, torch.bfloat16, region, (7, 7), {})
+    assert (geo[6], geo[7], geo[4:6]) == want
+    geo = triton_geometry(cuda, torch.bfloat16, region, (7, 7), {"block_m": 64, "group": (2, 2)})
+    assert (geo[6], geo[4:6]) == (64, (2, 2))
+    # the interpreter keeps its small tiles
+    monkeypatch.setattr(kb, "INTERPRET", True)
+    assert triton_geometry(cuda, torch.bfloat16, region, (7, 7), {})[6:] == (32, 32)
+
+
 def test_triton_forward_without_gradient_matches_reference():
     q, k, v = maps(1, 9, 9, 2, 16, dtype=torch.float32)
     idx, region = _routed(q, k, region_size=3, topk=4)
