@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rectified_select import _select_blocks, _store_lists
 from .rectified import block_weights
 
 
@@ -50,9 +51,9 @@ def _rectified_row_plan_kernel(
     HAS_FF: tl.constexpr,
     KEEP_ALL: tl.constexpr,
 ):
-    """Row I of (b, h): IPAR softmax (``+ln w``, text merged from its log-sum-exp), selection by a sort
-    of packed (probability, index) keys, neighbours, first frame, the GAPR test, R, P ⊙ 𝒢 and the
-    index list (kept visual ascending, valid text, then the rest so every slot is written once)."""
+    """Row I of (b, h): IPAR softmax (``+ln w``, text merged from its log-sum-exp), then the fused
+    planner's selection (``_select_blocks``), the GAPR test, R, P ⊙ 𝒢 and the index list
+    (``_store_lists``)."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // n_heads
@@ -77,54 +78,28 @@ def _rectified_row_plan_kernel(
         p_col = e / z
         ncol = nv
     p = e / z
-    valid_col = cols < ncol
-    # descending by probability, ties: lower index first; probabilities >= 0 sort like their bits
-    bits = p_col.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(valid_col, (bits << 32) | (2147483647 - cols).to(tl.int64), -1)
-    sk = tl.sort(key, descending=True)
-    sp = tl.where(sk >= 0, (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-    cs = tl.cumsum(sp, 0)
-    if KEEP_ALL:
-        count = ncol
-    else:
-        n_le = tl.sum(((cs <= tau) & valid_col).to(tl.int32), 0)
-        count = tl.minimum(tl.maximum(n_le + 1, k_min), ncol)
-    thr = tl.sum(tl.where(cols == count - 1, sk, 0), 0)  # the count-th largest key
-    kept = cm & (key >= thr)
-    if HAS_NBR:
-        kept = kept | (tl.load(NBR + i.to(tl.int64) * nv + cols, mask=cm, other=0) != 0)
-    if HAS_FF:
-        ffi = tl.load(FF + i)
-        kept = kept | ((ffi != 0) & (tl.load(FF + cols, mask=cm, other=0) != 0))
-    kept = kept & cm
+    # the shared selection and list writer take [G, BJ] tiles: this program's row is a [1, BJ] tile
+    rows = i + tl.arange(0, 1)
+    r_ok = rows < nv
+    kept = _select_blocks(p_col[None, :], rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, KEEP_ALL, HAS_NBR,
+                          HAS_FF)
     if GAPR:
         err = tl.abs(tl.load(E1 + row + cols, mask=cm, other=0.0)) + tl.abs(
             tl.load(E2 + row + cols, mask=cm, other=0.0)
         )
-        rect = cm & (kept == 0) & (tl.abs(d) > err)
+        rect = (cm & (tl.abs(d) > err))[None, :] & (kept == 0)
     else:
-        rect = cols < 0
-    pg = tl.where(rect, p, 0.0)
-    tl.store(PG + row + cols, pg, mask=cm)
-    tl.store(RMAP + row + cols, rect.to(tl.int8), mask=cm)
-    n_tiles = nv + nt
-    tile = bh.to(tl.int64) * n_tiles + i
-    tl.store(RSCALE + tile, 1.0 - tl.sum(pg, 0))
-    ki = kept.to(tl.int32)
-    nkept = tl.sum(ki, 0)
+        rect = kept & (kept == 0)
+    pg = tl.where(rect, p[None, :], 0.0)
+    tl.store(PG + row + cols[None, :], pg, mask=cm[None, :])
+    tl.store(RMAP + row + cols[None, :], rect.to(tl.int8), mask=cm[None, :])
+    tile = bh.to(tl.int64) * (nv + nt) + rows
+    tl.store(RSCALE + tile, 1.0 - tl.sum(pg, 1))
     ntv = 0
     if HAS_TEXT_BLOCKS:
         ntv = (tl.load(TV + b) + BLOCK - 1) // BLOCK
-    notk = (cm & (kept == 0)).to(tl.int32)
-    pos = tl.where(kept, tl.cumsum(ki, 0) - 1, nkept + ntv + tl.cumsum(notk, 0) - 1)
-    base = KV_INDEX + tile * (nv + nt)
-    tl.store(base + pos, cols, mask=cm)
-    if HAS_TEXT_BLOCKS:
-        tc = tl.arange(0, BT)
-        tl.store(base + tl.where(tc < ntv, nkept + tc, nv + tc), nv + tc, mask=tc < nt)
-    tl.store(KV_COUNT + tile, nkept + ntv)
-    tl.store(KCNT + bh.to(tl.int64) * nv + i, nkept)
-    tl.store(RCNT + bh.to(tl.int64) * nv + i, tl.sum(rect.to(tl.int32), 0))
+    _store_lists(KV_INDEX, KV_COUNT, KCNT, RCNT, tile, bh.to(tl.int64) * nv + rows, r_ok, cols, cm, kept, rect, ntv,
+                 nv, nt, BT, HAS_TEXT_BLOCKS)
 
 
 MAX_ROW_BLOCKS = 2047  # tl.sort over next_pow2(n_v + 1) <= 2048 columns per program

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
+from ._rectified_select import _select_blocks, _store_lists
 
 
 @triton.jit(do_not_specialize=["video_start", "num_video"])
@@ -401,29 +402,9 @@ def _rectified_plan_kernel(
             p_col = e / z[:, None]
             ncol = nv
         p = e / z[:, None]
-        valid_col = (cols < ncol)[None, :]
-        # descending by probability, ties: lower index first; probabilities >= 0 sort like their bits
-        bits = p_col.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(valid_col, (bits << 32) | (2147483647 - cols).to(tl.int64)[None, :], -1)
-        sk = tl.sort(key, dim=1, descending=True)
-        sp = tl.where(sk >= 0, (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-        if KEEP_ALL:
-            count = tl.full([G], 0, tl.int32) + ncol
-        else:
-            cs = tl.cumsum(sp, 1)
-            n_le = tl.sum(((cs <= tau) & valid_col).to(tl.int32), 1)
-            count = tl.minimum(tl.maximum(n_le + 1, k_min), ncol)
-        thr = tl.sum(tl.where(cols[None, :] == count[:, None] - 1, sk, 0), 1)  # the count-th largest key
-        kept = cm[None, :] & (key >= thr[:, None])
         rc = r_ok[:, None] & cm[None, :]
         pair = rows.to(tl.int64)[:, None] * nv + cols[None, :]
-        if HAS_NBR:
-            kept = kept | (tl.load(NBR + pair, mask=rc, other=0) != 0)
-        if HAS_FF:
-            ffi = tl.load(FF + rows, mask=r_ok, other=0) != 0
-            ffj = tl.load(FF + cols, mask=cm, other=0) != 0
-            kept = kept | (ffi[:, None] & ffj[None, :])
-        kept = kept & cm[None, :]
+        kept = _select_blocks(p_col, rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, KEEP_ALL, HAS_NBR, HAS_FF)
         sq = bh.to(tl.int64) * nv * nv
         tile = bh.to(tl.int64) * n_tiles + rows
         if GAPR:
@@ -449,20 +430,8 @@ def _rectified_plan_kernel(
                      mask=r_ok[:, None] & dmask[None, :])
             tl.store(RSCALE + tile, tl.full([G], 1.0, tl.float32), mask=r_ok)
         tl.store(RMAP + sq + pair, rect.to(tl.int8), mask=rc)
-        ki = kept.to(tl.int32)
-        nkept = tl.sum(ki, 1)
-        notk = (cm[None, :] & (kept == 0)).to(tl.int32)
-        pos = tl.where(kept, tl.cumsum(ki, 1) - 1, (nkept + ntv)[:, None] + tl.cumsum(notk, 1) - 1)
-        base = KV_INDEX + tile * n_tiles
-        tl.store(base[:, None] + pos, tl.zeros([G, BJ], tl.int32) + cols[None, :], mask=rc)
-        if HAS_TEXT_BLOCKS:
-            tc = tl.arange(0, BT)
-            tpos = tl.where(tc[None, :] < ntv, nkept[:, None] + tc[None, :], nv + tc[None, :])
-            tl.store(base[:, None] + tpos, tl.zeros([G, BT], tl.int32) + nv + tc[None, :],
-                     mask=r_ok[:, None] & (tc < nt)[None, :])
-        tl.store(KV_COUNT + tile, nkept + ntv, mask=r_ok)
-        tl.store(KCNT + bh.to(tl.int64) * nv + rows, nkept, mask=r_ok)
-        tl.store(RCNT + bh.to(tl.int64) * nv + rows, tl.sum(rect.to(tl.int32), 1), mask=r_ok)
+        _store_lists(KV_INDEX, KV_COUNT, KCNT, RCNT, tile, bh.to(tl.int64) * nv + rows, r_ok, cols, cm, kept, rect,
+                     ntv, nv, nt, BT, HAS_TEXT_BLOCKS)
 
 
 @triton.jit(do_not_specialize=["nv", "n_tiles"])
