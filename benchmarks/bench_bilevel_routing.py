@@ -61,6 +61,17 @@ def _attn_fns(q, k, v, r, scale):
     return {"triton": triton, "gather": gather, "flex": flex, "cudnn_dense": dense}
 
 
+def _fwdbwd_step(fn):
+    """``fn().backward(g)`` with a fixed random ``g``."""
+    with torch.no_grad():  # a graph kept alive here would pin AccumulateGrad to this stream
+        g = torch.randn_like(fn())
+
+    def step():
+        fn().backward(g)
+
+    return step
+
+
 def bench_stages(dev, batch, rep) -> list[dict]:
     rows = []
     for name, L, C, heads, topk in STAGES:
@@ -74,13 +85,7 @@ def bench_stages(dev, batch, rep) -> list[dict]:
             try:
                 with torch.no_grad():
                     row["fwd_ms"][backend] = time_ms(fn, dev, rep=rep)
-                with torch.no_grad():  # a graph kept alive here would pin AccumulateGrad to this stream
-                    g = torch.randn_like(fn())
-
-                def step(fn=fn, g=g):
-                    fn().backward(g)
-
-                row["fwdbwd_ms"][backend] = time_ms(step, dev, rep=rep)
+                row["fwdbwd_ms"][backend] = time_ms(_fwdbwd_step(fn), dev, rep=rep)
             except Exception as e:  # one backend failing must not hide the others
                 row["errors"][backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         t = row["fwdbwd_ms"].get("triton")
@@ -108,14 +113,8 @@ def bench_stages_graph(dev, batch, rows) -> None:
         r = region_routing(q, k, 7, topk=topk, scale=scale)
         row["fwdbwd_graph_ms"], row["graph_errors"] = {}, {}
         for backend, fn in _attn_fns(q, k, v, r, scale).items():
-            with torch.no_grad():
-                g = torch.randn_like(fn())
-
-            def step(fn=fn, g=g):
-                fn().backward(g)
-
             try:
-                row["fwdbwd_graph_ms"][backend] = graph_time_ms(step)
+                row["fwdbwd_graph_ms"][backend] = graph_time_ms(_fwdbwd_step(fn))
             except Exception as e:
                 row["graph_errors"][backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         tg = row["fwdbwd_graph_ms"].get("triton")

@@ -76,6 +76,13 @@ def _ratio(results, plan_key, kern_key, target):
         print(f"    {'plan / kernel':<44s} {p / k:8.3f}      (target <= {target})", flush=True)
 
 
+def _plan_ratios(results, plan_key, plan_fn, target):
+    """plan / kernel for the eager plan call (timed already as ``plan_key``) and for its GPU time."""
+    _ratio(results, plan_key, "kernel, plan prebuilt", target)
+    _graph_row("plan call, GPU time (CUDA graph)", plan_fn, results)
+    _ratio(results, "plan call, GPU time (CUDA graph)", "kernel, plan prebuilt", target)
+
+
 def _inputs(dev):
     from visattn.testing import local_qkv
 
@@ -122,9 +129,7 @@ def _rectified_case(q, k, v, lay, cfg, quick):
     _row("kernel, plan prebuilt", lambda: rectified_attention(q, k, v, plan=plan, backend="triton"), quick, res)
     _row("end to end (plan + kernel)", lambda: rectified_attention(
         q, k, v, seq_layout=lay, config=cfg, backend="triton"), quick, res)
-    _ratio(res, "plan call (rectified_plan)", "kernel, plan prebuilt", 0.10)
-    _graph_row("plan call, GPU time (CUDA graph)", lambda: rectified_plan(q, k, v, seq_layout=lay, config=cfg), res)
-    _ratio(res, "plan call, GPU time (CUDA graph)", "kernel, plan prebuilt", 0.10)
+    _plan_ratios(res, "plan call (rectified_plan)", lambda: rectified_plan(q, k, v, seq_layout=lay, config=cfg), 0.10)
 
 
 def pyramid(q, k, v, quick):
@@ -162,9 +167,7 @@ def _pyramid_case(q, k, v, qb, kb, preset, quick):
     _row("kernel, plan prebuilt", lambda: pyramid_attention(q, k, v, plan=plan, backend="triton"), quick, res)
     _row("end to end (plan + kernel)", lambda: pyramid_attention(q, k, v, config=cfg, backend="triton"),
          quick, res)
-    _ratio(res, "plan call (pyramid_plan)", "kernel, plan prebuilt", 0.15)
-    _graph_row("plan call, GPU time (CUDA graph)", lambda: pyramid_plan(q, k, config=cfg), res)
-    _ratio(res, "plan call, GPU time (CUDA graph)", "kernel, plan prebuilt", 0.15)
+    _plan_ratios(res, "plan call (pyramid_plan)", lambda: pyramid_plan(q, k, config=cfg), 0.15)
 
 
 def main(argv=None) -> int:
