@@ -2,12 +2,16 @@
 
 The interpreter accepts code that the compiler rejects (e.g. constexprs rebound per ``static_range``
 iteration), so ``test_pyramid_compile.py`` runs this in a subprocess: frontend, TTGIR, LLVM and PTX.
-Prints one line per kernel: ``OK name shared_bytes local_decls`` or ``FAIL name error``.
+Prints one line per kernel: ``OK name shared_bytes local_decls stack_bytes`` or ``FAIL name error``.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -37,11 +41,25 @@ def _signature(fn, consts, ptrs=None):
     return sig
 
 
+def _stack_bytes(k) -> int:
+    """Per-thread stack frame of the SASS (register spills land there; the PTX never shows them), from
+    ``cuobjdump --dump-resource-usage`` of the cubin; -1 where cuobjdump is not shipped with Triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() or "cubin" not in k.asm:
+        return -1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(k.asm["cubin"])
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", out)
+    return int(m.group(1)) if m else -1
+
+
 def check(name, fn, consts, warps=8, stages=3, ptrs=None) -> bool:
     try:
         k = triton.compile(ASTSource(fn, _signature(fn, consts, ptrs), constexprs=consts),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-        print("OK", name, k.metadata.shared, k.asm["ptx"].count(".local"))
+        print("OK", name, k.metadata.shared, k.asm["ptx"].count(".local"), _stack_bytes(k))
         return True
     except Exception as e:  # noqa: BLE001  (report every kernel, then fail)
         print("FAIL", name, str(e).replace("\n", " | ")[-600:])
@@ -74,24 +92,26 @@ def main() -> int:
 
 
 RECT_PTRS = {n: "fp32" for n in ("QM", "KM", "VM", "DQ", "DK", "DKS", "RSCALE", "RBIAS", "PG", "DENSITY", "RFRAC")}
-RECT_PTRS.update({n: "i32" for n in ("KCNT", "RCNT", "TV")})
-RECT_PTRS.update(dict(KT="bf16", NBR="i1", FF="i1", RMAP="i8"))
+RECT_PTRS.update({n: "i32" for n in ("KCNT", "RCNT", "TV", "KV_COUNT", "TILE_ORDER", "DONE")})
+RECT_PTRS.update(dict(KT="bf16", NBR="i1", FF="i1", RMAP="i8", LOGIT="fp32", TLSE="fp32", GAIN="i8"))
 
 
 def _rectified() -> bool:
-    """Rectified SpaAttn's statistics, fused planner (Wan 480p: 256 blocks, no text; with a text column),
-    finalize and row-planner kernels, at the launchers' settings."""
+    """Rectified SpaAttn's statistics, scores and planner kernels (Wan 480p: 256 blocks, no text; with a
+    text column) and the row-planner kernel, at the launchers' settings."""
     from visattn.kernels import rectified as rk
 
     ok = check("rect_stats", rk._rectified_stats_kernel,
                dict(BLOCK=128, HEAD_DIM=128, HEAD_DIM_PAD=128, UPSTREAM_TAIL=False), ptrs=RECT_PTRS)
-    flags = dict(IPAR=True, EXACT_TAIL=True, GAPR=True, HAS_NBR=True, KEEP_ALL=False, KEEP_PROBS=False)
-    for name, bj, text, warps in (("rect_plan_wan", 256, False, 4), ("rect_plan_text", 256, True, 4)):
-        c = dict(flags, BLOCK=128, G=rk.PLAN_GROUP, BJ=bj, BT=16, DK=32, TL=32, HEAD_DIM=128,
+    for name, text in (("rect_scores_wan", False), ("rect_scores_text", True)):
+        c = dict(BLOCK=128, BM=rk.SCORE_TILE[0], BN=rk.SCORE_TILE[1], DK=32, TL=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
+                 PREC="tf32x3", HAS_TEXT_COL=text, IPAR=True, EXACT_TAIL=True, GAPR=True)
+        ok &= check(name, rk._rectified_scores_kernel, c, warps=8, ptrs=RECT_PTRS)
+    flags = dict(GAPR=True, HAS_NBR=True, KEEP_ALL=False, KEEP_PROBS=False)
+    for name, bj, text in (("rect_plan_wan", 256, False), ("rect_plan_text", 256, True)):
+        c = dict(flags, BLOCK=128, G=rk.PLAN_GROUP, BJ=bj, BT=16, DK=32, BV=256, BN=512 if text else 256, HEAD_DIM=128,
                  HEAD_DIM_PAD=128, PREC="tf32x3", HAS_TEXT_COL=text, HAS_TEXT_BLOCKS=text, HAS_FF=not text)
-        ok &= check(name, rk._rectified_plan_kernel, c, warps=warps, ptrs=RECT_PTRS)
-    ok &= check("rect_finalize", rk._rectified_finalize_kernel, dict(BV=256, BN=256), warps=4,
-                ptrs=dict(RECT_PTRS, KV_COUNT="i32", TILE_ORDER="i32"))
+        ok &= check(name, rk._rectified_plan_kernel, c, warps=rk.PLAN_WARPS, ptrs=RECT_PTRS)
     # the row planner for 512-2047 visual blocks (HunyuanVideo 720p: 929), at its widest sorts
     from visattn.kernels import _rectified_rows as rr
 

@@ -21,19 +21,22 @@ def _select_blocks(p_col, rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, K
     least ``k_min`` (ties: lower index first), then the neighbour table and first-frame blocks.
     """
     valid_col = (cols < ncol)[None, :]
-    # descending by probability, ties: lower index first; probabilities >= 0 sort like their bits
-    bits = p_col.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(valid_col, (bits << 32) | (2147483647 - cols).to(tl.int64)[None, :], -1)
     if KEEP_ALL:
-        kept = cm[None, :] & (key >= 0)
+        kept = cm[None, :] & valid_col
     else:
-        sk = tl.sort(key, dim=1, descending=True)
-        sp = tl.where(sk >= 0, (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-        cs = tl.cumsum(sp, 1)
+        # descending probabilities (fp32 values; -1 marks columns that do not exist), running mass
+        val = tl.where(valid_col, p_col, -1.0)
+        sv = tl.sort(val, dim=1, descending=True)
+        cs = tl.cumsum(tl.maximum(sv, 0.0), 1)
         n_le = tl.sum(((cs <= tau) & valid_col).to(tl.int32), 1)
         count = tl.minimum(tl.maximum(n_le + 1, k_min), ncol)
-        thr = tl.sum(tl.where(cols[None, :] == count[:, None] - 1, sk, 0), 1)  # the count-th largest key
-        kept = cm[None, :] & (key >= thr[:, None])
+        thr = tl.max(tl.where(cols[None, :] == count[:, None] - 1, sv, -1.0), 1)  # the count-th largest
+        # every column above thr, then the lowest-index columns equal to thr until count are kept
+        # (the order of packed (probability, -index) keys, without carrying 64-bit keys)
+        above = val > thr[:, None]
+        tie = val == thr[:, None]
+        need = count - tl.sum(above.to(tl.int32), 1)
+        kept = cm[None, :] & (above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= need[:, None])))
     if HAS_NBR:
         pair = rows.to(tl.int64)[:, None] * nv + cols[None, :]
         kept = kept | (tl.load(NBR + pair, mask=r_ok[:, None] & cm[None, :], other=0) != 0)

@@ -3,15 +3,18 @@
 "Rectified SpaAttn" (Liu, Li, Zhang, Chen, Gu; https://arxiv.org/abs/2511.19835); semantics in
 ``specs/rectified.md`` §2.
 
-- ``_rectified_stats_kernel``: one program per (visual block, batch x head) reads its q, k, v tile
-  once and writes the fp32 means q̄, k̄, V̄ and the mean absolute deviations δq, δk over the valid
+- ``_rectified_stats_kernel``: one program per (visual block, batch x head, tensor) reads a q, k or v
+  tile once and writes the fp32 means q̄, k̄, V̄ and the mean absolute deviations δq, δk over the valid
   tokens (``tail="exact"``) or over the zero-padded block (``tail="upstream"``, parity only).
-- ``_rectified_plan_kernel`` / ``plan_tensors_triton``: the planner, fused: one program per (16 query
-  blocks, batch x head) computes the pooled GEMMs (q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ in tf32x3, near-fp32, and
-  q̄·k_textᵀ with an online log-sum-exp from the text keys in place), the IPAR softmax with ``+ln w``,
-  a row ``tl.sort`` of packed (probability, index) keys, cumsum, count, neighbour row, first frame, the
-  GAPR test, R, C = (P ⊙ 𝒢) V̄ and the index lists; ``_rectified_finalize_kernel`` gives density,
-  rectified fraction and the tile schedule. Up to 511 visual blocks (wider rows compile too slowly);
+- ``plan_tensors_triton``: the planner in two launches. ``_rectified_scores_kernel`` (one program per
+  [32, 64] tile of pooled scores, batch x head): the pooled GEMMs q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ in tf32x3
+  (near-fp32) into the IPAR logits (``+ln w``) and the GAPR gain test, and q̄·k_textᵀ with an online
+  log-sum-exp from the text keys in place. ``_rectified_plan_kernel`` (one program per 16 query blocks,
+  batch x head): the softmax, a row ``tl.sort`` of the probabilities, cumsum, count, ties by index,
+  neighbour row, first frame, the rectified set, R, C = (P ⊙ 𝒢) V̄ and the index lists; the last
+  program of each batch x head writes density, rectified fraction and the tile schedule. The split
+  keeps each kernel's live tiles in registers (the single fused kernel spilled ~20 KB per thread and
+  ran 1.1 ms on an H100). Up to 511 visual blocks (wider rows compile too slowly);
   ``kernels/_rectified_rows.py`` plans rows of up to 2047 blocks with one program per row.
 - ``plan_tensors``: the same planner as device-side torch ops (any dtype; the ``"torch"`` backend,
   float64 planning, and rows longer than 2047 blocks).
@@ -25,12 +28,38 @@ only at exact cumulative-threshold or gain/error ties (rounding).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
 from ._rectified_select import _select_blocks, _store_lists
+
+
+@triton.jit
+def _pool_tile(X, stride_b, stride_h, stride_n, b, h, MEAN, DEV, start, local, num_video, out,
+               BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               UPSTREAM_TAIL: tl.constexpr, HAS_DEV: tl.constexpr):
+    """Mean (and mean absolute deviation) over the block's tokens of one [BLOCK, D] tile of X."""
+    offs_r = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = (local + offs_r) < num_video
+    x = _load_tile(X + b * stride_b + h * stride_h, start, stride_n, offs_r, offs_d,
+                   _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)).to(tl.float32)
+    if UPSTREAM_TAIL:  # upstream pools the zero-padded tail block over all BLOCK rows
+        cnt = BLOCK * 1.0
+        dev_rows = offs_r >= 0
+    else:
+        cnt = tl.minimum(num_video - local, BLOCK).to(tl.float32)
+        dev_rows = row_ok
+    dmask = offs_d < HEAD_DIM
+    xm = tl.sum(x, 0) / cnt
+    tl.store(MEAN + out + offs_d, xm, mask=dmask)
+    if HAS_DEV:
+        tl.store(DEV + out + offs_d, tl.sum(tl.where(dev_rows[:, None], tl.abs(x - xm[None, :]), 0.0), 0) / cnt,
+                 mask=dmask)
 
 
 @triton.jit(do_not_specialize=["video_start", "num_video"])
@@ -61,37 +90,24 @@ def _rectified_stats_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     UPSTREAM_TAIL: tl.constexpr,
 ):
+    """One program per (visual block, b x h, tensor): axis 2 picks q (mean, deviation), k (mean,
+    deviation) or v (mean), so the three tiles of a block are read by concurrent programs."""
     pid_j = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    which = tl.program_id(2)
     b, h, _ = _bh_ids(pid_bh, n_heads, 1)
-    offs_r = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
     local = pid_j * BLOCK
-    row_ok = (local + offs_r) < num_video
-    mask = _tile_mask(row_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
     start = video_start + local
-    if UPSTREAM_TAIL:
-        # upstream pools the zero-padded tail block over all BLOCK rows
-        cnt = BLOCK * 1.0
-        dev_rows = offs_r >= 0
+    out = (pid_bh.to(tl.int64) * n_blocks + pid_j) * HEAD_DIM
+    if which == 0:
+        _pool_tile(Q, stride_qb, stride_qh, stride_qn, b, h, QM, DQ, start, local, num_video, out,
+                   BLOCK, HEAD_DIM, HEAD_DIM_PAD, UPSTREAM_TAIL, True)
+    elif which == 1:
+        _pool_tile(K, stride_kb, stride_kh, stride_kn, b, h, KM, DK, start, local, num_video, out,
+                   BLOCK, HEAD_DIM, HEAD_DIM_PAD, UPSTREAM_TAIL, True)
     else:
-        cnt = tl.minimum(num_video - local, BLOCK).to(tl.float32)
-        dev_rows = row_ok
-    out = (pid_bh.to(tl.int64) * n_blocks + pid_j) * HEAD_DIM + offs_d
-    dmask = offs_d < HEAD_DIM
-    # one tensor at a time keeps a single [BLOCK, D] fp32 tile live (register pressure at D = 128)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, start, stride_qn, offs_r, offs_d, mask).to(tl.float32)
-    qm = tl.sum(q, 0) / cnt
-    dq = tl.sum(tl.where(dev_rows[:, None], tl.abs(q - qm[None, :]), 0.0), 0) / cnt
-    tl.store(QM + out, qm, mask=dmask)
-    tl.store(DQ + out, dq, mask=dmask)
-    k = _load_tile(K + b * stride_kb + h * stride_kh, start, stride_kn, offs_r, offs_d, mask).to(tl.float32)
-    km = tl.sum(k, 0) / cnt
-    dk = tl.sum(tl.where(dev_rows[:, None], tl.abs(k - km[None, :]), 0.0), 0) / cnt
-    tl.store(KM + out, km, mask=dmask)
-    tl.store(DK + out, dk, mask=dmask)
-    v = _load_tile(V + b * stride_vb + h * stride_vh, start, stride_vn, offs_r, offs_d, mask).to(tl.float32)
-    tl.store(VM + out, tl.sum(v, 0) / cnt, mask=dmask)
+        _pool_tile(V, stride_vb, stride_vh, stride_vn, b, h, VM, VM, start, local, num_video, out,
+                   BLOCK, HEAD_DIM, HEAD_DIM_PAD, UPSTREAM_TAIL, False)
 
 
 def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -103,7 +119,7 @@ def block_stats_triton(q, k, v, video_start: int, num_video: int, block: int, up
     B, _, H, D = q.shape
     nv = triton.cdiv(num_video, block)
     outs = [torch.empty((B, H, nv, D), device=q.device, dtype=torch.float32) for _ in range(5)]
-    _rectified_stats_kernel[(nv, B * H)](
+    _rectified_stats_kernel[(nv, B * H, 3)](
         q,
         k,
         v,
@@ -306,7 +322,7 @@ def first_frame_blocks(mode: str | None, video_grid, block: int, order) -> torch
 def _rows_dot(A, B, a_rows, a_ok, b_rows, b_ok, stride_j, acc, DK: tl.constexpr, HEAD_DIM: tl.constexpr,
               HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr):
     """``acc + A[a_rows] @ B[b_rows]^T`` over the head dim (fp32 [rows, D] tables, unit stride on D)."""
-    for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):
+    for d0 in tl.range(0, HEAD_DIM_PAD, DK):
         dd = d0 + tl.arange(0, DK)
         dm = dd < HEAD_DIM
         a = tl.load(A + a_rows.to(tl.int64)[:, None] * stride_j + dd[None, :], mask=a_ok[:, None] & dm[None, :],
@@ -317,23 +333,91 @@ def _rows_dot(A, B, a_rows, a_ok, b_rows, b_ok, stride_j, acc, DK: tl.constexpr,
     return acc
 
 
-@triton.jit(do_not_specialize=["nv", "nt", "num_video", "text_len", "scale", "tau", "k_min"])
-def _rectified_plan_kernel(
-    QM, KM, VM, DQ, DKS, KT, TV, NBR, FF,
-    KV_INDEX, KV_COUNT, RSCALE, RBIAS, RMAP, PG, KCNT, RCNT,
+@triton.jit(do_not_specialize=["nv", "num_video", "text_len", "scale"])
+def _rectified_scores_kernel(
+    QM, KM, DQ, DKS, KT, TV, LOGIT, GAIN, TLSE,
     stride_sb, stride_sh, stride_sj, stride_tb, stride_th, stride_tn,
-    nv, nt, n_heads, num_video, text_len, scale, tau, k_min,
+    nv, n_heads, num_video, text_len, scale,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, TL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr, HAS_TEXT_COL: tl.constexpr,
+    IPAR: tl.constexpr, EXACT_TAIL: tl.constexpr, GAPR: tl.constexpr,
+):
+    """A ``[BM, BN]`` tile of (b, h)'s pooled scores: the IPAR logits ``q̄k̄ᵀ·scale + ln w`` and the GAPR
+    gain test ``|q̄k̄ᵀ| > |δq·k̄ᵀ| + |q̄·δkᵀ|`` (int8); column tile 0 also writes the log-sum-exp of each
+    row's valid text logits ``q̄·k_textᵀ·scale`` (online over text chunks, text keys read in place)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // n_heads
+    rows = pid_m * BM + tl.arange(0, BM)
+    r_ok = rows < nv
+    cols = pid_n * BN + tl.arange(0, BN)
+    cm = cols < nv
+    sbase = bh.to(tl.int64) // n_heads * stride_sb + bh.to(tl.int64) % n_heads * stride_sh
+    d = _rows_dot(QM + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([BM, BN], tl.float32),
+                  DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
+    lw = 0.0
+    if IPAR:
+        w = tl.zeros([BN], tl.int32) + BLOCK
+        if EXACT_TAIL:  # the last block's true token count
+            w = tl.where(cols == nv - 1, num_video - (nv - 1) * BLOCK, w)
+        lw = tl.log(w.to(tl.float32))[None, :]
+    out = bh.to(tl.int64) * nv * nv + rows.to(tl.int64)[:, None] * nv + cols[None, :]
+    rc = r_ok[:, None] & cm[None, :]
+    tl.store(LOGIT + out, d * scale + lw, mask=rc)
+    if GAPR:
+        e1 = _rows_dot(DQ + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([BM, BN], tl.float32),
+                       DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
+        e2 = _rows_dot(QM + sbase, DKS + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([BM, BN], tl.float32),
+                       DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
+        tl.store(GAIN + out, (tl.abs(d) > tl.abs(e1) + tl.abs(e2)).to(tl.int8), mask=rc)
+    if HAS_TEXT_COL:
+        if pid_n == 0:
+            tvalid = tl.minimum(tl.maximum(tl.load(TV + b), 0), text_len)
+            t_m = tl.full([BM], float("-inf"), tl.float32)
+            t_l = tl.zeros([BM], tl.float32)
+            kt_base = KT + bh.to(tl.int64) // n_heads * stride_tb + bh.to(tl.int64) % n_heads * stride_th
+            for t0 in range(0, tvalid, TL):
+                tt = t0 + tl.arange(0, TL)
+                t_ok = tt < tvalid
+                st = tl.zeros([BM, TL], tl.float32)
+                for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):
+                    dd = d0 + tl.arange(0, DK)
+                    dm = dd < HEAD_DIM
+                    qa = tl.load(QM + sbase + rows.to(tl.int64)[:, None] * stride_sj + dd[None, :],
+                                 mask=r_ok[:, None] & dm[None, :], other=0.0)
+                    kt = tl.load(kt_base + tt.to(tl.int64)[:, None] * stride_tn + dd[None, :],
+                                 mask=t_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                    st = tl.dot(qa, tl.trans(kt), st, input_precision=PREC)
+                st = tl.where(t_ok[None, :], st * scale, float("-inf"))
+                m_new = tl.maximum(t_m, tl.max(st, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                t_l = t_l * tl.exp(t_m - m_safe) + tl.sum(tl.exp(st - m_safe[:, None]), 1)
+                t_m = m_new
+            t_lse = tl.where(t_l > 0, t_m + tl.log(t_l), float("-inf"))
+            tl.store(TLSE + bh.to(tl.int64) * nv + rows, t_lse, mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["nv", "nt"])
+def _rectified_plan_kernel(
+    LOGIT, GAIN, TLSE, VM, TV, NBR, FF,
+    KV_INDEX, KV_COUNT, RSCALE, RBIAS, RMAP, PG, KCNT, RCNT, DENSITY, RFRAC, TILE_ORDER, DONE,
+    stride_sb, stride_sh, stride_sj,
+    nv, nt, n_heads, tau, k_min,
     BLOCK: tl.constexpr, G: tl.constexpr, BJ: tl.constexpr, BT: tl.constexpr, DK: tl.constexpr,
-    TL: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr,
-    HAS_TEXT_COL: tl.constexpr, HAS_TEXT_BLOCKS: tl.constexpr, IPAR: tl.constexpr, EXACT_TAIL: tl.constexpr,
+    BV: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr,
+    HAS_TEXT_COL: tl.constexpr, HAS_TEXT_BLOCKS: tl.constexpr,
     GAPR: tl.constexpr, HAS_NBR: tl.constexpr, HAS_FF: tl.constexpr, KEEP_ALL: tl.constexpr,
     KEEP_PROBS: tl.constexpr,
 ):
-    """Rows I0..I0+G-1 of (b, h): the pooled GEMMs (q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ, q̄·k_textᵀ with an online
-    log-sum-exp), the IPAR softmax (``+ln w``, text merged into one column), selection by a row sort
-    of packed (probability, index) keys, neighbours, first frame, the GAPR test, R, C = (P ⊙ 𝒢)V̄ and
-    the index lists (kept visual ascending, valid text, then the rest so every slot is written once).
-    Programs past the visual groups write the text query tiles (every block, R = 1, C = 0)."""
+    """Rows I0..I0+G-1 of (b, h), from the scores kernel's logits, gain test and text log-sum-exp: the
+    IPAR softmax (text merged into one column), selection (``_select_blocks``: row sort, cumulative
+    threshold, top-k floor, neighbours, first frame), the GAPR rectified set, R, C = (P ⊙ 𝒢)V̄ and the
+    index lists (kept visual ascending, valid text, then the rest so every slot is written once).
+    Programs past the visual groups write the text query tiles (every block, R = 1, C = 0). The last
+    program of each (b, h) to finish (a counter in ``DONE``, zeroed by the caller) writes its totals
+    and tile schedule (``_finalize_bh``), which saves a launch."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // n_heads
@@ -357,66 +441,37 @@ def _rectified_plan_kernel(
         r_ok = rows < nv
         cols = tl.arange(0, BJ)
         cm = cols < nv
-        sbase = bh.to(tl.int64) // n_heads * stride_sb + bh.to(tl.int64) % n_heads * stride_sh
-        d = _rows_dot(QM + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([G, BJ], tl.float32),
-                      DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
-        lw = 0.0
-        if IPAR:
-            w = tl.zeros([BJ], tl.int32) + BLOCK
-            if EXACT_TAIL:  # the last block's true token count
-                w = tl.where(cols == nv - 1, num_video - (nv - 1) * BLOCK, w)
-            lw = tl.log(w.to(tl.float32))[None, :]
-        logit = tl.where(cm[None, :], d * scale + lw, float("-inf"))
+        rc = r_ok[:, None] & cm[None, :]
+        sq = bh.to(tl.int64) * nv * nv
+        pair = rows.to(tl.int64)[:, None] * nv + cols[None, :]
+        logit = tl.load(LOGIT + sq + pair, mask=rc, other=float("-inf"))
         m = tl.max(logit, 1)
-        if HAS_TEXT_COL:  # log-sum-exp of the valid text logits of each row, online over text chunks
-            tvalid = tl.minimum(tl.maximum(tl.load(TV + b), 0), text_len)
-            t_m = tl.full([G], float("-inf"), tl.float32)
-            t_l = tl.zeros([G], tl.float32)
-            kt_base = KT + bh.to(tl.int64) // n_heads * stride_tb + bh.to(tl.int64) % n_heads * stride_th
-            for t0 in range(0, tvalid, TL):
-                tt = t0 + tl.arange(0, TL)
-                t_ok = tt < tvalid
-                st = tl.zeros([G, TL], tl.float32)
-                for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):
-                    dd = d0 + tl.arange(0, DK)
-                    dm = dd < HEAD_DIM
-                    qa = tl.load(QM + sbase + rows.to(tl.int64)[:, None] * stride_sj + dd[None, :],
-                                 mask=r_ok[:, None] & dm[None, :], other=0.0)
-                    kt = tl.load(kt_base + tt.to(tl.int64)[:, None] * stride_tn + dd[None, :],
-                                 mask=t_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                    st = tl.dot(qa, tl.trans(kt), st, input_precision=PREC)
-                st = tl.where(t_ok[None, :], st * scale, float("-inf"))
-                m_new = tl.maximum(t_m, tl.max(st, 1))
-                t_l = t_l * tl.exp(t_m - m_new) + tl.sum(tl.exp(st - m_new[:, None]), 1)
-                t_m = m_new
-            t_lse = tl.where(t_l > 0, t_m + tl.log(t_l), float("-inf"))
+        if HAS_TEXT_COL:
+            t_lse = tl.load(TLSE + bh.to(tl.int64) * nv + rows, mask=r_ok, other=float("-inf"))
             m = tl.maximum(m, t_lse)
+        m = tl.where(m == float("-inf"), 0.0, m)  # rows past nv: all -inf, no NaN
         e = tl.where(cm[None, :], tl.exp(logit - m[:, None]), 0.0)
         z = tl.sum(e, 1)
         if HAS_TEXT_COL:
             et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
             z += et
-            p_col = tl.where(cols[None, :] == nv, (et / z)[:, None], e / z[:, None])
+        z = tl.where(z > 0, z, 1.0)
+        p = e / z[:, None]
+        if HAS_TEXT_COL:
+            p_col = tl.where(cols[None, :] == nv, (et / z)[:, None], p)
             ncol = nv + 1
         else:
-            p_col = e / z[:, None]
+            p_col = p
             ncol = nv
-        p = e / z[:, None]
-        rc = r_ok[:, None] & cm[None, :]
-        pair = rows.to(tl.int64)[:, None] * nv + cols[None, :]
         kept = _select_blocks(p_col, rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, KEEP_ALL, HAS_NBR, HAS_FF)
-        sq = bh.to(tl.int64) * nv * nv
         tile = bh.to(tl.int64) * n_tiles + rows
         if GAPR:
-            e1 = _rows_dot(DQ + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([G, BJ], tl.float32),
-                           DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
-            e2 = _rows_dot(QM + sbase, DKS + sbase, rows, r_ok, cols, cm, stride_sj,
-                           tl.zeros([G, BJ], tl.float32), DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
-            rect = cm[None, :] & (kept == 0) & (tl.abs(d) > tl.abs(e1) + tl.abs(e2))
+            rect = cm[None, :] & (kept == 0) & (tl.load(GAIN + sq + pair, mask=rc, other=0) != 0)
             pg = tl.where(rect, p, 0.0)
             if KEEP_PROBS:
                 tl.store(PG + sq + pair, pg, mask=rc)
-            for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):  # C = (P ⊙ 𝒢) V̄, a [G, BJ] x [BJ, DK] GEMM per chunk
+            sbase = bh.to(tl.int64) // n_heads * stride_sb + bh.to(tl.int64) % n_heads * stride_sh
+            for d0 in tl.range(0, HEAD_DIM_PAD, DK, num_stages=1):  # C = (P ⊙ 𝒢) V̄, a [G, BJ] x [BJ, DK] GEMM per chunk
                 dd = d0 + tl.arange(0, DK)
                 dm = dd < HEAD_DIM
                 vb = tl.load(VM + sbase + cols.to(tl.int64)[:, None] * stride_sj + dd[None, :],
@@ -432,26 +487,30 @@ def _rectified_plan_kernel(
         tl.store(RMAP + sq + pair, rect.to(tl.int8), mask=rc)
         _store_lists(KV_INDEX, KV_COUNT, KCNT, RCNT, tile, bh.to(tl.int64) * nv + rows, r_ok, cols, cm, kept, rect,
                      ntv, nv, nt, BT, HAS_TEXT_BLOCKS)
+    # every thread's stores precede the counter update (release); the last program acquires them all
+    tl.debug_barrier()
+    if tl.atomic_add(DONE + bh, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        _finalize_bh(bh.to(tl.int64), KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER, nv, n_tiles, BV, BN)
 
 
-@triton.jit(do_not_specialize=["nv", "n_tiles"])
-def _rectified_finalize_kernel(KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER, nv, n_tiles,
-                               BV: tl.constexpr, BN: tl.constexpr):
+@triton.jit
+def _finalize_bh(bh, KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER, nv, n_tiles, BV: tl.constexpr,
+                 BN: tl.constexpr):
     """Per (b, h): kept density, rectified fraction of dropped pairs and the kernel's tile schedule
-    (tiles by decreasing kv_count, ties by index: a stable descending argsort, as one packed sort)."""
-    bh = tl.program_id(0).to(tl.int64)
+    (tiles by decreasing kv_count, ties by index: a stable descending argsort, as one packed sort).
+    Reads other programs' results, so it bypasses L1 (``.cg``)."""
     kept = tl.zeros([BV], tl.int32)
     rect = tl.zeros([BV], tl.int32)
     for c0 in range(0, nv, BV):
         cv = c0 + tl.arange(0, BV)
-        kept += tl.load(KCNT + bh * nv + cv, mask=cv < nv, other=0)
-        rect += tl.load(RCNT + bh * nv + cv, mask=cv < nv, other=0)
+        kept += tl.load(KCNT + bh * nv + cv, mask=cv < nv, other=0, cache_modifier=".cg")
+        rect += tl.load(RCNT + bh * nv + cv, mask=cv < nv, other=0, cache_modifier=".cg")
     nk = tl.sum(kept, 0)
     pairs = nv * nv
     tl.store(DENSITY + bh, nk.to(tl.float32) / pairs.to(tl.float32))
     tl.store(RFRAC + bh, tl.sum(rect, 0).to(tl.float32) / tl.maximum(pairs - nk, 1).to(tl.float32))
     t = tl.arange(0, BN)
-    cnt = tl.load(KV_COUNT + bh * n_tiles + t, mask=t < n_tiles, other=0)
+    cnt = tl.load(KV_COUNT + bh * n_tiles + t, mask=t < n_tiles, other=0, cache_modifier=".cg")
     key = tl.where(t < n_tiles, (cnt.to(tl.int64) << 32) | (BN - 1 - t).to(tl.int64), -1)
     key = tl.sort(key, descending=True)
     tl.store(TILE_ORDER + bh * n_tiles + t, (BN - 1 - (key & 0xFFFFFFFF)).to(tl.int32), mask=t < n_tiles)
@@ -461,6 +520,8 @@ def _rectified_finalize_kernel(KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER,
 # sm_90); larger plans (e.g. 720p video, 593+ blocks) use the row planner of kernels/_rectified_rows.py
 MAX_FUSED_BLOCKS = 511
 PLAN_GROUP = 16  # query-block rows per planner program (tl.dot needs M >= 16)
+PLAN_WARPS = 8  # with 4 warps the [16, BJ] row tiles spill registers on sm_90
+SCORE_TILE = (32, 64)  # [rows, columns] of a scores-kernel program (8 warps: no register spills on sm_90)
 
 
 def plan_tensors_triton(
@@ -481,8 +542,8 @@ def plan_tensors_triton(
     first_frame,
     keep_probs: bool,
 ):
-    """:func:`plan_tensors` (``n_v <= MAX_FUSED_BLOCKS``) as two Triton launches (the planner with its
-    GEMMs, then per-head totals and the tile schedule); fp32 statistics ``[B, H, n_v, D]`` with one
+    """:func:`plan_tensors` (``n_v <= MAX_FUSED_BLOCKS``) as two Triton launches (the pooled GEMMs into
+    logits and the gain test, then the planner with per-head totals and the tile schedule); fp32 statistics ``[B, H, n_v, D]`` with one
     shared layout. ``k_text`` is a ``[B, H, L, D]`` view of the text keys in any float dtype (read in
     place). Also returns ``tile_order`` (int32 ``[B, H, n_tiles]``)."""
     B, H, nv, D = qm.shape
@@ -498,68 +559,47 @@ def plan_tensors_triton(
     else:
         k_text = k_text if k_text.stride(-1) == 1 else k_text.contiguous()
         strides_t = (k_text.stride(0), k_text.stride(1), k_text.stride(2))
-    tv = text_valid if text_valid is not None else torch.zeros(1, dtype=torch.int32, device=dev)
-    kv_index = torch.empty((B, H, ncols, ncols), dtype=torch.int32, device=dev)
-    kv_count = torch.empty((B, H, ncols), dtype=torch.int32, device=dev)
-    rect_scale = torch.empty((B, H, ncols), dtype=torch.float32, device=dev)
-    rect_bias = torch.empty((B, H, ncols, D), dtype=torch.float32, device=dev)
-    rmap = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev)
-    counts = torch.empty((2, B, H, nv), dtype=torch.int32, device=dev)  # kept / rectified per row
-    totals = torch.empty((2, B, H), dtype=torch.float32, device=dev)  # density / rectified fraction
-    tile_order = torch.empty((B, H, ncols), dtype=torch.int32, device=dev)
     keep = keep_probs and config.gapr
-    pg = torch.empty((B, H, nv, nv), dtype=torch.float32, device=dev) if keep else rmap
+    new = functools.partial(torch.empty, device=dev)
+    kv_index = new((B, H, ncols, ncols), dtype=torch.int32)
+    kv_count = new((B, H, ncols), dtype=torch.int32)
+    tile_order = new((B, H, ncols), dtype=torch.int32)
+    counts = new((2, B, H, nv), dtype=torch.int32)  # kept / rectified per row
+    rect_scale = new((B, H, ncols), dtype=torch.float32)
+    rect_bias = new((B, H, ncols, D), dtype=torch.float32)
+    totals = new((2, B, H), dtype=torch.float32)  # density / rectified fraction
+    pg = new((B, H, nv, nv), dtype=torch.float32) if keep else None
+    rmap = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev)
+    done = torch.zeros(B * H, dtype=torch.int32, device=dev)
+    tv = text_valid if text_valid is not None else kv_count  # read only with text (placeholder otherwise)
     bj = max(16, triton.next_power_of_2(nv + int(has_text_col)))
     dpad = head_dim_pad(D)
+    logit = new((B, H, nv, nv), dtype=torch.float32)
+    t_lse = new((B, H, nv), dtype=torch.float32) if has_text_col else totals
+    gain = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev) if config.gapr else rmap
+    dk_chunk = min(dpad, 32)
+    _rectified_scores_kernel[(triton.cdiv(nv, SCORE_TILE[0]), triton.cdiv(nv, SCORE_TILE[1]), B * H)](
+        stats[0], stats[1], stats[3], stats[4], k_text, tv, logit, gain, t_lse,
+        *stats[0].stride()[:3], *strides_t,
+        nv, H, num_video, 0 if not has_text_col else k_text.shape[2], scale,
+        BLOCK=block, BM=SCORE_TILE[0], BN=SCORE_TILE[1], DK=dk_chunk, TL=32, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
+        PREC="tf32x3",  # ~fp32 accuracy on tensor cores (the interpreter computes in fp32)
+        HAS_TEXT_COL=has_text_col, IPAR=config.ipar, EXACT_TAIL=config.tail == "exact", GAPR=config.gapr,
+        num_warps=8,
+    )
     _rectified_plan_kernel[(triton.cdiv(nv, PLAN_GROUP) + nt, B * H)](
-        *stats,
-        k_text,
-        tv,
+        logit, gain, t_lse, stats[2], tv,
         nbr if nbr is not None else kv_count,
         first_frame if first_frame is not None else kv_count,
-        kv_index,
-        kv_count,
-        rect_scale,
-        rect_bias,
-        rmap,
-        pg,
-        counts[0],
-        counts[1],
-        stats[0].stride(0),
-        stats[0].stride(1),
-        stats[0].stride(2),
-        *strides_t,
-        nv,
-        nt,
-        H,
-        num_video,
-        0 if not has_text_col else k_text.shape[2],
-        scale,
-        float(config.cum_threshold),
-        int((1.0 - config.drop_rate) * nv),
-        BLOCK=block,
-        G=PLAN_GROUP,
-        BJ=bj,
-        BT=max(16, triton.next_power_of_2(max(nt, 1))),
-        DK=min(dpad, 32),
-        TL=32,
-        HEAD_DIM=D,
-        HEAD_DIM_PAD=dpad,
-        PREC="tf32x3",  # ~fp32 accuracy on tensor cores (the interpreter computes in fp32)
-        HAS_TEXT_COL=has_text_col,
-        HAS_TEXT_BLOCKS=nt > 0,
-        IPAR=config.ipar,
-        EXACT_TAIL=config.tail == "exact",
-        GAPR=config.gapr,
-        HAS_NBR=nbr is not None,
-        HAS_FF=first_frame is not None,
-        KEEP_ALL=config.cum_threshold >= 1.0,
-        KEEP_PROBS=keep,
-        num_warps=4 if bj <= 256 else 8,
-    )
-    _rectified_finalize_kernel[(B * H,)](
-        counts[0], counts[1], kv_count, totals[0], totals[1], tile_order, nv, ncols,
+        kv_index, kv_count, rect_scale, rect_bias, rmap, pg if keep else rmap, counts[0], counts[1], totals[0],
+        totals[1], tile_order, done, *stats[0].stride()[:3],
+        nv, nt, H, float(config.cum_threshold), int((1.0 - config.drop_rate) * nv),
+        BLOCK=block, G=PLAN_GROUP, BJ=bj, BT=max(16, triton.next_power_of_2(max(nt, 1))), DK=dk_chunk,
         BV=min(1024, max(16, triton.next_power_of_2(nv))), BN=max(16, triton.next_power_of_2(ncols)),
+        HEAD_DIM=D, HEAD_DIM_PAD=dpad, PREC="tf32x3",
+        HAS_TEXT_COL=has_text_col, HAS_TEXT_BLOCKS=nt > 0, GAPR=config.gapr, HAS_NBR=nbr is not None,
+        HAS_FF=first_frame is not None, KEEP_ALL=config.cum_threshold >= 1.0, KEEP_PROBS=keep,
+        num_warps=PLAN_WARPS,
     )
     return dict(
         kv_index=kv_index,
