@@ -35,7 +35,8 @@ def _fwd_bwd(fn, leaves, plan, dout, w, finite, **kw):
     )
     l_ = torch.where(finite, lse.double(), torch.zeros_like(lse, dtype=torch.float64))
     loss = (out.double() * dout).sum() + (l_ * w).sum()
-    return out, lse, torch.autograd.grad(loss, leaves)
+    grads = torch.autograd.grad(loss, leaves) if all(t.requires_grad for t in leaves) else None
+    return out, lse, grads
 
 
 def _check(q, k, v, plan, dtype, grads=True, rows_ok=None, **kw):

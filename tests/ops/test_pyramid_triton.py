@@ -112,6 +112,17 @@ def test_triton_plans_itself_and_returns_plan(device):
     assert max_abs(out, pyramid_attention_ref(q, k, v, plan)) < TOL
 
 
+def test_triton_gradients_keep_the_inputs_memory_format(device):
+    # the custom op's fake returns empty_like(q/k/v): torch.compile checks the real strides against it
+    # (dk/dv used to come back as [B, H, N, D] buffers viewed as [B, N, H, D], failing on the GPU)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 96, 2, 16, generator=g).to(device).requires_grad_() for _ in range(3))
+    plan = pyramid_plan(q, k, config=PyramidConfig()._with_blocks(32, 32))
+    out = pyramid_attention(q, k, v, plan=plan, backend="triton")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [t.stride() for t in grads] == [t.stride() for t in (q, k, v)]
+
+
 @pytest.mark.parametrize("pool_n, block_m", [(64, 16), (16, 32)])
 def test_triton_backward_tile_variants(device, pool_n, block_m, monkeypatch):
     monkeypatch.setitem(

@@ -363,7 +363,11 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
         w = inv[:, None, :, None]
         dk_h = dk_h + dkp_h[:, :, row] * w
         dv_h = dv_h + dvp_h[:, :, row] * w
-    return dq, dk_h.transpose(1, 2).to(k.dtype), dv_h.transpose(1, 2).to(v.dtype)
+    # in k's / v's own memory format, as the custom op's fake (torch.empty_like) promises torch.compile
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk.copy_(dk_h.transpose(1, 2))
+    dv.copy_(dv_h.transpose(1, 2))
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
