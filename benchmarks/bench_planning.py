@@ -121,7 +121,7 @@ def _rectified_case(q, k, v, lay, cfg, quick):
         return
     _row("1 statistics kernel (q,k,v read once)", lambda: block_stats_triton(
         q, k, v, lay.video_start, lay.num_video, cfg.block_size, False), quick, res)
-    _row("2 fused planner + finalize (2 launches)", lambda: plan_tensors_triton(*stats, None, None, **kw),
+    _row("2 scores + planner kernels (2 launches)", lambda: plan_tensors_triton(*stats, None, None, **kw),
          quick, res)
     _row("  (torch planner on the same statistics)", lambda: plan_tensors(*stats, None, None, **kw), quick, res)
     _row("plan call (rectified_plan)", lambda: rectified_plan(q, k, v, seq_layout=lay, config=cfg), quick, res,

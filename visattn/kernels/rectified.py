@@ -64,31 +64,10 @@ def _pool_tile(X, stride_b, stride_h, stride_n, b, h, MEAN, DEV, start, local, n
 
 @triton.jit(do_not_specialize=["video_start", "num_video"])
 def _rectified_stats_kernel(
-    Q,
-    K,
-    V,
-    QM,
-    KM,
-    VM,
-    DQ,
-    DK,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    video_start,
-    num_video,
-    n_blocks,
-    n_heads,
-    BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    UPSTREAM_TAIL: tl.constexpr,
+    Q, K, V, QM, KM, VM, DQ, DK,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    video_start, num_video, n_blocks, n_heads,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPSTREAM_TAIL: tl.constexpr,
 ):
     """One program per (visual block, b x h, tensor): axis 2 picks q (mean, deviation), k (mean,
     deviation) or v (mean), so the three tiles of a block are read by concurrent programs."""
@@ -315,7 +294,7 @@ def first_frame_blocks(mode: str | None, video_grid, block: int, order) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# fused planner: one program per (group of G visual query blocks, batch x head), GEMMs included
+# planner: pooled scores in tiles, then one program per (group of G visual query blocks, batch x head)
 
 
 @triton.jit
