@@ -99,14 +99,15 @@ RECT_PTRS.update(dict(KT="bf16", NBR="i1", FF="i1", RMAP="i8", LOGIT="fp32", TLS
 def _rectified() -> bool:
     """Rectified SpaAttn's statistics, scores and planner kernels (Wan 480p: 256 blocks, no text; with a
     text column) and the row-planner kernel, at the launchers' settings."""
+    from visattn.kernels import _rectified_scores as rs
     from visattn.kernels import rectified as rk
 
     ok = check("rect_stats", rk._rectified_stats_kernel,
                dict(BLOCK=128, HEAD_DIM=128, HEAD_DIM_PAD=128, UPSTREAM_TAIL=False), ptrs=RECT_PTRS)
     for name, text in (("rect_scores_wan", False), ("rect_scores_text", True)):
-        c = dict(BLOCK=128, BM=rk.SCORE_TILE[0], BN=rk.SCORE_TILE[1], DK=32, TL=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
+        c = dict(BLOCK=128, BM=rs.SCORE_TILE[0], BN=rs.SCORE_TILE[1], DK=32, TL=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
                  PREC="tf32x3", HAS_TEXT_COL=text, IPAR=True, EXACT_TAIL=True, GAPR=True)
-        ok &= check(name, rk._rectified_scores_kernel, c, warps=8, ptrs=RECT_PTRS)
+        ok &= check(name, rs._rectified_scores_kernel, c, warps=8, ptrs=RECT_PTRS)
     flags = dict(GAPR=True, HAS_NBR=True, KEEP_ALL=False, KEEP_PROBS=False)
     for name, bj, text in (("rect_plan_wan", 256, False), ("rect_plan_text", 256, True)):
         c = dict(flags, BLOCK=128, G=rk.PLAN_GROUP, BJ=bj, BT=16, DK=32, BV=256, BN=512 if text else 256, HEAD_DIM=128,
@@ -115,9 +116,9 @@ def _rectified() -> bool:
     # the row planner for 512-2047 visual blocks (HunyuanVideo 720p: 929), at its widest sorts
     from visattn.kernels import _rectified_rows as rr
 
-    row_ptrs = {n: "fp32" for n in ("DOTS", "E1", "E2", "TXT", "LOGW", "RSCALE", "PG")}
+    row_ptrs = {n: "fp32" for n in ("LOGIT", "TLSE", "RSCALE", "PG")}
     row_ptrs.update({n: "i32" for n in ("TV", "KV_INDEX", "KV_COUNT", "KCNT", "RCNT", "NBR", "FF")})
-    row_ptrs.update(RMAP="i8")
+    row_ptrs.update(RMAP="i8", GAIN="i8")
     for bj in (1024, 2048):
         c = dict(BLOCK=128, BJ=bj, BT=16, HAS_TEXT_COL=True, HAS_TEXT_BLOCKS=True, GAPR=True, HAS_NBR=True,
                  HAS_FF=False, KEEP_ALL=False)

@@ -2,10 +2,11 @@
 
 The fused planner of ``kernels/rectified.py`` handles up to 511 visual blocks (wider [16, 1024] row
 sorts compile too slowly); 720p video and larger (HunyuanVideo 720p: 929 blocks) run this planner:
-the pooled GEMMs (q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ, q̄·k_textᵀ with its log-sum-exp) as batched matmuls, then one
-program per (query block, batch x head) does the IPAR softmax with ``+ln w``, a ``tl.sort`` of packed
-(probability, index) keys, cumsum, count, neighbour row, first frame, the GAPR test, R, P ⊙ 𝒢 and the
-index list; C = (P ⊙ 𝒢) V̄ is one more batched matmul. Same selection rules as ``plan_tensors``.
+the pooled scores from the fused planner's ``pooled_scores`` (IPAR logits, GAPR gain test, text
+log-sum-exp), then one program per (query block, batch x head) does the softmax, the shared selection
+(``tl.sort`` of the probabilities, cumsum, count, ties by index, neighbour row, first frame), the
+rectified set, R, P ⊙ 𝒢 and the index list; C = (P ⊙ 𝒢) V̄ is one batched matmul. Same selection
+rules as ``plan_tensors``.
 """
 
 from __future__ import annotations
@@ -14,83 +15,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rectified_select import _select_blocks, _store_lists
-from .rectified import block_weights
+from ._rectified_select import _probabilities, _select_blocks, _store_lists
+from ._rectified_scores import _text_valid, fp32_stats, pooled_scores
 
 
-@triton.jit(do_not_specialize=["nv", "nt", "k_min", "tau", "scale"])
+@triton.jit(do_not_specialize=["nv", "nt", "k_min", "tau"])
 def _rectified_row_plan_kernel(
-    DOTS,
-    E1,
-    E2,
-    TXT,
-    LOGW,
-    NBR,
-    FF,
-    TV,
-    KV_INDEX,
-    KV_COUNT,
-    RSCALE,
-    PG,
-    RMAP,
-    KCNT,
-    RCNT,
-    nv,
-    nt,
-    n_heads,
-    scale,
-    tau,
-    k_min,
-    BLOCK: tl.constexpr,
-    BJ: tl.constexpr,
-    BT: tl.constexpr,
-    HAS_TEXT_COL: tl.constexpr,
-    HAS_TEXT_BLOCKS: tl.constexpr,
-    GAPR: tl.constexpr,
-    HAS_NBR: tl.constexpr,
-    HAS_FF: tl.constexpr,
+    LOGIT, GAIN, TLSE, NBR, FF, TV, KV_INDEX, KV_COUNT, RSCALE, PG, RMAP, KCNT, RCNT,
+    nv, nt, n_heads, tau, k_min,
+    BLOCK: tl.constexpr, BJ: tl.constexpr, BT: tl.constexpr, HAS_TEXT_COL: tl.constexpr,
+    HAS_TEXT_BLOCKS: tl.constexpr, GAPR: tl.constexpr, HAS_NBR: tl.constexpr, HAS_FF: tl.constexpr,
     KEEP_ALL: tl.constexpr,
 ):
-    """Row I of (b, h): IPAR softmax (``+ln w``, text merged from its log-sum-exp), then the fused
-    planner's selection (``_select_blocks``), the GAPR test, R, P ⊙ 𝒢 and the index list
-    (``_store_lists``)."""
+    """Row I of (b, h), from ``pooled_scores``' logits, gain test and text log-sum-exp: the IPAR softmax
+    (text merged into one column), the shared selection (``_select_blocks``), the rectified set, R,
+    P ⊙ 𝒢 and the index list (``_store_lists``)."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // n_heads
     cols = tl.arange(0, BJ)
     cm = cols < nv
     row = (bh.to(tl.int64) * nv + i) * nv
-    d = tl.load(DOTS + row + cols, mask=cm, other=0.0)
-    lw = tl.load(LOGW + cols, mask=cm, other=0.0)
-    logit = tl.where(cm, d * scale + lw, float("-inf"))
-    m = tl.max(logit, 0)
-    if HAS_TEXT_COL:
-        t_lse = tl.load(TXT + bh.to(tl.int64) * nv + i)
-        m = tl.maximum(m, t_lse)
-    e = tl.where(cm, tl.exp(logit - m), 0.0)
-    z = tl.sum(e, 0)
-    if HAS_TEXT_COL:
-        et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
-        z += et
-        p_col = tl.where(cols == nv, et / z, e / z)
-        ncol = nv + 1
-    else:
-        p_col = e / z
-        ncol = nv
-    p = e / z
-    # the shared selection and list writer take [G, BJ] tiles: this program's row is a [1, BJ] tile
+    # the shared probability, selection and list helpers take [G, BJ] tiles: this row is a [1, BJ] tile
     rows = i + tl.arange(0, 1)
     r_ok = rows < nv
-    kept = _select_blocks(p_col[None, :], rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, KEEP_ALL, HAS_NBR,
-                          HAS_FF)
+    logit = tl.load(LOGIT + row + cols[None, :], mask=cm[None, :], other=float("-inf"))
+    t_lse = 0.0
+    if HAS_TEXT_COL:
+        t_lse = tl.load(TLSE + bh.to(tl.int64) * nv + rows)
+    p, p_col, ncol = _probabilities(logit, t_lse, cols, cm, nv, HAS_TEXT_COL)
+    kept = _select_blocks(p_col, rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, KEEP_ALL, HAS_NBR, HAS_FF)
     if GAPR:
-        err = tl.abs(tl.load(E1 + row + cols, mask=cm, other=0.0)) + tl.abs(
-            tl.load(E2 + row + cols, mask=cm, other=0.0)
-        )
-        rect = (cm & (tl.abs(d) > err))[None, :] & (kept == 0)
+        rect = (tl.load(GAIN + row + cols, mask=cm, other=0) != 0)[None, :] & (kept == 0)
     else:
         rect = kept & (kept == 0)
-    pg = tl.where(rect, p[None, :], 0.0)
+    pg = tl.where(rect, p, 0.0)
     tl.store(PG + row + cols[None, :], pg, mask=cm[None, :])
     tl.store(RMAP + row + cols[None, :], rect.to(tl.int8), mask=cm[None, :])
     tile = bh.to(tl.int64) * (nv + nt) + rows
@@ -123,25 +82,17 @@ def plan_tensors_rows(
     first_frame,
     keep_probs: bool,
 ):
-    """:func:`plan_tensors` for ``MAX_FUSED_BLOCKS < n_v <= MAX_ROW_BLOCKS``: cuBLAS for the pooled GEMMs,
-    then one Triton program per row (fp32 statistics); also returns ``tile_order``."""
+    """:func:`plan_tensors` for ``MAX_FUSED_BLOCKS < n_v <= MAX_ROW_BLOCKS``: ``pooled_scores``, then one
+    Triton program per row (fp32 statistics); also returns ``tile_order``."""
     B, H, nv, D = qm.shape
     dev = qm.device
     nt = n_text_blocks
     ncols = nv + nt
-    kmT = km.transpose(-1, -2)
-    dots = qm @ kmT
-    e1 = dq @ kmT if config.gapr else dots
-    e2 = qm @ dk.transpose(-1, -2) if config.gapr else dots
-    w = block_weights(nv, block, num_video, config.tail == "exact", torch.float32, dev)
-    logw = w.log() if config.ipar else torch.zeros_like(w)
     has_text_col = k_text is not None and config.ipar
-    txt = dots
-    if has_text_col:
-        st = (qm @ k_text.transpose(-1, -2)) * scale  # [B, H, n_v, L]
-        tmask = torch.arange(k_text.shape[2], device=dev)[None, :] < text_valid[:, None]
-        txt = st.masked_fill(~tmask[:, None, None, :], float("-inf")).logsumexp(-1)
-    tv = text_valid if (nt and text_valid is not None) else torch.zeros(B, dtype=torch.int32, device=dev)
+    stats = fp32_stats(qm, km, vm, dq, dk)
+    tv = _text_valid(text_valid, B, dev, True, None)
+    logit, gain, t_lse = pooled_scores(stats, k_text, tv, scale=scale, block=block, num_video=num_video,
+                                       config=config)
     kv_index = torch.empty((B, H, ncols, ncols), dtype=torch.int32, device=dev)
     kv_count = torch.empty((B, H, ncols), dtype=torch.int32, device=dev)
     rect_scale = torch.ones((B, H, ncols), dtype=torch.float32, device=dev)
@@ -154,27 +105,10 @@ def plan_tensors_rows(
         kv_count[:, :, nv:] = (nv + (tv + block - 1) // block)[:, None, None].to(torch.int32)
     dummy = kcnt
     _rectified_row_plan_kernel[(nv, B * H)](
-        dots,
-        e1,
-        e2,
-        txt,
-        logw,
-        nbr if nbr is not None else dummy,
-        first_frame if first_frame is not None else dummy,
-        tv,
-        kv_index,
-        kv_count,
-        rect_scale,
-        pg,
-        rmap,
-        kcnt,
-        rcnt,
-        nv,
-        nt,
-        H,
-        scale,
-        float(config.cum_threshold),
-        int((1.0 - config.drop_rate) * nv),
+        logit, rmap if gain is None else gain, logit if t_lse is None else t_lse,
+        nbr if nbr is not None else dummy, first_frame if first_frame is not None else dummy, tv,
+        kv_index, kv_count, rect_scale, pg, rmap, kcnt, rcnt,
+        nv, nt, H, float(config.cum_threshold), int((1.0 - config.drop_rate) * nv),
         BLOCK=block,
         BJ=triton.next_power_of_2(nv + 1),
         BT=triton.next_power_of_2(max(nt, 1)),
@@ -188,7 +122,7 @@ def plan_tensors_rows(
     )
     rect_bias = torch.zeros((B, H, ncols, D), dtype=torch.float32, device=dev)
     if config.gapr:
-        rect_bias[:, :, :nv].copy_(pg @ vm)
+        rect_bias[:, :, :nv].copy_(pg @ stats[2])
     dropped = nv * nv - kcnt.sum(-1)
     return dict(
         kv_index=kv_index,

@@ -2,13 +2,38 @@
 
 ``kernels/rectified.py`` (fused planner, ``[16, BJ]`` query-block tiles) and
 ``kernels/_rectified_rows.py`` (one ``[1, BJ]`` row per program, long rows) compute the IPAR
-probabilities their own way, then select blocks and write the lists with these two functions.
+probabilities, select blocks and write the lists with these functions.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _probabilities(logit, t_lse, cols, cm, nv, HAS_TEXT_COL: tl.constexpr):
+    """IPAR probabilities of ``[G, BJ]`` pooled logits (``-inf`` off the visual columns) with the rows'
+    text log-sum-exp ``t_lse`` ``[G]`` merged into column ``nv``: returns ``(p, p_col, ncol)``, ``p`` the
+    visual columns only. Rows with no finite logit get zeros (no NaN)."""
+    m = tl.max(logit, 1)
+    if HAS_TEXT_COL:
+        m = tl.maximum(m, t_lse)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.where(cm[None, :], tl.exp(logit - m[:, None]), 0.0)
+    z = tl.sum(e, 1)
+    if HAS_TEXT_COL:
+        et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
+        z += et
+    z = tl.where(z > 0, z, 1.0)
+    p = e / z[:, None]
+    if HAS_TEXT_COL:
+        p_col = tl.where(cols[None, :] == nv, (et / z)[:, None], p)
+        ncol = nv + 1
+    else:
+        p_col = p
+        ncol = nv
+    return p, p_col, ncol
 
 
 @triton.jit

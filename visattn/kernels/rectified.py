@@ -6,10 +6,9 @@
 - ``_rectified_stats_kernel``: one program per (visual block, batch x head, tensor) reads a q, k or v
   tile once and writes the fp32 means q̄, k̄, V̄ and the mean absolute deviations δq, δk over the valid
   tokens (``tail="exact"``) or over the zero-padded block (``tail="upstream"``, parity only).
-- ``plan_tensors_triton``: the planner in two launches. ``_rectified_scores_kernel`` (one program per
-  [32, 64] tile of pooled scores, batch x head): the pooled GEMMs q̄k̄ᵀ, δq·k̄ᵀ, q̄·δkᵀ in tf32x3
-  (near-fp32) into the IPAR logits (``+ln w``) and the GAPR gain test, and q̄·k_textᵀ with an online
-  log-sum-exp from the text keys in place. ``_rectified_plan_kernel`` (one program per 16 query blocks,
+- ``plan_tensors_triton``: the planner in two launches. ``pooled_scores``
+  (``kernels/_rectified_scores.py``, shared with the row planner): the IPAR logits, the GAPR gain test
+  and the text log-sum-exp in [32, 64] tiles. ``_rectified_plan_kernel`` (one program per 16 query blocks,
   batch x head): the softmax, a row ``tl.sort`` of the probabilities, cumsum, count, ties by index,
   neighbour row, first frame, the rectified set, R, C = (P ⊙ 𝒢) V̄ and the index lists; the last
   program of each batch x head writes density, rectified fraction and the tile schedule. The split
@@ -35,7 +34,8 @@ import triton
 import triton.language as tl
 
 from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
-from ._rectified_select import _select_blocks, _store_lists
+from ._rectified_scores import _text_valid, fp32_stats, pooled_scores
+from ._rectified_select import _probabilities, _select_blocks, _store_lists
 
 
 @triton.jit
@@ -297,86 +297,6 @@ def first_frame_blocks(mode: str | None, video_grid, block: int, order) -> torch
 # planner: pooled scores in tiles, then one program per (group of G visual query blocks, batch x head)
 
 
-@triton.jit
-def _rows_dot(A, B, a_rows, a_ok, b_rows, b_ok, stride_j, acc, DK: tl.constexpr, HEAD_DIM: tl.constexpr,
-              HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr):
-    """``acc + A[a_rows] @ B[b_rows]^T`` over the head dim (fp32 [rows, D] tables, unit stride on D)."""
-    for d0 in tl.range(0, HEAD_DIM_PAD, DK):
-        dd = d0 + tl.arange(0, DK)
-        dm = dd < HEAD_DIM
-        a = tl.load(A + a_rows.to(tl.int64)[:, None] * stride_j + dd[None, :], mask=a_ok[:, None] & dm[None, :],
-                    other=0.0)
-        b = tl.load(B + b_rows.to(tl.int64)[:, None] * stride_j + dd[None, :], mask=b_ok[:, None] & dm[None, :],
-                    other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit(do_not_specialize=["nv", "num_video", "text_len", "scale"])
-def _rectified_scores_kernel(
-    QM, KM, DQ, DKS, KT, TV, LOGIT, GAIN, TLSE,
-    stride_sb, stride_sh, stride_sj, stride_tb, stride_th, stride_tn,
-    nv, n_heads, num_video, text_len, scale,
-    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, TL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PREC: tl.constexpr, HAS_TEXT_COL: tl.constexpr,
-    IPAR: tl.constexpr, EXACT_TAIL: tl.constexpr, GAPR: tl.constexpr,
-):
-    """A ``[BM, BN]`` tile of (b, h)'s pooled scores: the IPAR logits ``q̄k̄ᵀ·scale + ln w`` and the GAPR
-    gain test ``|q̄k̄ᵀ| > |δq·k̄ᵀ| + |q̄·δkᵀ|`` (int8); column tile 0 also writes the log-sum-exp of each
-    row's valid text logits ``q̄·k_textᵀ·scale`` (online over text chunks, text keys read in place)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // n_heads
-    rows = pid_m * BM + tl.arange(0, BM)
-    r_ok = rows < nv
-    cols = pid_n * BN + tl.arange(0, BN)
-    cm = cols < nv
-    sbase = bh.to(tl.int64) // n_heads * stride_sb + bh.to(tl.int64) % n_heads * stride_sh
-    d = _rows_dot(QM + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([BM, BN], tl.float32),
-                  DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
-    lw = 0.0
-    if IPAR:
-        w = tl.zeros([BN], tl.int32) + BLOCK
-        if EXACT_TAIL:  # the last block's true token count
-            w = tl.where(cols == nv - 1, num_video - (nv - 1) * BLOCK, w)
-        lw = tl.log(w.to(tl.float32))[None, :]
-    out = bh.to(tl.int64) * nv * nv + rows.to(tl.int64)[:, None] * nv + cols[None, :]
-    rc = r_ok[:, None] & cm[None, :]
-    tl.store(LOGIT + out, d * scale + lw, mask=rc)
-    if GAPR:
-        e1 = _rows_dot(DQ + sbase, KM + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([BM, BN], tl.float32),
-                       DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
-        e2 = _rows_dot(QM + sbase, DKS + sbase, rows, r_ok, cols, cm, stride_sj, tl.zeros([BM, BN], tl.float32),
-                       DK, HEAD_DIM, HEAD_DIM_PAD, PREC)
-        tl.store(GAIN + out, (tl.abs(d) > tl.abs(e1) + tl.abs(e2)).to(tl.int8), mask=rc)
-    if HAS_TEXT_COL:
-        if pid_n == 0:
-            tvalid = tl.minimum(tl.maximum(tl.load(TV + b), 0), text_len)
-            t_m = tl.full([BM], float("-inf"), tl.float32)
-            t_l = tl.zeros([BM], tl.float32)
-            kt_base = KT + bh.to(tl.int64) // n_heads * stride_tb + bh.to(tl.int64) % n_heads * stride_th
-            for t0 in range(0, tvalid, TL):
-                tt = t0 + tl.arange(0, TL)
-                t_ok = tt < tvalid
-                st = tl.zeros([BM, TL], tl.float32)
-                for d0 in tl.static_range(0, HEAD_DIM_PAD, DK):
-                    dd = d0 + tl.arange(0, DK)
-                    dm = dd < HEAD_DIM
-                    qa = tl.load(QM + sbase + rows.to(tl.int64)[:, None] * stride_sj + dd[None, :],
-                                 mask=r_ok[:, None] & dm[None, :], other=0.0)
-                    kt = tl.load(kt_base + tt.to(tl.int64)[:, None] * stride_tn + dd[None, :],
-                                 mask=t_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                    st = tl.dot(qa, tl.trans(kt), st, input_precision=PREC)
-                st = tl.where(t_ok[None, :], st * scale, float("-inf"))
-                m_new = tl.maximum(t_m, tl.max(st, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                t_l = t_l * tl.exp(t_m - m_safe) + tl.sum(tl.exp(st - m_safe[:, None]), 1)
-                t_m = m_new
-            t_lse = tl.where(t_l > 0, t_m + tl.log(t_l), float("-inf"))
-            tl.store(TLSE + bh.to(tl.int64) * nv + rows, t_lse, mask=r_ok)
-
-
 @triton.jit(do_not_specialize=["nv", "nt"])
 def _rectified_plan_kernel(
     LOGIT, GAIN, TLSE, VM, TV, NBR, FF,
@@ -424,24 +344,10 @@ def _rectified_plan_kernel(
         sq = bh.to(tl.int64) * nv * nv
         pair = rows.to(tl.int64)[:, None] * nv + cols[None, :]
         logit = tl.load(LOGIT + sq + pair, mask=rc, other=float("-inf"))
-        m = tl.max(logit, 1)
+        t_lse = 0.0
         if HAS_TEXT_COL:
             t_lse = tl.load(TLSE + bh.to(tl.int64) * nv + rows, mask=r_ok, other=float("-inf"))
-            m = tl.maximum(m, t_lse)
-        m = tl.where(m == float("-inf"), 0.0, m)  # rows past nv: all -inf, no NaN
-        e = tl.where(cm[None, :], tl.exp(logit - m[:, None]), 0.0)
-        z = tl.sum(e, 1)
-        if HAS_TEXT_COL:
-            et = tl.where(t_lse == float("-inf"), 0.0, tl.exp(t_lse - m))
-            z += et
-        z = tl.where(z > 0, z, 1.0)
-        p = e / z[:, None]
-        if HAS_TEXT_COL:
-            p_col = tl.where(cols[None, :] == nv, (et / z)[:, None], p)
-            ncol = nv + 1
-        else:
-            p_col = p
-            ncol = nv
+        p, p_col, ncol = _probabilities(logit, t_lse, cols, cm, nv, HAS_TEXT_COL)
         kept = _select_blocks(p_col, rows, r_ok, cols, cm, ncol, nv, tau, k_min, NBR, FF, KEEP_ALL, HAS_NBR, HAS_FF)
         tile = bh.to(tl.int64) * n_tiles + rows
         if GAPR:
@@ -500,7 +406,6 @@ def _finalize_bh(bh, KCNT, RCNT, KV_COUNT, DENSITY, RFRAC, TILE_ORDER, nv, n_til
 MAX_FUSED_BLOCKS = 511
 PLAN_GROUP = 16  # query-block rows per planner program (tl.dot needs M >= 16)
 PLAN_WARPS = 8  # with 4 warps the [16, BJ] row tiles spill registers on sm_90
-SCORE_TILE = (32, 64)  # [rows, columns] of a scores-kernel program (8 warps: no register spills on sm_90)
 
 
 def plan_tensors_triton(
@@ -521,23 +426,15 @@ def plan_tensors_triton(
     first_frame,
     keep_probs: bool,
 ):
-    """:func:`plan_tensors` (``n_v <= MAX_FUSED_BLOCKS``) as two Triton launches (the pooled GEMMs into
-    logits and the gain test, then the planner with per-head totals and the tile schedule); fp32 statistics ``[B, H, n_v, D]`` with one
-    shared layout. ``k_text`` is a ``[B, H, L, D]`` view of the text keys in any float dtype (read in
+    """:func:`plan_tensors` (``n_v <= MAX_FUSED_BLOCKS``) as two Triton launches (``pooled_scores``, then
+    the planner with per-head totals and the tile schedule); fp32 statistics ``[B, H, n_v, D]``. ``k_text`` is a ``[B, H, L, D]`` view of the text keys in any float dtype (read in
     place). Also returns ``tile_order`` (int32 ``[B, H, n_tiles]``)."""
     B, H, nv, D = qm.shape
     dev = qm.device
     nt = n_text_blocks
     ncols = nv + nt
-    stats = [qm, km, vm, dq, dk]
-    if any(s.stride() != qm.stride() or s.dtype != torch.float32 for s in stats) or qm.stride(-1) != 1:
-        stats = [s.float().contiguous() for s in stats]
+    stats = fp32_stats(qm, km, vm, dq, dk)
     has_text_col = k_text is not None and config.ipar
-    if k_text is None:
-        k_text, strides_t = qm, (0, 0, 0)
-    else:
-        k_text = k_text if k_text.stride(-1) == 1 else k_text.contiguous()
-        strides_t = (k_text.stride(0), k_text.stride(1), k_text.stride(2))
     keep = keep_probs and config.gapr
     new = functools.partial(torch.empty, device=dev)
     kv_index = new((B, H, ncols, ncols), dtype=torch.int32)
@@ -550,24 +447,13 @@ def plan_tensors_triton(
     pg = new((B, H, nv, nv), dtype=torch.float32) if keep else None
     rmap = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev)
     done = torch.zeros(B * H, dtype=torch.int32, device=dev)
-    tv = text_valid if text_valid is not None else kv_count  # read only with text (placeholder otherwise)
+    tv = _text_valid(text_valid, B, dev, nt > 0 or has_text_col, kv_count)
     bj = max(16, triton.next_power_of_2(nv + int(has_text_col)))
-    dpad = head_dim_pad(D)
-    logit = new((B, H, nv, nv), dtype=torch.float32)
-    t_lse = new((B, H, nv), dtype=torch.float32) if has_text_col else totals
-    gain = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev) if config.gapr else rmap
-    dk_chunk = min(dpad, 32)
-    _rectified_scores_kernel[(triton.cdiv(nv, SCORE_TILE[0]), triton.cdiv(nv, SCORE_TILE[1]), B * H)](
-        stats[0], stats[1], stats[3], stats[4], k_text, tv, logit, gain, t_lse,
-        *stats[0].stride()[:3], *strides_t,
-        nv, H, num_video, 0 if not has_text_col else k_text.shape[2], scale,
-        BLOCK=block, BM=SCORE_TILE[0], BN=SCORE_TILE[1], DK=dk_chunk, TL=32, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
-        PREC="tf32x3",  # ~fp32 accuracy on tensor cores (the interpreter computes in fp32)
-        HAS_TEXT_COL=has_text_col, IPAR=config.ipar, EXACT_TAIL=config.tail == "exact", GAPR=config.gapr,
-        num_warps=8,
-    )
+    dk_chunk = min(head_dim_pad(D), 32)
+    logit, gain, t_lse = pooled_scores(stats, k_text, tv, scale=scale, block=block, num_video=num_video,
+                                       config=config)
     _rectified_plan_kernel[(triton.cdiv(nv, PLAN_GROUP) + nt, B * H)](
-        logit, gain, t_lse, stats[2], tv,
+        logit, rmap if gain is None else gain, totals if t_lse is None else t_lse, stats[2], tv,
         nbr if nbr is not None else kv_count,
         first_frame if first_frame is not None else kv_count,
         kv_index, kv_count, rect_scale, rect_bias, rmap, pg if keep else rmap, counts[0], counts[1], totals[0],
@@ -575,7 +461,7 @@ def plan_tensors_triton(
         nv, nt, H, float(config.cum_threshold), int((1.0 - config.drop_rate) * nv),
         BLOCK=block, G=PLAN_GROUP, BJ=bj, BT=max(16, triton.next_power_of_2(max(nt, 1))), DK=dk_chunk,
         BV=min(1024, max(16, triton.next_power_of_2(nv))), BN=max(16, triton.next_power_of_2(ncols)),
-        HEAD_DIM=D, HEAD_DIM_PAD=dpad, PREC="tf32x3",
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), PREC="tf32x3",
         HAS_TEXT_COL=has_text_col, HAS_TEXT_BLOCKS=nt > 0, GAPR=config.gapr, HAS_NBR=nbr is not None,
         HAS_FF=first_frame is not None, KEEP_ALL=config.cum_threshold >= 1.0, KEEP_PROBS=keep,
         num_warps=PLAN_WARPS,
