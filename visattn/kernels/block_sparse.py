@@ -41,38 +41,7 @@ from ._common import (
     dot_precision,
     head_dim_pad,
 )
-
-
-@triton.jit
-def _entry_start(blk, seq_k, BLOCK_K: tl.constexpr):
-    """First key of the block a list entry names; ids outside [0, ceil(seq_k / BLOCK_K)) map to
-    ``seq_k`` (nothing valid), decided before ``blk * BLOCK_K`` could wrap around in int32."""
-    ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
-    return tl.where(ok, blk * BLOCK_K, seq_k)
-
-
-@triton.jit
-def _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
-                 BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr):
-    """Token range ``[start, end)`` of the block a list entry names (``blk`` scalar or vector).
-
-    Without segments blocks are cut from 0 over ``seq_k``. With segments ids ``< n_vk`` are video
-    blocks (from ``video_start``, ending at the video end) and ids ``n_vk + t`` are text blocks (from
-    ``text_start``, ending at the first ``text_valid`` text tokens). Ids out of range give an empty
-    range, decided before ``blk * BLOCK_K`` could wrap around in int32.
-    """
-    if SEGMENTS:
-        is_text = blk >= n_vk
-        ok = (blk >= 0) & (blk < n_vk + n_tk)
-        local = tl.where(ok, tl.where(is_text, blk - n_vk, blk), 0)
-        start = tl.where(is_text, text_start, video_start) + local * BLOCK_K
-        seg_end = tl.where(is_text, text_start + text_valid, video_start + num_video)
-        end = tl.where(ok, tl.minimum(start + BLOCK_K, seg_end), start)
-    else:
-        ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
-        start = tl.where(ok, blk * BLOCK_K, seq_k)
-        end = tl.minimum(start + BLOCK_K, seq_k)
-    return start, end
+from ._entries import _attend_level, _entry_range, _entry_start
 
 
 @triton.jit
@@ -104,60 +73,6 @@ def _attend_tile(q, k_base, v_base, start_n, key_end, stride_kn, stride_vn, m_i,
         qk = qk * sm_scale_log2 + tl.where(valid, 0.0, float("-inf"))[None, :]
         p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, video_start, num_video, text_start,
-                 n_vk, n_tk, pool_off, BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr,
-                 SEGMENTS: tl.constexpr):
-    """Lanes of the t-th execution tile over entries ``[e0, e0 + n_ent)`` at pool factor ``MF``.
-
-    General split/merge: a block has ``P = BLOCK_K // MF`` pooled keys; lane ``l`` of tile ``t`` is
-    pooled key ``(t*TN + l) % P`` of entry ``e0 + (t*TN + l) // P``, so a tile covers part of one
-    entry (``P >= TN``) or packs ``TN // P`` consecutive entries (``P < TN``); lanes past the level's
-    end are masked. Returns (row in K/V (``MF == 1``) or in the pooled buffer, true group count
-    ``c`` (0 = masked lane), position of the group's last real token).
-    """
-    P: tl.constexpr = BLOCK_K // MF
-    lane = t * TN + offs_p
-    ent = e0 + lane // P
-    g = lane % P
-    blk = tl.load(idx_row + ent * stride_ij, mask=lane < n_ent * P, other=-1)
-    start, end = _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K,
-                              SEGMENTS)
-    tok0 = start + g * MF
-    cnt = tl.minimum(tl.maximum(end - tok0, 0), MF)
-    if MF == 1:
-        rows = tok0
-    else:
-        rows = pool_off + tl.where(cnt > 0, blk, 0) * P + g
-    return rows.to(tl.int64), cnt, tok0 + cnt - 1
-
-
-@triton.jit
-def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0, n_ent, rows_q, m_i, l_i, acc,
-                  sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
-                  BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENTS: tl.constexpr,
-                  CAUSAL: tl.constexpr):
-    """Online softmax over the entries ``[e0, e0 + n_ent)`` of one pool level, ``TN`` gathered lanes per
-    tile; each lane's logit gets ``+ln c`` (``log2 c`` in the exp2 domain), ``c`` its group's true count."""
-    P: tl.constexpr = BLOCK_K // MF
-    offs_p = tl.arange(0, TN)
-    for t in range(0, (n_ent * P + TN - 1) // TN):
-        rows, cnt, last = _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, video_start,
-                                       num_video, text_start, n_vk, n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
-        ok = cnt > 0
-        mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
-        bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
-        if CAUSAL:
-            qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
-        p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -273,7 +188,7 @@ def _block_sparse_fwd_kernel(
                         q, k_base, v_base, stride_kn, stride_vn, idx_row0, stride_ij, e_prev, e_next - e_prev,
                         rows_q, m_i, l_i, acc, sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video,
                         text_start, n_vk, n_tk, 0, BLOCK_K, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
-                        SEGMENTS, CAUSAL)
+                        SEGMENTS, CAUSAL, PREFETCH)
             else:
                 MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
                 P = BLOCK_K // MF
@@ -282,7 +197,7 @@ def _block_sparse_fwd_kernel(
                     stride_kpn, stride_vpn, idx_row0, stride_ij, e_prev, e_next - e_prev, rows_q, m_i, l_i, acc,
                     sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
                     n_pool_blk * (BLOCK_K - 2 * P), BLOCK_K, MF, POOL_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
-                    SEGMENTS, CAUSAL)
+                    SEGMENTS, CAUSAL, PREFETCH)
             e_prev = e_next
 
     out, lse = _fwd_epilogue(acc, m_i, l_i)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ._common import _load_tile, _tile_mask, head_dim_pad
-from .block_sparse import Pyramid, Segments, _bhn_strides, _entry_range, _level_lanes, _segment_args
+from ._entries import _entry_range, _level_lanes
+from .block_sparse import Pyramid, Segments, _bhn_strides, _segment_args
 
 POOL_FACTORS = (2, 4, 8)
 

@@ -1,0 +1,120 @@
+"""List entries of the block-sparse core: the token range a block id names (plain or segmented
+sequences) and PSA's pooled-level execution tiles (general split/merge of ``block_k / m`` pooled keys
+into ``TN``-lane tiles), shared by ``block_sparse.py`` and ``pyramid.py``."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import _online_softmax_step, _tile_mask
+
+
+@triton.jit
+def _entry_start(blk, seq_k, BLOCK_K: tl.constexpr):
+    """First key of the block a list entry names; ids outside [0, ceil(seq_k / BLOCK_K)) map to
+    ``seq_k`` (nothing valid), decided before ``blk * BLOCK_K`` could wrap around in int32."""
+    ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
+    return tl.where(ok, blk * BLOCK_K, seq_k)
+
+
+@triton.jit
+def _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
+                 BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Token range ``[start, end)`` of the block a list entry names (``blk`` scalar or vector).
+
+    Without segments blocks are cut from 0 over ``seq_k``. With segments ids ``< n_vk`` are video
+    blocks (from ``video_start``, ending at the video end) and ids ``n_vk + t`` are text blocks (from
+    ``text_start``, ending at the first ``text_valid`` text tokens). Ids out of range give an empty
+    range, decided before ``blk * BLOCK_K`` could wrap around in int32.
+    """
+    if SEGMENTS:
+        is_text = blk >= n_vk
+        ok = (blk >= 0) & (blk < n_vk + n_tk)
+        local = tl.where(ok, tl.where(is_text, blk - n_vk, blk), 0)
+        start = tl.where(is_text, text_start, video_start) + local * BLOCK_K
+        seg_end = tl.where(is_text, text_start + text_valid, video_start + num_video)
+        end = tl.where(ok, tl.minimum(start + BLOCK_K, seg_end), start)
+    else:
+        ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
+        start = tl.where(ok, blk * BLOCK_K, seq_k)
+        end = tl.minimum(start + BLOCK_K, seq_k)
+    return start, end
+
+
+@triton.jit
+def _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K: tl.constexpr, MF: tl.constexpr,
+                 TN: tl.constexpr):
+    """Block id of every lane of the t-th execution tile over entries ``[e0, e0 + n_ent)`` (-1 past the end)."""
+    P: tl.constexpr = BLOCK_K // MF
+    lane = t * TN + offs_p
+    return tl.load(idx_row + (e0 + lane // P) * stride_ij, mask=lane < n_ent * P, other=-1)
+
+
+@triton.jit
+def _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
+               BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Rows, true group counts and last-token positions of the lanes of tile ``t`` (see ``_level_lanes``)."""
+    P: tl.constexpr = BLOCK_K // MF
+    g = (t * TN + offs_p) % P
+    start, end = _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K,
+                              SEGMENTS)
+    tok0 = start + g * MF
+    cnt = tl.minimum(tl.maximum(end - tok0, 0), MF)
+    if MF == 1:
+        rows = tok0
+    else:
+        rows = pool_off + tl.maximum(blk, 0) * P + g  # lanes with cnt 0 are masked (never read)
+    return rows.to(tl.int64), cnt, tok0 + cnt - 1
+
+
+@triton.jit
+def _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, video_start, num_video, text_start,
+                 n_vk, n_tk, pool_off, BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr,
+                 SEGMENTS: tl.constexpr):
+    """Lanes of the t-th execution tile over entries ``[e0, e0 + n_ent)`` at pool factor ``MF``.
+
+    General split/merge: a block has ``P = BLOCK_K // MF`` pooled keys; lane ``l`` of tile ``t`` is
+    pooled key ``(t*TN + l) % P`` of entry ``e0 + (t*TN + l) // P``, so a tile covers part of one
+    entry (``P >= TN``) or packs ``TN // P`` consecutive entries (``P < TN``); lanes past the level's
+    end are masked. Returns (row in K/V (``MF == 1``) or in the pooled buffer, true group count
+    ``c`` (0 = masked lane), position of the group's last real token).
+    """
+    blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
+    return _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
+                      BLOCK_K, MF, TN, SEGMENTS)
+
+
+@triton.jit
+def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0, n_ent, rows_q, m_i, l_i, acc,
+                  sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
+                  BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENTS: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREFETCH: tl.constexpr):
+    """Online softmax over the entries ``[e0, e0 + n_ent)`` of one pool level, ``TN`` gathered lanes per
+    tile; each lane's logit gets ``+ln c`` (``log2 c`` in the exp2 domain), ``c`` its group's true count.
+    With ``PREFETCH`` the lanes' block ids are read one tile ahead (the gather addresses then depend on
+    a loop-carried value, not on a load of the same iteration)."""
+    P: tl.constexpr = BLOCK_K // MF
+    offs_p = tl.arange(0, TN)
+    n_t = (n_ent * P + TN - 1) // TN
+    blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K, MF, TN)
+    for t in range(0, n_t):
+        if PREFETCH:
+            blk = blk_next
+            blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, t + 1, offs_p, BLOCK_K, MF, TN)
+        else:
+            blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
+        rows, cnt, last = _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk,
+                                     n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
+        ok = cnt > 0
+        mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+        bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
+        if CAUSAL:
+            qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
+        p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_i, l_i, acc
