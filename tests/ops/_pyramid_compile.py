@@ -21,7 +21,7 @@ from visattn.kernels import block_sparse as bs
 from visattn.kernels import pyramid as pk
 
 PTRS = {n: "bf16" for n in ("Q", "K", "V", "O", "KP", "VP", "DO", "DQ", "QS", "KS")}
-PTRS.update({n: "fp32" for n in ("LSE", "RECT_SCALE", "RECT_BIAS", "LSE2", "DELTA", "DK", "DV", "S")})
+PTRS.update({n: "fp32" for n in ("LSE", "RECT_SCALE", "RECT_BIAS", "LSE2", "DELTA", "DK", "DV", "S", "W")})
 PTRS.update({n: "i32" for n in ("KV_INDEX", "KV_COUNT", "TEXT_VALID", "LEVEL_PTR", "TILE_ORDER", "Q_INDEX",
                                 "Q_COUNT", "QPOS", "KPOS")})
 
@@ -85,7 +85,7 @@ def main() -> int:
                     dict(d, LVL=lvl, BLOCK_Q=128, BLOCK_K=32, BLOCK_M=64, TNB=max(16, 32 >> lvl), SEGMENTS=True,
                          CAUSAL=True), warps=4, stages=2)
     ok &= check("estimator", pk._sampled_scores_kernel,
-                dict(d, QB=4, SQ=32, SK=16, KC=64, SOFTMAX=True, MEAN=False, CAUSAL=True))
+                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=64, SOFTMAX=True, MEAN=False, CAUSAL=True))
     ok &= check("planner", pk._pyramid_plan_kernel, dict(NK_PAD=512, NT_PAD=16, MODE=1), warps=8)
     ok &= _rectified()
     return 0 if ok else 1

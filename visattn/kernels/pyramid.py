@@ -8,14 +8,17 @@ holds what only PSA needs:
   KV block, with true group counts for partial blocks (fp32 sums, stored in the input dtype);
 - ``pyramid_bwd``: dQ (the forward's multi-level walk), dK/dV per (KV block, level) over the query
   tiles of the transposed plan (no atomics), and the scatter of pooled gradients to tokens;
-- ``sampled_max_scores``: the sampled max-attention estimator (two passes, no [rows x n_k] scratch).
+- ``sampled_scores``: the sampled max-attention estimator (one GEMM pass; per-program scratch slots
+  of block maxima, reread while still in L2).
 
-Caution/limits: tested under the Triton 3.9 interpreter and compiled for sm_90 on the CPU
-(``tests/ops/test_pyramid_compile.py``); GPU tests ``tests/ops/test_pyramid_cuda.py`` not yet run. fp16,
+Caution/limits: tested under the Triton 3.9 interpreter, compiled for sm_90 on the CPU
+(``tests/ops/test_pyramid_compile.py``) and on an H100 with Triton 3.6 (``tests/ops/test_pyramid_cuda.py``). fp16,
 bf16, fp32; head dims up to 256; ``block_k`` a power of two >= 16 (32, 64, 128 in the op). No GQA.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -29,16 +32,24 @@ POOL_FACTORS = (2, 4, 8)
 
 
 @triton.jit
-def _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K: tl.constexpr, MF: tl.constexpr,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+def _pool_level(base, stride_n, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K: tl.constexpr,
+                MF: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Group means of one block at pool factor ``MF``, ``CHUNK`` tokens at a time, each chunk read as
+    ``[CHUNK / MF, MF, D]`` (the group axis in the load's own layout): a plain reduction, no reshape."""
     P: tl.constexpr = BLOCK_K // MF
-    sums = tl.sum(tl.reshape(x, (P, MF, HEAD_DIM_PAD)), axis=1)  # [P, D]
-    g = tl.arange(0, P)
-    cnt = tl.minimum(tl.maximum(end - (start + g * MF), 0), MF)
-    mean = sums / tl.maximum(cnt, 1).to(tl.float32)[:, None]
-    rows = (n_blk * (BLOCK_K - 2 * P) + j * P + g).to(tl.int64)
-    mask = (g[:, None] < P) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(out_base + rows[:, None] * stride_on + offs_d[None, :], mean.to(out_base.dtype.element_ty), mask=mask)
+    G: tl.constexpr = CHUNK // MF
+    g = tl.arange(0, G)
+    d3 = offs_d[None, None, :]
+    for c in tl.static_range(BLOCK_K // CHUNK):
+        tok = start + c * CHUNK + g[:, None] * MF + tl.arange(0, MF)[None, :]  # [G, MF]
+        ok = tok < end
+        x = tl.load(base + tok.to(tl.int64)[:, :, None] * stride_n + d3, mask=ok[:, :, None] & (d3 < HEAD_DIM),
+                    other=0.0).to(tl.float32)
+        cnt = tl.sum(ok.to(tl.int32), axis=1)
+        mean = tl.sum(x, axis=1) / tl.maximum(cnt, 1).to(tl.float32)[:, None]
+        rows = (n_blk * (BLOCK_K - 2 * P) + j * P + c * G + g).to(tl.int64)
+        tl.store(out_base + rows[:, None] * stride_on + offs_d[None, :], mean.to(out_base.dtype.element_ty),
+                 mask=offs_d[None, :] < HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["seq_k", "n_blk", "video_start", "num_video", "text_start", "n_vk", "n_tk"])
@@ -56,27 +67,28 @@ def _pyramid_pool_kernel(
     h = (pid_bh % n_heads).to(tl.int64)
     text_valid = tl.load(TEXT_VALID + b) if SEGMENTS else 0
     start, end = _entry_range(j, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K, SEGMENTS)
-    offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = ((start + offs_n) < end)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = start.to(tl.int64) + offs_n
+    CHUNK: tl.constexpr = 32 if BLOCK_K > 32 else BLOCK_K
     for which in tl.static_range(2):
         if which == 0:
-            x = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+            base = K + b * stride_kb + h * stride_kh
+            stride_n = stride_kn
             out_base = KP + b * stride_kpb + h * stride_kph
             stride_on = stride_kpn
         else:
-            x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+            base = V + b * stride_vb + h * stride_vh
+            stride_n = stride_vn
             out_base = VP + b * stride_vpb + h * stride_vph
             stride_on = stride_vpn
         if DO2:
-            _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 2, HEAD_DIM, HEAD_DIM_PAD)
+            _pool_level(base, stride_n, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 2, HEAD_DIM,
+                        HEAD_DIM_PAD, CHUNK)
         if DO4:
-            _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 4, HEAD_DIM, HEAD_DIM_PAD)
+            _pool_level(base, stride_n, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 4, HEAD_DIM,
+                        HEAD_DIM_PAD, CHUNK)
         if DO8:
-            _pool_level(x, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 8, HEAD_DIM, HEAD_DIM_PAD)
+            _pool_level(base, stride_n, start, end, out_base, stride_on, j, n_blk, offs_d, BLOCK_K, 8, HEAD_DIM,
+                        HEAD_DIM_PAD, CHUNK)
 
 
 def num_kv_blocks(seq_k: int, block_k: int, segments: Segments | None) -> int:
@@ -103,7 +115,7 @@ def pyramid_pool(k: torch.Tensor, v: torch.Tensor, block_k: int, *, segments: Se
         k, v, kp, vp, text_valid, *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(kp), *_bhn_strides(vp),
         Nk, Hk, n_blk, vs, nv, ts, n_vk, n_tk,
         BLOCK_K=block_k, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), SEGMENTS=segments is not None,
-        DO2=2 in factors, DO4=4 in factors, DO8=8 in factors, num_warps=4 if block_k * D <= 8192 else 8,
+        DO2=2 in factors, DO4=4 in factors, DO8=8 in factors, num_warps=4,
     )
     return Pyramid(kp, vp, n_blk)
 
@@ -392,73 +404,89 @@ def _sampled_chunk(q, ks_base, stride_ksn, c, offs_t, offs_d, n_keys, qpos, KPOS
     return lg, valid
 
 
-@triton.jit(do_not_specialize=["n_vq", "n_vk"])
+@triton.jit(do_not_specialize=["n_vq", "n_vk", "n_items"])
 def _sampled_scores_kernel(
-    QS, KS, QPOS, KPOS, S,
+    QS, KS, QPOS, KPOS, S, W,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_si,
-    n_heads, sm_scale_log2, n_vq, n_vk,
-    QB: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, KC: tl.constexpr,
+    n_heads, sm_scale_log2, n_vq, n_vk, n_items,
+    QB: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, KC: tl.constexpr, JC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SOFTMAX: tl.constexpr, MEAN: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    """``QB`` query blocks (``QB * SQ`` sampled rows) of one head against all sampled keys."""
+    """Persistent: each program takes work items ``(QB query blocks, b, h)`` in turn and owns one scratch
+    slot ``W[pid]`` of ``[QB * SQ rows, n_vk]`` fp32. One GEMM pass writes every row's per-block max logit
+    there while it tracks the row max (and softmax denominator); a second, GEMM-free pass reads the slot
+    back (still in L2) and reduces ``exp(m_rJ - M_r)`` over each query block's rows."""
     pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
     ROWS: tl.constexpr = QB * SQ
+    BPC: tl.constexpr = KC // SK
     offs_r = tl.arange(0, ROWS)
     offs_t = tl.arange(0, KC)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row = pid * ROWS + offs_r
-    r_ok = row < n_vq * SQ
-    q = tl.load(QS + b * stride_qb + h * stride_qh + row.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                mask=_tile_mask(r_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
-    qpos = tl.load(QPOS + pid_bh.to(tl.int64) * n_vq * SQ + row, mask=r_ok, other=0) if CAUSAL else row
-    kpos_base = KPOS + pid_bh.to(tl.int64) * n_vk * SK
-    ks_base = KS + b * stride_kb + h * stride_kh
+    offs_j = tl.arange(0, JC)
     n_keys = n_vk * SK
     n_chunks = (n_keys + KC - 1) // KC
-    m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_r = tl.zeros([ROWS], dtype=tl.float32)
-    for c in range(0, n_chunks):  # pass 1: row max (and the softmax denominator)
-        lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
-                                   HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-        lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_r, tl.max(lg, 1))
-        if SOFTMAX:
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_r = l_r * tl.math.exp2(m_r - shift) + tl.sum(tl.math.exp2(lg - shift[:, None]), 1)
-        m_r = m_new
-    m_shift = tl.where(m_r == float("-inf"), 0.0, m_r)
-    BPC: tl.constexpr = KC // SK
-    offs_j = tl.arange(0, BPC)
-    offs_i = pid * QB + tl.arange(0, QB)
-    for c in range(0, n_chunks):  # pass 2: per-block max, exp(m_rJ - M_r), reduced over each block's rows
-        lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
-                                   HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-        lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
-        m_blk = tl.max(tl.reshape(lg, (ROWS, BPC, SK)), 2)  # [rows, blocks of the chunk]
-        e = tl.math.exp2(m_blk - m_shift[:, None])
-        if SOFTMAX:
-            e = e / tl.where(l_r == 0.0, 1.0, l_r)[:, None]
-        e = tl.reshape(tl.where(r_ok[:, None], e, 0.0), (QB, SQ, BPC))
-        if MEAN:
-            s = tl.sum(e, 1) / SQ
-        else:
-            s = tl.max(e, 1)  # [QB, BPC]
-        j = c * BPC + offs_j
-        ptr = S + b * stride_sb + h * stride_sh + offs_i.to(tl.int64)[:, None] * stride_si + j[None, :]
-        tl.store(ptr, s, mask=(offs_i < n_vq)[:, None] & (j < n_vk)[None, :])
+    n_groups = (n_vq + QB - 1) // QB
+    w_rows = W + pid.to(tl.int64) * ROWS * n_vk + offs_r.to(tl.int64)[:, None] * n_vk  # [ROWS, 1] row starts
+    for item in range(pid, n_items, tl.num_programs(0)):
+        grp = item % n_groups
+        pid_bh = item // n_groups
+        b = (pid_bh // n_heads).to(tl.int64)
+        h = (pid_bh % n_heads).to(tl.int64)
+        row = grp * ROWS + offs_r
+        r_ok = row < n_vq * SQ
+        q = tl.load(QS + b * stride_qb + h * stride_qh + row.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+                    mask=_tile_mask(r_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
+        qpos = tl.load(QPOS + pid_bh.to(tl.int64) * n_vq * SQ + row, mask=r_ok, other=0) if CAUSAL else row
+        kpos_base = KPOS + pid_bh.to(tl.int64) * n_vk * SK
+        ks_base = KS + b * stride_kb + h * stride_kh
+        m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_r = tl.zeros([ROWS], dtype=tl.float32)
+        tl.debug_barrier()  # the previous item's reads of the slot are done before it is overwritten
+        for c in range(0, n_chunks):  # the GEMM pass: block maxima to the slot, row max (and denominator)
+            lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
+                                       HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
+            lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
+            m_blk = tl.max(tl.reshape(lg, (ROWS, BPC, SK)), 2)  # [rows, blocks of the chunk]
+            jb = c * BPC + tl.arange(0, BPC)
+            tl.store(w_rows + jb[None, :], m_blk, mask=(jb < n_vk)[None, :])
+            m_new = tl.maximum(m_r, tl.max(m_blk, 1))
+            if SOFTMAX:
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_r = l_r * tl.math.exp2(m_r - shift) + tl.sum(tl.math.exp2(lg - shift[:, None]), 1)
+            m_r = m_new
+        tl.debug_barrier()  # the slot's writes are visible to every thread of the program
+        m_shift = tl.where(m_r == float("-inf"), 0.0, m_r)
+        inv_l = 1.0 / tl.where(l_r == 0.0, 1.0, l_r)
+        offs_i = grp * QB + tl.arange(0, QB)
+        s_rows = S + b * stride_sb + h * stride_sh + offs_i.to(tl.int64)[:, None] * stride_si
+        for j0 in range(0, n_vk, JC):  # reduce exp(m_rJ - M_r) over each query block's rows
+            j = j0 + offs_j
+            m_blk = tl.load(w_rows + j[None, :], mask=(j < n_vk)[None, :], other=float("-inf"))
+            e = tl.math.exp2(m_blk - m_shift[:, None])
+            if SOFTMAX:
+                e = e * inv_l[:, None]
+            e = tl.reshape(tl.where(r_ok[:, None], e, 0.0), (QB, SQ, JC))
+            if MEAN:
+                sc = tl.sum(e, 1) / SQ
+            else:
+                sc = tl.max(e, 1)  # [QB, JC]
+            tl.store(s_rows + j[None, :], sc, mask=(offs_i < n_vq)[:, None] & (j < n_vk)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, softmax: bool = False,
-                   mean: bool = False, causal: bool = False) -> torch.Tensor:
+                   mean: bool = False, causal: bool = False, key_chunk: int | None = None) -> torch.Tensor:
     """Unnormalised sampled scores ``[B, H, n_q, n_k]`` fp32 from pre-gathered samples.
 
     ``qs`` ``[B, H, n_q * s_q, D]`` and ``ks`` ``[B, H, n_k * s_k, D]`` (the sampled rows of every block,
     block-major; unit stride on D); ``qpos``/``kpos`` int ``[B, H, rows]`` token positions (causal only).
-    ``s_q`` and ``s_k`` are powers of two.
+    ``s_q`` and ``s_k`` are powers of two. Scratch: one ``[QB * s_q, n_k]`` fp32 slot per program (two
+    programs per SM on the GPU).
     """
     from ._common import LOG2E, dot_precision
 
@@ -467,16 +495,20 @@ def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, so
     out = torch.empty((B, H, n_vq, n_vk), device=qs.device, dtype=torch.float32)
     gpu = qs.device.type == "cuda"
     qb = max(1, (128 if gpu else 16) // sq)  # rows per program: one M=128 dot on the GPU
-    kc = max(sk, 64 if gpu else 32)
+    kc = max(sk, key_chunk or (128 if gpu else 32))  # 128: 0.63 ms vs 0.76 at 64 (H100, Wan)
+    n_items = triton.cdiv(n_vq, qb) * B * H
+    n_prog = min(n_items, 2 * _num_sms(qs.device) if gpu else 3)  # CPU: several items per program
+    scratch = torch.empty((n_prog, qb * sq, n_vk), device=qs.device, dtype=torch.float32)
     if causal:
         qpos, kpos = qpos.to(torch.int32).contiguous(), kpos.to(torch.int32).contiguous()
     else:
         qpos = kpos = out  # never read
-    _sampled_scores_kernel[(triton.cdiv(n_vq, qb), B * H)](
-        qs, ks, qpos, kpos, out, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), H, scale * LOG2E, n_vq, n_vk,
-        QB=qb, SQ=sq, SK=sk, KC=kc, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), DOT_PRECISION=dot_precision(qs.dtype),
-        SOFTMAX=softmax, MEAN=mean, CAUSAL=causal, num_warps=8 if gpu and qb * sq >= 128 else 4,
+    _sampled_scores_kernel[(n_prog,)](
+        qs, ks, qpos, kpos, out, scratch, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1),
+        ks.stride(2), out.stride(0), out.stride(1), out.stride(2), H, scale * LOG2E, n_vq, n_vk, n_items,
+        QB=qb, SQ=sq, SK=sk, KC=kc, JC=64 if gpu else 32, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D),
+        DOT_PRECISION=dot_precision(qs.dtype), SOFTMAX=softmax, MEAN=mean, CAUSAL=causal,
+        num_warps=8 if gpu and qb * sq >= 128 else 4,
     )
     return out
 
