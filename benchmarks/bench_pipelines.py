@@ -5,7 +5,8 @@ Builds the architectures in code with random weights (no network, no from_pretra
 * ``wan``: Wan2.1-T2V-1.3B's ``WanTransformer3DModel`` (30 layers, dim 1536 = 12 heads x 128, FFN
   8960, 16 in/out channels, text dim 4096, patch (1, 2, 2)) at 480p / 81 frames: latent 21x60x104 ->
   21x30x52 = 32760 tokens, 512 text tokens. Methods: ``dense`` and ``neighborhood`` (preset
-  ``wan21_480p``, run sparse on every step).
+  ``wan21_480p``, run sparse on every step); any other registered method with ``--methods`` (its
+  ``--preset``, else its default config), e.g. ``--methods pyramid --preset wan21_1p3b``.
 * ``sd15``: the SD 1.5 ``UNet2DConditionModel`` at 512x512 (64x64 latent, CFG batch 2, 77 text
   tokens). Methods: ``dense`` and ``agent`` (preset ``agentsd_sd15``) when that method is registered.
 
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     for m in methods:
         spec = vp.get_method(m)
         kw = dict(vp.parse_assignment(spec.config_cls, s) for s in args.overrides) if m != "dense" else {}
-        pre = (args.preset or preset) if m == sparse else None
+        pre = None if m == "dense" else (args.preset or (preset if m == sparse else None))
         if "dense_steps" in [f for f in spec.config_cls.field_names()] and m != "dense":
             kw.setdefault("dense_steps", None)  # one bare forward: measure the sparse path
         with vp.apply(model, m, preset=pre, **kw) as h:

@@ -158,7 +158,7 @@ def _pyramid_case(q, k, v, qb, kb, preset, quick):
     sq, sk = int(cfg.block_q * cfg.sample_fraction), int(cfg.block_k * cfg.sample_fraction)
     _row("0 sample offsets", lambda: (sample_offsets(B, H, cfg.block_q, sq, q.device, None),
                                        sample_offsets(B, H, cfg.block_k, sk, q.device, None)), quick, res)
-    _row("1 estimator (sampled rows + 2-pass kernel)", lambda: sampled_scores(
+    _row("1 estimator (sampled rows + 1-pass kernel)", lambda: sampled_scores(
         qb, kb, cfg, None, D**-0.5, use_triton=True), quick, res)
     _row("2 planner kernel (sort, levels, lists)", lambda: build_plan(
         s, cfg, seq_len=N, seq_layout=None, use_triton=True), quick, res)
