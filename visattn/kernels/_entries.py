@@ -86,6 +86,23 @@ def _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, vi
 
 
 @triton.jit
+def _gathered_logits(q, k_base, v_base, stride_kn, stride_vn, rows, cnt, last, rows_q, sm_scale_log2, offs_d,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+    """K/V rows of one gathered tile and its log2-domain logits with the ``+log2 c`` group-count bias
+    (masked lanes and, under ``CAUSAL``, groups ending after the query row get -inf)."""
+    ok = cnt > 0
+    mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+    bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
+    if CAUSAL:
+        qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
+    return k, v, qk
+
+
+@triton.jit
 def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0, n_ent, rows_q, m_i, l_i, acc,
                   sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
                   BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -107,14 +124,8 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
             blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
         rows, cnt, last = _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk,
                                      n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
-        ok = cnt > 0
-        mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
-        bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
-        if CAUSAL:
-            qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
+        k, v, qk = _gathered_logits(q, k_base, v_base, stride_kn, stride_vn, rows, cnt, last, rows_q, sm_scale_log2,
+                                    offs_d, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, CAUSAL)
         p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_i, l_i, acc

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import _load_tile, _tile_mask, head_dim_pad
-from ._entries import _entry_range, _level_lanes
+from ._entries import _entry_range, _gathered_logits, _level_lanes
 from .block_sparse import Pyramid, Segments, _bhn_strides, _segment_args
 
 POOL_FACTORS = (2, 4, 8)
@@ -195,14 +195,8 @@ def _pyramid_bwd_dq_kernel(
             rows, cnt, last = _level_lanes(idx_row, stride_ij, e_prev, n_ent, t, offs_p, seq_k, text_valid,
                                            video_start, num_video, text_start, n_vk, n_tk,
                                            n_pool_blk * (BLOCK_K - 2 * P), BLOCK_K, MF, TN, SEGMENTS)
-            ok = cnt > 0
-            mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-            k = tl.load(k_base + rows[:, None] * skn + offs_d[None, :], mask=mask, other=0.0)
-            v = tl.load(v_base + rows[:, None] * svn + offs_d[None, :], mask=mask, other=0.0)
-            bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
-            if CAUSAL:
-                qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
+            k, v, qk = _gathered_logits(q, k_base, v_base, skn, svn, rows, cnt, last, rows_q, sm_scale_log2, offs_d,
+                                        HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, CAUSAL)
             p = tl.math.exp2(qk - lse2[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
