@@ -68,7 +68,11 @@ def _bwd_dkdv_config(device: torch.device, head_dim: int, block_q: int, block_k:
         return _fit(TileConfig(32, 32, 4, 1), block_q, block_k)
     if dtype == torch.float32 or head_dim > 128:
         return _fit(TileConfig(32, 64, 4, 2), block_q, block_k)
-    return _fit(TileConfig(64, 64, 4, 3), block_q, block_k)
+    # 64x64 at 2 stages needs ~107 KB of shared memory at D = 128 (H100 sweep, benchmarks/NOTES.md);
+    # GPUs with ~100 KB per block (sm_86 / sm_89) take half the keys
+    if head_dim > 64 and torch.cuda.get_device_properties(device).shared_memory_per_block_optin < 128 * 1024:
+        return _fit(TileConfig(64, 32, 4, 2), block_q, block_k)
+    return _fit(TileConfig(64, 64, 4, 2), block_q, block_k)
 
 
 def bwd_dq_config(device: torch.device, head_dim: int, block_q: int, block_k: int, dtype: torch.dtype) -> TileConfig:
