@@ -157,16 +157,20 @@ def _neighborhood_fwd_kernel(
     acc = tl.zeros([T0 * T1 * T2, DVP], dtype=tl.float32)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
+    # a KV box's offsets are its origin's (a scalar per iteration) plus loop-invariant in-box offsets
+    r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
+    k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :]
+    v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :]
     for it in range(0, n0 * n1 * n2):
         j0 = lo0 + (it // (n1 * n2)) * K0
         j1 = lo1 + ((it // n2) % n1) * K1
         j2 = lo2 + (it % n2) * K2
-        c0, c1, c2 = _box(j0, j1, j2, K0, K1, K2)
-        col_ok = (c0 <= hi0) & (c1 <= hi1) & (c2 <= hi2)
-        k_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2)
-        v_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2)
-        k = tl.load(k_base + k_off[:, None] + od[None, :], mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
-        v = tl.load(v_base + v_off[:, None] + ov[None, :], mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
+        c0, c1, c2 = j0 + r0, j1 + r1, j2 + r2
+        col_ok = (r0 <= hi0 - j0) & (r1 <= hi1 - j1) & (r2 <= hi2 - j2)
+        k = tl.load(k_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2) + k_rel,
+                    mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
+        v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2) + v_rel,
+                    mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
             s += _rpb_logits(RPB, h, i0, i1, i2, c0, c1, c2, ks0, ks1, ks2, sr_h, sr_0, sr_1, sr_2) * 1.4426950408889634
@@ -268,15 +272,19 @@ def _neighborhood_bwd_dq_kernel(
     dq = tl.zeros([T0 * T1 * T2, DP], dtype=tl.float32)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
+    # a KV box's offsets are its origin's (a scalar per iteration) plus loop-invariant in-box offsets
+    r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
+    k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :]
+    v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :]
     for it in range(0, n0 * n1 * n2):
         j0 = lo0 + (it // (n1 * n2)) * K0
         j1 = lo1 + ((it // n2) % n1) * K1
         j2 = lo2 + (it % n2) * K2
-        c0, c1, c2 = _box(j0, j1, j2, K0, K1, K2)
-        col_ok = (c0 <= hi0) & (c1 <= hi1) & (c2 <= hi2)
-        k = tl.load(k_base + _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :],
+        c0, c1, c2 = j0 + r0, j1 + r1, j2 + r2
+        col_ok = (r0 <= hi0 - j0) & (r1 <= hi1 - j1) & (r2 <= hi2 - j2)
+        k = tl.load(k_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2) + k_rel,
                     mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
-        v = tl.load(v_base + _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :],
+        v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2) + v_rel,
                     mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
