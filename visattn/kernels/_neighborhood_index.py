@@ -1,0 +1,92 @@
+"""Index helpers of the neighborhood kernels (kernels/neighborhood.py): boxes of tokens in group
+coordinates, their memory offsets, the per-axis window tables, window masks and RPB gathers."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _box(s0, s1, s2, E0: tl.constexpr, E1: tl.constexpr, E2: tl.constexpr):
+    """Group coordinates of the ``E0*E1*E2`` points of a box starting at (s0, s1, s2), row-major."""
+    r = tl.arange(0, E0 * E1 * E2)
+    return s0 + r // (E1 * E2), s1 + (r // E2) % E1, s2 + r % E2
+
+
+@triton.jit
+def _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, st0, st1, st2):
+    """int64 memory offset of the tokens with group coordinates (c0, c1, c2) of group (g0, g1, g2)."""
+    return ((c0 * d0 + g0).to(tl.int64) * st0 + (c1 * d1 + g1).to(tl.int64) * st1
+            + (c2 * d2 + g2).to(tl.int64) * st2)
+
+
+@triton.jit
+def _flat(c0, c1, c2, g0, g1, g2, d0, d1, d2, L1, L2):
+    """Row-major flat token index (natural coordinates) for the LSE/delta/scratch tables."""
+    return (((c0 * d0 + g0).to(tl.int64) * L1 + (c1 * d1 + g1)) * L2 + (c2 * d2 + g2))
+
+
+@triton.jit
+def _span(ST, EN, first, last, g, d, K: tl.constexpr):
+    """Window tables of one axis for a box of queries [first, last]: the union interval (lo, hi), the
+    intersection (fs, fe) that full KV boxes lie in, and the number of ``K``-wide KV boxes covering
+    the union."""
+    lo = tl.load(ST + first * d + g)
+    hi = tl.load(EN + last * d + g)
+    fs = tl.load(ST + last * d + g)
+    fe = tl.load(EN + first * d + g)
+    return lo, hi, fs, fe, (hi - lo + K) // K
+
+
+@triton.jit
+def _load_rows(base, row_off, offs, DIM: tl.constexpr, ok):
+    """[rows, DIM_PAD] tile at int64 row offsets, masked on valid rows and real head-dim lanes."""
+    return tl.load(base + row_off[:, None] + offs[None, :], mask=ok[:, None] & (offs[None, :] < DIM), other=0.0)
+
+
+@triton.jit
+def _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok):
+    """Per-row window [start, end] on each axis; rows past the grid get an empty window."""
+    return (tl.load(ST0 + x0, mask=row_ok, other=0), tl.load(EN0 + x0, mask=row_ok, other=-1),
+            tl.load(ST1 + x1, mask=row_ok, other=0), tl.load(EN1 + x1, mask=row_ok, other=-1),
+            tl.load(ST2 + x2, mask=row_ok, other=0), tl.load(EN2 + x2, mask=row_ok, other=-1))
+
+
+@triton.jit
+def _axis_in(c, s, e, K: tl.constexpr):
+    """[rows, cols] (or [rows, 1] when the KV box is 1 wide on this axis: one key coordinate) test that
+    key coordinates ``c`` lie in each row's window ``[s, e]`` on one axis."""
+    if K == 1:
+        c0 = tl.min(c, 0)  # every column has the same coordinate on this axis
+        return ((c0 >= s) & (c0 <= e))[:, None]
+    else:
+        return (c[None, :] >= s[:, None]) & (c[None, :] <= e[:, None])
+
+
+@triton.jit
+def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """[rows, cols] mask: key group coordinates inside every row's per-axis window."""
+    return _axis_in(k0, s0, e0, K0) & _axis_in(k1, s1, e1, K1) & _axis_in(k2, s2, e2, K2)
+
+
+@triton.jit
+def _rpb_logits(RPB, h, i0, i1, i2, k0, k1, k2, ks0, ks1, ks2, sr_h, sr0, sr1, sr2):
+    """RPB bias per (row, col): ``rpb[h, j0 - i0 + k0 - 1, ...]`` (clamped; masked pairs are dropped later)."""
+    a0 = tl.minimum(tl.maximum(k0[None, :] - i0[:, None] + ks0 - 1, 0), 2 * ks0 - 2)
+    a1 = tl.minimum(tl.maximum(k1[None, :] - i1[:, None] + ks1 - 1, 0), 2 * ks1 - 2)
+    a2 = tl.minimum(tl.maximum(k2[None, :] - i2[:, None] + ks2 - 1, 0), 2 * ks2 - 2)
+    return tl.load(RPB + h * sr_h + a0 * sr0 + a1 * sr1 + a2 * sr2).to(tl.float32)
+
+
+@triton.jit
+def _ids(pid_t, pid_bh, gid, nt1, nt2, d1, d2, H):
+    t2 = pid_t % nt2
+    t1 = (pid_t // nt2) % nt1
+    t0 = pid_t // (nt2 * nt1)
+    g2 = gid % d2
+    g1 = (gid // d2) % d1
+    g0 = gid // (d2 * d1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    return t0, t1, t2, g0, g1, g2, b, h
