@@ -36,8 +36,7 @@ def _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_v
         seg_end = tl.where(is_text, text_start + text_valid, video_start + num_video)
         end = tl.where(ok, tl.minimum(start + BLOCK_K, seg_end), start)
     else:
-        ok = (blk >= 0) & (blk < (seq_k + BLOCK_K - 1) // BLOCK_K)
-        start = tl.where(ok, blk * BLOCK_K, seq_k)
+        start = _entry_start(blk, seq_k, BLOCK_K)
         end = tl.minimum(start + BLOCK_K, seq_k)
     return start, end
 
