@@ -306,7 +306,10 @@ def _rpb_grad(ds, starts, ks, dil, rpb):
         i = x // dil[a]
         t = torch.arange(ks[a], device=ds.device)
         off = starts[a].long()[:, None] + t[None, :] - i[:, None] + ks[a] - 1  # [L, k]
-        onehots.append(torch.nn.functional.one_hot(off.clamp(0, 2 * ks[a] - 2), 2 * ks[a] - 1).to(ds.dtype))
+        # a comparison, not F.one_hot: one_hot checks its input's range on the host (a sync that breaks
+        # CUDA-graph capture of the backward)
+        bins = torch.arange(2 * ks[a] - 1, device=ds.device)
+        onehots.append((off.clamp(0, 2 * ks[a] - 2)[..., None] == bins).to(ds.dtype))
     g = torch.einsum("bxyzhuvw,xuo,yvp,zwq->hopq", ds, *onehots)
     return g.reshape(rpb.shape).to(rpb.dtype).contiguous()  # einsum may return a permuted layout
 
