@@ -147,15 +147,17 @@ def _fit_box(box: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, int, int
 
 
 def neighborhood_config(device: torch.device, size: tuple[int, int, int], kernel_size: tuple[int, int, int],
-                        head_dim: int, dtype: torch.dtype, which: str, has_extra: bool = False) -> NATileConfig:
+                        head_dim: int, dtype: torch.dtype, which: str, has_extra: bool = False,
+                        has_rpb: bool = False) -> NATileConfig:
     if which in OVERRIDES:
         return OVERRIDES[which]  # type: ignore[return-value]
     rank = 3 - sum(1 for s in size[:2] if s == 1)
-    return _neighborhood_config(device.type, size, kernel_size, head_dim, dtype, which, rank, has_extra)
+    return _neighborhood_config(device.type, size, kernel_size, head_dim, dtype, which, rank, has_extra, has_rpb)
 
 
 @functools.lru_cache(maxsize=None)
-def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which, rank, has_extra) -> NATileConfig:
+def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which, rank, has_extra,
+                         has_rpb=False) -> NATileConfig:
     if INTERPRET or device_type != "cuda":
         q, kv = {1: ((1, 1, 16), (1, 1, 16)), 2: ((1, 4, 4), (1, 4, 4)), 3: ((2, 2, 4), (2, 4, 2))}[rank]
         return NATileConfig(_fit_box(q, size), _fit_box(kv, size), 4, 1)
@@ -176,7 +178,17 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
     # to launch); power-of-two head dims at these tiles were measured to fit
     dp = max(16, 1 << (head_dim - 1).bit_length())
     esize = 4 if dtype == torch.float32 else 2
-    if dp != head_dim or has_extra:  # the extra-token loop holds its own K/V tiles in shared memory
+    if has_rpb:
+        # the RPB gather is pipelined like K and V: a [bm, bn] fp32 buffer per stage (a 3-D D=128
+        # forward with RPB at 128x128x3 asked for 352 KB); fewer keys first, then fewer stages
+        def need(stages, bn):  # (+ the extra-token loop's own unpipelined K/V tiles)
+            return (bm * dp + (stages + has_extra) * 2 * bn * dp) * esize + stages * bm * bn * 4
+        while need(stages, bn) > 160 * 1024 and (bn > 64 or stages > 1 or bn > 32):
+            if bn > 64 or stages == 1:
+                bn //= 2
+            else:
+                stages -= 1
+    elif dp != head_dim or has_extra:  # the extra-token loop holds its own K/V tiles in shared memory
         while stages > 1 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
             stages -= 1
         while bn > 32 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:

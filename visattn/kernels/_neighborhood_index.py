@@ -71,12 +71,15 @@ def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.const
 
 
 @triton.jit
-def _rpb_logits(RPB, h, i0, i1, i2, k0, k1, k2, ks0, ks1, ks2, sr_h, sr0, sr1, sr2):
-    """RPB bias per (row, col): ``rpb[h, j0 - i0 + k0 - 1, ...]`` (clamped; masked pairs are dropped later)."""
-    a0 = tl.minimum(tl.maximum(k0[None, :] - i0[:, None] + ks0 - 1, 0), 2 * ks0 - 2)
-    a1 = tl.minimum(tl.maximum(k1[None, :] - i1[:, None] + ks1 - 1, 0), 2 * ks1 - 2)
-    a2 = tl.minimum(tl.maximum(k2[None, :] - i2[:, None] + ks2 - 1, 0), 2 * ks2 - 2)
-    return tl.load(RPB + h * sr_h + a0 * sr0 + a1 * sr1 + a2 * sr2).to(tl.float32)
+def _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, row_rel, col_rel, ks0, ks1, ks2, sr_h, sr0, sr1, sr2):
+    """RPB bias per (row, col) of the Q box at ``f`` and the KV box at ``j`` (group coordinates):
+    ``rpb[h, c0 - i0 + ks0 - 1, ...]`` as one linear table index, a scalar of the box origins plus the
+    loop-invariant in-box parts ``row_rel``/``col_rel`` (``sum_a r_a * sr_a`` of each row / column).
+    Pairs outside a window read a clamped index; the caller masks them."""
+    base = (j0 - f0 + ks0 - 1) * sr0 + (j1 - f1 + ks1 - 1) * sr1 + (j2 - f2 + ks2 - 1) * sr2
+    top = (2 * ks0 - 2) * sr0 + (2 * ks1 - 2) * sr1 + (2 * ks2 - 2) * sr2
+    idx = tl.minimum(tl.maximum(base + col_rel[None, :] - row_rel[:, None], 0), top)
+    return tl.load(RPB + h * sr_h + idx).to(tl.float32)
 
 
 @triton.jit

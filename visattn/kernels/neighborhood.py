@@ -77,6 +77,9 @@ def _neighborhood_fwd_kernel(
     r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
     k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :]
     v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :]
+    if HAS_RPB:
+        rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
+        rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
     for it in range(0, n0 * n1 * n2):
         j0 = lo0 + (it // (n1 * n2)) * K0
         j1 = lo1 + ((it // n2) % n1) * K1
@@ -89,7 +92,8 @@ def _neighborhood_fwd_kernel(
                     mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            s += _rpb_logits(RPB, h, i0, i1, i2, c0, c1, c2, ks0, ks1, ks2, sr_h, sr_0, sr_1, sr_2) * 1.4426950408889634
+            s += _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, rpb_rows, rpb_cols, ks0, ks1, ks2, sr_h, sr_0, sr_1,
+                             sr_2) * 1.4426950408889634
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
@@ -192,6 +196,12 @@ def _neighborhood_bwd_dq_kernel(
     r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
     k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :]
     v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :]
+    if HAS_RPB:
+        rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
+        rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
+    if STORE_DS:
+        slot_cols = (r0 * ks1 + r1) * ks2 + r2
+        ds_rows = stat * (ks0 * ks1 * ks2) - ((rs0 * ks1 + rs1) * ks2 + rs2)
     for it in range(0, n0 * n1 * n2):
         j0 = lo0 + (it // (n1 * n2)) * K0
         j1 = lo1 + ((it // n2) % n1) * K1
@@ -204,7 +214,8 @@ def _neighborhood_bwd_dq_kernel(
                     mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            s += _rpb_logits(RPB, h, i0, i1, i2, c0, c1, c2, ks0, ks1, ks2, sr_h, sr_0, sr_1, sr_2) * 1.4426950408889634
+            s += _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, rpb_rows, rpb_cols, ks0, ks1, ks2, sr_h, sr_0, sr_1,
+                             sr_2) * 1.4426950408889634
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
@@ -218,10 +229,10 @@ def _neighborhood_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         if STORE_DS:
-            KS = ks0 * ks1 * ks2
-            slot = ((c0[None, :] - rs0[:, None]) * ks1 + (c1[None, :] - rs1[:, None])) * ks2 + (c2[None, :] - rs2[:, None])
-            ok = _win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2) & row_ok[:, None]
-            tl.store(DS + stat[:, None] * KS + slot, ds, mask=ok)
+            # slot (c - rs) per axis in row-major window order: the box origin's part is a scalar, the
+            # rows' and columns' parts are loop-invariant; pairs outside a window have s = -inf
+            ds_cols = (j0 * ks1 + j1) * ks2 + j2 + slot_cols
+            tl.store(DS + ds_rows[:, None] + ds_cols[None, :], ds, mask=row_ok[:, None] & (s != float("-inf")))
     if HAS_EXTRA:
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
@@ -295,6 +306,10 @@ def _neighborhood_bwd_dkdv_kernel(
     dk = tl.zeros([K0 * K1 * K2, DP], dtype=tl.float32)
     dv = tl.zeros([K0 * K1 * K2, DVP], dtype=tl.float32)
     N = L0 * L1 * L2
+    if HAS_RPB:
+        rq0, rq1, rq2 = _box(0, 0, 0, T0, T1, T2)
+        rpb_rows = rq0 * sr_0 + rq1 * sr_1 + rq2 * sr_2
+        rpb_cols = (c0 - j0) * sr_0 + (c1 - j1) * sr_1 + (c2 - j2) * sr_2
     for hh in range(0, kv_group):
         h = hk * kv_group + hh
         for it in range(0, n0 * n1 * n2):
@@ -313,7 +328,8 @@ def _neighborhood_bwd_dkdv_kernel(
             delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_RPB:
-                s += _rpb_logits(RPB, h, i0, i1, i2, c0, c1, c2, ks0, ks1, ks2, sr_h, sr_0, sr_1, sr_2) * 1.4426950408889634
+                s += _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, rpb_rows, rpb_cols, ks0, ks1, ks2, sr_h, sr_0,
+                                 sr_1, sr_2) * 1.4426950408889634
             ql0 = tl.minimum(f0 + T0 - 1, Lg0 - 1)
             ql1 = tl.minimum(f1 + T1 - 1, Lg1 - 1)
             ql2 = tl.minimum(f2 + T2 - 1, Lg2 - 1)
@@ -448,7 +464,7 @@ def neighborhood_fwd(q, k, v, tables, kernel_size, dilation, scale, extra=None, 
     Hk = k.shape[-2]
     st, en = tables[0], tables[1]
     cfg = cfg or _configs.neighborhood_config(q.device, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "fwd",
-                                              extra is not None)
+                                              extra is not None, rpb is not None)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     ng = [-(-L // d) for L, d in zip((L0, L1, L2), dilation)]
@@ -498,7 +514,8 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
     ks_total = kernel_size[0] * kernel_size[1] * kernel_size[2]
     ds = torch.zeros((B, L0, L1, L2, H, ks_total), device=dev, dtype=torch.float32) if rpb_grad else None
-    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq", ke is not None)
+    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq", ke is not None,
+                                       rpb is not None)
     nt = [-(-n // t) for n, t in zip(ng, cfg.q_tile)]
     _neighborhood_bwd_dq_kernel[(nt[0] * nt[1] * nt[2], B * H, ngroups)](
         q, k, v, do, lse2, delta, dq, ds if ds is not None else delta,
@@ -513,7 +530,8 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     )
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
     dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
-    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv", ke is not None)
+    cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv", ke is not None,
+                                       rpb is not None)
     nk = [-(-n // t) for n, t in zip(ng, cfg.kv_tile)]
     _neighborhood_bwd_dkdv_kernel[(nk[0] * nk[1] * nk[2], B * Hk, ngroups)](
         q, k, v, do, lse2, delta, dk, dv, rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
