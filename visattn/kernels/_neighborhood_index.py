@@ -22,6 +22,17 @@ def _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, st0, st1, st2):
 
 
 @triton.jit
+def _kv_box_rel(d0, d1, d2, sk0, sk1, sk2, sv0, sv1, sv2, od, ov, K0: tl.constexpr, K1: tl.constexpr,
+                K2: tl.constexpr):
+    """In-box coordinates of a ``K0 x K1 x K2`` KV box and its K and V tile offsets relative to the box
+    origin: a walk adds only the origin's scalar offset per iteration (``_off`` of the origin)."""
+    r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
+    k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk0, sk1, sk2)[:, None] + od[None, :]
+    v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv0, sv1, sv2)[:, None] + ov[None, :]
+    return r0, r1, r2, k_rel, v_rel
+
+
+@triton.jit
 def _flat(c0, c1, c2, g0, g1, g2, d0, d1, d2, L1, L2):
     """Row-major flat token index (natural coordinates) for the LSE/delta/scratch tables."""
     return (((c0 * d0 + g0).to(tl.int64) * L1 + (c1 * d1 + g1)) * L2 + (c2 * d2 + g2))

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, _fwd_epilogue, _online_softmax_step, dot_precision, head_dim_pad
-from ._neighborhood_index import _box, _flat, _ids, _load_rows, _off, _row_windows, _rpb_logits, _span, _win_mask
+from ._neighborhood_index import (_box, _flat, _ids, _kv_box_rel, _load_rows, _off, _row_windows, _rpb_logits, _span,
+                                  _win_mask)
 
 
 @triton.jit(do_not_specialize=["L0", "L1", "L2", "d0", "d1", "d2", "ks0", "ks1", "ks2", "n_extra", "nt1", "nt2"])
@@ -73,10 +74,7 @@ def _neighborhood_fwd_kernel(
     acc = tl.zeros([T0 * T1 * T2, DVP], dtype=tl.float32)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
-    # a KV box's offsets are its origin's (a scalar per iteration) plus loop-invariant in-box offsets
-    r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
-    k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :]
-    v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :]
+    r0, r1, r2, k_rel, v_rel = _kv_box_rel(d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, K0, K1, K2)
     if HAS_RPB:
         rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
         rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
@@ -192,10 +190,7 @@ def _neighborhood_bwd_dq_kernel(
     dq = tl.zeros([T0 * T1 * T2, DP], dtype=tl.float32)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
-    # a KV box's offsets are its origin's (a scalar per iteration) plus loop-invariant in-box offsets
-    r0, r1, r2 = _box(0, 0, 0, K0, K1, K2)
-    k_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sk_0, sk_1, sk_2)[:, None] + od[None, :]
-    v_rel = _off(r0, r1, r2, 0, 0, 0, d0, d1, d2, sv_0, sv_1, sv_2)[:, None] + ov[None, :]
+    r0, r1, r2, k_rel, v_rel = _kv_box_rel(d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, K0, K1, K2)
     if HAS_RPB:
         rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
         rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
