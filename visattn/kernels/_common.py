@@ -41,9 +41,16 @@ def _online_softmax_step(qk, m_i, l_i, acc):
     ``exp2(-inf - -inf)`` never produces a NaN. Returns the probabilities (fp32, unnormalised),
     the new max and sum, and ``acc`` rescaled to the new max (the caller adds ``p @ v``).
     """
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    return _online_softmax_step_scaled(qk, 1.0, m_i, l_i, acc)  # (x * 1.0 folds away: same code)
+
+
+@triton.jit
+def _online_softmax_step_scaled(qk, scale, m_i, l_i, acc):
+    """``_online_softmax_step`` of the logits ``qk * scale`` for a ``scale > 0`` (log2 units): the row max
+    is taken on ``qk`` and the scale folds into the exponent's FMA, one multiply per logit fewer."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_shift[:, None])
+    p = tl.math.exp2(qk * scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _fwd_epilogue, _online_softmax_step, dot_precision, head_dim_pad
+from ._common import (LOG2E, _fwd_epilogue, _online_softmax_step, _online_softmax_step_scaled, dot_precision,
+                      head_dim_pad)
 from ._neighborhood_index import (_box, _flat, _ids, _kv_box_rel, _load_rows, _off, _row_windows, _rpb_logits, _span,
                                   _win_mask)
 
@@ -45,6 +46,7 @@ def _neighborhood_fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     HAS_EXTRA: tl.constexpr, HAS_RPB: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+    FOLD_SCALE: tl.constexpr = False,  # qk_scale > 0 and no RPB: scale folded into the softmax's FMA
 ):
     t0, t1, t2, g0, g1, g2, b, h = _ids(tl.program_id(0), tl.program_id(1), tl.program_id(2), nt1, nt2, d1, d2, H)
     hk = (h // kv_group).to(tl.int64)
@@ -88,7 +90,9 @@ def _neighborhood_fwd_kernel(
                     mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
         v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2) + v_rel,
                     mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if not FOLD_SCALE:
+            s = s * qk_scale
         if HAS_RPB:
             s += _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, rpb_rows, rpb_cols, ks0, ks1, ks2, sr_h, sr_0, sr_1,
                              sr_2) * 1.4426950408889634
@@ -100,7 +104,10 @@ def _neighborhood_fwd_kernel(
             m_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2)
             keep = tl.load(KPM + b * sm_b + m_off, mask=col_ok, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
-        p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
+        if FOLD_SCALE:  # the scale rides in the exponent's FMA (s is the raw q.k here)
+            p, m_i, l_i, acc = _online_softmax_step_scaled(s, qk_scale, m_i, l_i, acc)
+        else:
+            p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     if HAS_EXTRA:
         oe = tl.arange(0, BLOCK_N)
@@ -476,7 +483,8 @@ def neighborhood_fwd(q, k, v, tables, kernel_size, dilation, scale, extra=None, 
         scale * LOG2E,
         T0=cfg.q_tile[0], T1=cfg.q_tile[1], T2=cfg.q_tile[2], K0=cfg.kv_tile[0], K1=cfg.kv_tile[1], K2=cfg.kv_tile[2],
         **_dims(q, v), HAS_EXTRA=ke is not None, HAS_RPB=rpb is not None, HAS_KPM=kpm is not None,
-        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=dot_precision(q.dtype), FOLD_SCALE=scale > 0 and rpb is None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
