@@ -33,6 +33,23 @@ def _kv_box_rel(d0, d1, d2, sk0, sk1, sk2, sv0, sv1, sv2, od, ov, K0: tl.constex
 
 
 @triton.jit
+def _kv_box_step(it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
+                 d0, d1, d2, sk0, sk1, sk2, sv0, sv1, sv2, od, ov, D: tl.constexpr, DV: tl.constexpr,
+                 K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """The ``it``-th KV box of a walk over the union window ``[lo, hi]`` (``n1 x n2`` boxes per leading
+    index, row-major): its origin ``j``, key coordinates ``c``, valid columns and the K and V tiles."""
+    j0 = lo0 + (it // (n1 * n2)) * K0
+    j1 = lo1 + ((it // n2) % n1) * K1
+    j2 = lo2 + (it % n2) * K2
+    col_ok = (r0 <= hi0 - j0) & (r1 <= hi1 - j1) & (r2 <= hi2 - j2)
+    k = tl.load(k_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sk0, sk1, sk2) + k_rel,
+                mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
+    v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv0, sv1, sv2) + v_rel,
+                mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
+    return j0, j1, j2, j0 + r0, j1 + r1, j2 + r2, col_ok, k, v
+
+
+@triton.jit
 def _flat(c0, c1, c2, g0, g1, g2, d0, d1, d2, L1, L2):
     """Row-major flat token index (natural coordinates) for the LSE/delta/scratch tables."""
     return (((c0 * d0 + g0).to(tl.int64) * L1 + (c1 * d1 + g1)) * L2 + (c2 * d2 + g2))

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ._common import (LOG2E, _fwd_epilogue, _online_softmax_step, _online_softmax_step_scaled, dot_precision,
                       head_dim_pad)
-from ._neighborhood_index import (_box, _flat, _ids, _kv_box_rel, _load_rows, _off, _row_windows, _rpb_logits, _span,
-                                  _win_mask)
+from ._neighborhood_index import (_box, _flat, _ids, _kv_box_rel, _kv_box_step, _load_rows, _off, _row_windows,
+                                  _rpb_logits, _span, _win_mask)
 
 
 @triton.jit(do_not_specialize=["L0", "L1", "L2", "d0", "d1", "d2", "ks0", "ks1", "ks2", "n_extra", "nt1", "nt2"])
@@ -81,15 +81,9 @@ def _neighborhood_fwd_kernel(
         rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
         rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
     for it in range(0, n0 * n1 * n2):
-        j0 = lo0 + (it // (n1 * n2)) * K0
-        j1 = lo1 + ((it // n2) % n1) * K1
-        j2 = lo2 + (it % n2) * K2
-        c0, c1, c2 = j0 + r0, j1 + r1, j2 + r2
-        col_ok = (r0 <= hi0 - j0) & (r1 <= hi1 - j1) & (r2 <= hi2 - j2)
-        k = tl.load(k_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2) + k_rel,
-                    mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
-        v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2) + v_rel,
-                    mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
+        j0, j1, j2, c0, c1, c2, col_ok, k, v = _kv_box_step(
+            it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
+            d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, D, DV, K0, K1, K2)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if not FOLD_SCALE:
             s = s * qk_scale
@@ -205,15 +199,9 @@ def _neighborhood_bwd_dq_kernel(
         slot_cols = (r0 * ks1 + r1) * ks2 + r2
         ds_rows = stat * (ks0 * ks1 * ks2) - ((rs0 * ks1 + rs1) * ks2 + rs2)
     for it in range(0, n0 * n1 * n2):
-        j0 = lo0 + (it // (n1 * n2)) * K0
-        j1 = lo1 + ((it // n2) % n1) * K1
-        j2 = lo2 + (it % n2) * K2
-        c0, c1, c2 = j0 + r0, j1 + r1, j2 + r2
-        col_ok = (r0 <= hi0 - j0) & (r1 <= hi1 - j1) & (r2 <= hi2 - j2)
-        k = tl.load(k_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2) + k_rel,
-                    mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
-        v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2) + v_rel,
-                    mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
+        j0, j1, j2, c0, c1, c2, col_ok, k, v = _kv_box_step(
+            it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
+            d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, D, DV, K0, K1, K2)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
             s += _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, rpb_rows, rpb_cols, ks0, ks1, ks2, sr_h, sr_0, sr_1,
