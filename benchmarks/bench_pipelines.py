@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -214,7 +215,10 @@ def main(argv=None) -> int:
             f"({row['attention_share']:.1%} of a stats forward), fallbacks {st['fallbacks']}"
         )
 
-    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu").split()[-1].lower()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # the model token ("NVIDIA H100 80GB HBM3" -> "h100"), not the memory type
+    model_tokens = [t for t in name.split() if re.fullmatch(r"[A-Za-z]+\d+[A-Za-z]*", t) and t != "NVIDIA"]
+    gpu = (model_tokens or name.split()[-1:])[0].lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"pipelines_{args.model}_{gpu}"

@@ -21,6 +21,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from ..ops import SequenceLayout
 from ._base import VisattnProcessor
+from ._rope import wan_rope
 
 
 def _layout_if(ctx_layout: SequenceLayout | None, seq_len: int, text_len: int, position: str):
@@ -90,16 +91,6 @@ class FluxAttnBase(VisattnProcessor):
 
 
 # ----------------------------------------------------------------------------------------------- Wan
-def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # interleaved pairs, as WanAttnProcessor applies them
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out.type_as(x)
-
-
 class WanAttnBase(VisattnProcessor):
     """``WanAttnProcessor``: ``attn1`` self-attention over the video grid; ``attn2`` cross-attention."""
 
@@ -128,7 +119,7 @@ class WanAttnBase(VisattnProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)  # across heads, before the split
         query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
         if rotary_emb is not None:
-            query, key = _wan_rope(query, *rotary_emb), _wan_rope(key, *rotary_emb)
+            query, key = wan_rope(query, key, *rotary_emb)  # fused on CUDA (pipelines/_rope.py)
 
         out_img = None
         if encoder_img is not None:

@@ -1,0 +1,118 @@
+"""The fused RoPE kernel (``kernels/rope.py``) against independent rotations.
+
+References: a complex multiplication in fp64 (Wan's tables: one angle per pair) and diffusers'
+``apply_rotary_emb`` (general interleaved tables). On the CPU the kernel runs in the Triton
+interpreter, whose fp32 -> bf16/fp16 conversion truncates: low-precision outputs may differ from a
+rounded reference by one unit in the last place there (on the GPU the conversion rounds to nearest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
+
+from visattn.pipelines._rope import _wan_rope_eager, rope_pairs, wan_rope  # noqa: E402
+
+# tolerance of one output: fp64/fp32 arithmetic, then one rounding (or truncation) to the dtype
+_ULP = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def _complex_rotation(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``(x[2i] + i x[2i+1]) e^{i theta[s, i]}`` in fp64, as ``[B, S, H, D]`` real pairs."""
+    z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(theta), theta)[:, None]).flatten(-2)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = _ULP[dtype] * ref.abs().double().clamp_min(1.0)
+    bad = (out.double() - ref.double()).abs() > tol
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} outputs off, e.g. {out[bad][:4]} vs {ref[bad][:4]}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("D", [128, 64, 6, 20])  # pairs 64, 32 and (padded to a power of two) 3, 10
+def test_wan_tables_match_complex_rotation(dtype, D):
+    B, S, H = 2, 37, 3  # 37 tokens: a partial 32-token tile
+    q, k = torch.randn(B, S, H, D, dtype=dtype), torch.randn(B, S, H, D, dtype=dtype) * 3
+    theta = torch.rand(S, D // 2, dtype=torch.float64) * 40
+    tab = torch.float64 if dtype == torch.float64 else torch.float32  # as the rope module holds them
+    cos = theta.cos().repeat_interleave(2, -1).to(tab)  # Wan's tables: [1, S, 1, D], repeated pairs
+    sin = theta.sin().repeat_interleave(2, -1).to(tab)
+    ce, se = cos[:, 0::2], sin[:, 1::2]
+    oq, ok = rope_pairs((q, k), ce, ce, se, se, fused=True)  # q and k in one launch
+    assert oq.dtype == ok.dtype == dtype and oq.shape == q.shape
+    _close(oq, _complex_rotation(q, theta), dtype)
+    _close(ok, _complex_rotation(k, theta), dtype)
+    # the eager path (CPU) is WanAttnProcessor's own code
+    eq, ek = wan_rope(q, k, cos[None, :, None], sin[None, :, None])
+    _close(eq, _complex_rotation(q, theta), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_general_tables_match_diffusers(dtype):
+    B, S, H, D = 1, 45, 2, 64
+    x = torch.randn(B, S, H, D, dtype=dtype)
+    cos, sin = torch.randn(S, D), torch.randn(S, D)  # not repeated: even and odd entries differ
+    (out,) = rope_pairs((x,), cos[:, 0::2], cos[:, 1::2], sin[:, 0::2], sin[:, 1::2], fused=True)
+    ref = apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+    _close(out, ref.float(), dtype)
+
+
+def test_strided_input_and_tables():
+    # x a view into a wider buffer (fused qkv), tables sliced from [1, S, 1, D] with a token step
+    B, S, H, D = 2, 33, 4, 32
+    buf = torch.randn(B, S, 3 * H * D, dtype=torch.float64)
+    q, k = buf[..., : H * D].unflatten(-1, (H, D)), buf[..., H * D : 2 * H * D].unflatten(-1, (H, D))
+    theta = torch.rand(2 * S, D // 2, dtype=torch.float64)
+    cos = theta.cos().repeat_interleave(2, -1)[::2]
+    sin = theta.sin().repeat_interleave(2, -1)[::2]
+    oq, ok = rope_pairs((q, k), cos[:, 0::2], cos[:, 0::2], sin[:, 1::2], sin[:, 1::2], fused=True)
+    _close(oq, _complex_rotation(q, theta[::2]), torch.float64)
+    _close(ok, _complex_rotation(k, theta[::2]), torch.float64)
+
+
+def test_backward_is_autograd_of_the_rotation():
+    B, S, H, D = 2, 35, 3, 16
+    q = torch.randn(B, S, H, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, S, H, D, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(S, D, dtype=torch.float64), torch.randn(S, D, dtype=torch.float64)
+    tables = (cos[:, 0::2], cos[:, 1::2], sin[:, 0::2], sin[:, 1::2])
+    gq, gk = torch.randn(B, S, H, D, dtype=torch.float64), torch.randn(B, S, H, D, dtype=torch.float64)
+    oq, ok = rope_pairs((q, k), *tables, fused=True)
+    dq, dk = torch.autograd.grad((oq * gq).sum() + (ok * gk).sum(), (q, k))
+    rq, rk = rope_pairs((q, k), *tables, fused=False)  # torch ops, torch autograd
+    eq, ek = torch.autograd.grad((rq * gq).sum() + (rk * gk).sum(), (q, k), retain_graph=True)
+    torch.testing.assert_close(dq, eq, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dk, ek, rtol=1e-12, atol=1e-12)
+    # one output unused: its gradient is None, the other still flows
+    (dq_only,) = torch.autograd.grad(rope_pairs((q, k), *tables, fused=True)[0].sum(), (q,))
+    torch.testing.assert_close(dq_only, torch.autograd.grad(rq.sum(), (q,))[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_wan_rope_matches_the_eager_code(dtype):
+    B, S, H, D = 1, 4099, 12, 128
+    q, k = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(2))
+    theta = torch.rand(S, D // 2, device="cuda", dtype=torch.float64) * 100
+    rot = tuple(f(theta).repeat_interleave(2, -1).float()[None, :, None] for f in (torch.cos, torch.sin))
+    oq, ok = wan_rope(q, k, *rot)
+    rq, rk = _wan_rope_eager(q, *rot), _wan_rope_eager(k, *rot)
+    for out, ref, x in ((oq, rq, q), (ok, rk, k)):
+        _close(out, _complex_rotation(x, theta), dtype)
+        if dtype != torch.float32:  # rounded to nearest on the GPU: FMA contraction rarely shows
+            assert (out != ref).float().mean().item() < 0.01
+    # training through the processor: the kernel's backward
+    qg = q.float().requires_grad_()
+    (og, _) = wan_rope(qg, k.float(), *rot)
+    (d,) = torch.autograd.grad(og.sum(), qg)
+    qe = q.float().requires_grad_()
+    (e,) = torch.autograd.grad(_wan_rope_eager(qe, *rot).sum(), qe)
+    torch.testing.assert_close(d, e, rtol=1e-5, atol=1e-5)
