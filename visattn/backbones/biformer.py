@@ -77,7 +77,11 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, C, H, W]`` -> ``[B, C, H, W]``."""
+        """``x: [B, C, H, W]`` -> ``[B, C, H, W]`` (returned in channels-last memory)."""
+        # channels-last memory (a no-op after the first block of a stage): the depthwise pos_embed
+        # then runs cuDNN's NHWC kernels instead of torch's generic depthwise ones, and the NHWC view
+        # below is contiguous, so LayerNorm and the residual adds need no layout copies
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
