@@ -116,3 +116,20 @@ def test_cuda_wan_rope_matches_the_eager_code(dtype):
     qe = q.float().requires_grad_()
     (e,) = torch.autograd.grad(_wan_rope_eager(qe, *rot).sum(), qe)
     torch.testing.assert_close(d, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("key_too", [True, False])
+def test_cuda_diffusers_rope_matches_apply_rotary_emb(key_too):
+    from visattn.pipelines._rope import diffusers_rope
+
+    B, S, H, D = 2, 1000, 8, 64
+    q, k = (torch.randn(B, S + 7, H, D, device="cuda", dtype=torch.bfloat16)[:, 7:] for _ in range(2))
+    cos, sin = torch.randn(S, D, device="cuda"), torch.randn(S, D, device="cuda")
+    oq, ok = diffusers_rope(q, k if key_too else None, (cos, sin))
+    assert (ok is not None) == key_too
+    for out, x in ((oq, q), (ok, k)) if key_too else ((oq, q),):
+        ref = apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+        _close(out, ref, torch.bfloat16)
+        assert (out != ref).float().mean().item() < 0.01

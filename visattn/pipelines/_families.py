@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 
 from ..ops import SequenceLayout
 from ._base import VisattnProcessor
-from ._rope import wan_rope
+from ._rope import diffusers_rope, wan_rope
 
 
 def _layout_if(ctx_layout: SequenceLayout | None, seq_len: int, text_len: int, position: str):
@@ -68,8 +67,7 @@ class FluxAttnBase(VisattnProcessor):
             ev = ev.unflatten(-1, (-1, attn.head_dim))
             query, key, value = (torch.cat([a, b], dim=1) for a, b in ((eq, query), (ek, key), (ev, value)))
         if image_rotary_emb is not None:  # over the whole sequence, text ids included
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query, key = diffusers_rope(query, key, image_rotary_emb)
 
         ctx = self.layout()
         # single blocks see one tensor; the text length comes from the layout hook
@@ -194,20 +192,11 @@ class HunyuanVideoAttnBase(VisattnProcessor):
         if image_rotary_emb is not None:
             if pre_concat:
                 n_txt = encoder_hidden_states.shape[1]
-                query = torch.cat(
-                    [
-                        apply_rotary_emb(query[:, :-n_txt], image_rotary_emb, sequence_dim=1),
-                        query[:, -n_txt:],
-                    ],
-                    dim=1,
-                )
-                key = torch.cat(
-                    [apply_rotary_emb(key[:, :-n_txt], image_rotary_emb, sequence_dim=1), key[:, -n_txt:]],
-                    dim=1,
-                )
+                rq, rk = diffusers_rope(query[:, :-n_txt], key[:, :-n_txt], image_rotary_emb)
+                query = torch.cat([rq, query[:, -n_txt:]], dim=1)
+                key = torch.cat([rk, key[:, -n_txt:]], dim=1)
             else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+                query, key = diffusers_rope(query, key, image_rotary_emb)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
             eq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
             ek = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
@@ -261,15 +250,11 @@ class CogVideoXAttnBase(VisattnProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
-            query = torch.cat(
-                [query[:, :n_txt], apply_rotary_emb(query[:, n_txt:], image_rotary_emb, sequence_dim=1)],
-                dim=1,
-            )
-            if not attn.is_cross_attention:
-                key = torch.cat(
-                    [key[:, :n_txt], apply_rotary_emb(key[:, n_txt:], image_rotary_emb, sequence_dim=1)],
-                    dim=1,
-                )
+            rk_in = None if attn.is_cross_attention else key[:, n_txt:]
+            rq, rk = diffusers_rope(query[:, n_txt:], rk_in, image_rotary_emb)
+            query = torch.cat([query[:, :n_txt], rq], dim=1)
+            if rk is not None:
+                key = torch.cat([key[:, :n_txt], rk], dim=1)
         seq = _layout_if(self.layout(), seq_len, n_txt, "start")
         out = self._core(query, key, value, attention_mask, seq)
         out = out.flatten(2, 3).to(query.dtype)

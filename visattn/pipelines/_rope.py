@@ -1,4 +1,5 @@
-"""RoPE where the default processors apply it: one fused kernel launch on CUDA, their torch code elsewhere.
+"""RoPE where the default processors apply it: one fused kernel launch on CUDA, their torch code elsewhere
+(Wan's inline RoPE; diffusers' ``apply_rotary_emb`` with real interleaved tables for the others).
 
 Wan's default processor spends about ten eager elementwise launches per tensor on RoPE (2.3 ms per
 Wan2.1-1.3B layer at 480p on an H100, ~70 ms of a 640 ms forward); ``kernels/rope.py`` rotates q and k
@@ -80,6 +81,22 @@ def wan_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: tor
         ce, se = cos[0, :, 0, 0::2], sin[0, :, 0, 1::2]
         return rope_pairs((query, key), ce, ce, se, se, fused=True)
     return _wan_rope_eager(query, cos, sin), _wan_rope_eager(key, cos, sin)
+
+
+def diffusers_rope(query: torch.Tensor, key: torch.Tensor | None, freqs):
+    """``diffusers.models.embeddings.apply_rotary_emb(x, freqs, sequence_dim=1)`` (real tables, pairs
+    interleaved: Flux, HunyuanVideo, CogVideoX) of ``[B, S, H, D]`` q and k (``key=None``: q only)."""
+    xs = (query,) if key is None else (query, key)
+    if isinstance(freqs, (tuple, list)) and len(freqs) == 2:
+        cos, sin = freqs
+        S, D = query.shape[1], query.shape[-1]
+        if cos.shape == sin.shape == (S, D) and _fusable(xs, (cos, sin)):
+            out = rope_pairs(xs, cos[:, 0::2], cos[:, 1::2], sin[:, 0::2], sin[:, 1::2], fused=True)
+            return out if key is not None else (out[0], None)
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    out = tuple(apply_rotary_emb(x, freqs, sequence_dim=1) for x in xs)
+    return out if key is not None else (out[0], None)
 
 
 def _wan_rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
