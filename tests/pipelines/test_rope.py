@@ -133,3 +133,15 @@ def test_cuda_diffusers_rope_matches_apply_rotary_emb(key_too):
         ref = apply_rotary_emb(x, (cos, sin), sequence_dim=1)
         _close(out, ref, torch.bfloat16)
         assert (out != ref).float().mean().item() < 0.01
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_wan_rope_traces_the_torch_code():
+    S, H, D = 300, 4, 64
+    q, k = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    theta = torch.rand(S, D // 2, device="cuda", dtype=torch.float64)
+    rot = tuple(f(theta).repeat_interleave(2, -1).float()[None, :, None] for f in (torch.cos, torch.sin))
+    compiled = torch.compile(lambda a, b: wan_rope(a, b, *rot), fullgraph=True)
+    for out, ref in zip(compiled(q, k), wan_rope(q, k, *rot), strict=True):
+        _close(out, ref.float(), torch.bfloat16)

@@ -6,7 +6,8 @@ Wan2.1-1.3B layer at 480p on an H100, ~70 ms of a 640 ms forward); ``kernels/rop
 in one pass. Same formula, fp32 arithmetic (fp64 with fp64 tables) rounded once to the input dtype,
 as the default's type promotion does; it differs from the eager result only by FMA contraction in the
 fp32 step. Differentiable in q and k (the transposed rotation); the tables never need a gradient, and
-tables that require one take the torch code, whose autograd covers them.
+tables that require one take the torch code, whose autograd covers them. Under ``torch.compile`` the
+torch code is traced (Inductor fuses it into one kernel of its own).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _fusable(xs: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...]) -> 
     x0 = xs[0]
     return (
         x0.is_cuda
+        and not torch.compiler.is_compiling()  # traced: Inductor fuses the torch code itself
         and x0.ndim == 4
         and x0.shape[-1] % 2 == 0
         and x0.dtype.is_floating_point
