@@ -66,14 +66,7 @@ def rope_pairs(
         fused = _fusable(xs, (ce, co, se, so))
     if fused:
         return _RopePairsFunction.apply(ce, co, se, so, *xs)
-    out = []
-    for x in xs:
-        xe, xo = x.unflatten(-1, (-1, 2)).unbind(-1)
-        r = torch.empty_like(x)
-        r[..., 0::2] = xe * ce[:, None] - xo * se[:, None]
-        r[..., 1::2] = xo * co[:, None] + xe * so[:, None]
-        out.append(r)
-    return tuple(out)
+    return tuple(_pairs_eager(x, ce[:, None], co[:, None], se[:, None], so[:, None]) for x in xs)
 
 
 def wan_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -102,10 +95,16 @@ def diffusers_rope(query: torch.Tensor, key: torch.Tensor | None, freqs):
 
 
 def _wan_rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # interleaved pairs, as WanAttnProcessor applies them
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    # WanAttnProcessor's own code: one angle per pair (cos at even, sin at odd positions)
     c, s = cos[..., 0::2], sin[..., 1::2]
+    return _pairs_eager(x, c, c, s, s)
+
+
+def _pairs_eager(x, ce, co, se, so) -> torch.Tensor:
+    """The rotation in eager torch ops, tables broadcast against ``x[..., 0::2]``; the result is
+    rounded to ``x``'s dtype once (the assignment into ``out``)."""
+    xe, xo = x.unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out.type_as(x)
+    out[..., 0::2] = xe * ce - xo * se
+    out[..., 1::2] = xo * co + xe * so
+    return out
