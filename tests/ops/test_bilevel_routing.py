@@ -76,6 +76,25 @@ def test_routing_ties_go_to_the_lower_index_and_ascend():
     assert r.index.tolist() == [[[0, 1, 3]] * 4]
 
 
+@needs_interpreter
+@pytest.mark.parametrize("P, topk", [(1, 1), (5, 2), (16, 16), (49, 16), (64, 4), (100, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_route_topk_kernel_matches_a_stable_descending_sort(P, topk, dtype):
+    from visattn.kernels.bilevel_routing import route_topk
+
+    g = torch.Generator().manual_seed(P)
+    # few distinct values, so most rows hold ties that the stable order must break by column
+    logits = torch.randint(-3, 4, (2, P, P), generator=g).to(dtype) / 2
+    logits[1] = torch.randn(P, P, generator=g, dtype=dtype)
+    index = route_topk(logits, topk)
+    assert index.dtype == torch.int32 and index.shape == (2, P, topk)
+    want = [
+        [sorted(sorted(range(P), key=lambda j: (-float(row[j]), j))[:topk]) for row in logits[b]]
+        for b in range(2)
+    ]
+    assert index.tolist() == want
+
+
 def test_routing_scale_invariance_and_detachment():
     q, k, _ = maps(2, 12, 12, 2, 8, grad=True)
     a = region_routing(q, k, 3, topk=4).index

@@ -183,3 +183,13 @@ def test_backbone_triton_matches_torch(name):
     for (n, pa), pb in zip(ref.named_parameters(), tri.parameters()):
         err = (pa.grad - pb.grad).abs().max().item()
         assert err <= 1e-2 * pa.grad.abs().max().item() + 1e-4, n
+
+
+def test_route_topk_kernel_equals_the_two_sorts():
+    from visattn.kernels.bilevel_routing import route_topk
+
+    for P, topk in ((49, 1), (49, 4), (49, 16), (64, 8), (128, 32), (128, 128)):
+        logits = torch.randint(-4, 5, (64, P, P), device=DEV).float() / 3  # rows full of ties
+        logits[32:] = torch.randn(32, P, P, device=DEV)
+        top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
+        assert torch.equal(route_topk(logits, topk).long(), torch.sort(top, dim=-1).values), (P, topk)

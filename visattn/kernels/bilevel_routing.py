@@ -360,6 +360,41 @@ def _bra_plan_kernel(
 # visattn.ops.bilevel_routing_plan. ``geo`` = (r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n).
 
 
+@triton.jit(do_not_specialize=["P", "topk"])
+def _route_topk_kernel(LOGITS, INDEX, P, topk, stride_lb, stride_lr, stride_ib, stride_ir,
+                       P_PAD: tl.constexpr):
+    """Routing row ``(b, r)``: the ``topk`` columns of ``logits[b, r, :P]`` that a stable descending sort
+    puts first (ties to the smaller column), written in ascending column order to ``index[b, r]``."""
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, P_PAD)
+    ok = offs < P
+    row = tl.load(LOGITS + b * stride_lb + r * stride_lr + offs, mask=ok, other=0.0)
+    # column i is ranked before column j: a larger logit, or an equal one at a smaller column
+    li, lj = row[:, None], row[None, :]
+    before = (li > lj) | ((li == lj) & (offs[:, None] < offs[None, :]))
+    rank = tl.sum((before & ok[:, None]).to(tl.int32), 0)
+    sel = (rank < topk) & ok
+    pos = tl.cumsum(sel.to(tl.int32), 0) - sel.to(tl.int32)
+    tl.store(INDEX + b * stride_ib + r * stride_ir + pos, offs, mask=sel)
+
+
+ROUTE_TOPK_MAX_P = 128  # the kernel holds a [P, P] comparison per row
+
+
+def route_topk(logits: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 ``[B, P, topk]``: per row of ``logits`` ``[B, P, P]`` the top-k columns (stable descending
+    order decides ties), ascending. One launch in place of two sorts; ``P <= ROUTE_TOPK_MAX_P``."""
+    B, P, _ = logits.shape
+    logits = logits.contiguous()
+    index = torch.empty((B, P, topk), device=logits.device, dtype=torch.int32)
+    _route_topk_kernel[(P, B)](
+        logits, index, P, topk, logits.stride(0), logits.stride(1), index.stride(0), index.stride(1),
+        P_PAD=max(16, triton.next_power_of_2(P)), num_warps=4,
+    )
+    return index
+
+
 def default_blocks(device: torch.device, dtype: torch.dtype, region_tokens: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): 32 x 32 in the interpreter; on GPUs 64 x 32, or one region per query tile
     (``BLOCK_M`` = its token count rounded up to a power of two) for regions of 16-32 tokens.

@@ -235,6 +235,11 @@ def _route(q2, k2, region, grid, topk, scale, routing, dtype) -> tuple[torch.Ten
         qm = _region_means(q2, region, grid, dtype)
         km = _region_means(k2, region, grid, dtype)
         logits = (qm * scale) @ km.transpose(-1, -2)  # [B, P, P]
+    if routing == "hard" and logits.is_cuda and not torch.compiler.is_compiling():
+        from ..kernels.bilevel_routing import ROUTE_TOPK_MAX_P, route_topk
+
+        if logits.shape[-1] <= ROUTE_TOPK_MAX_P:  # one launch for the two sorts below (eager host time)
+            return route_topk(logits, topk), None
     # stable descending sort: ties go to the smaller region index; the chosen set is then sorted
     top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
     index = torch.sort(top, dim=-1).values
