@@ -15,6 +15,9 @@ Backward: ``dQ`` walks the forward lists; ``dK``/``dV`` walk the inverse routing
 key regions, the query regions that route to any of them, with symmetric select bits). There are no
 atomics, so gradients are bitwise repeatable.
 
+Routing (``_route_topk_kernel``): the hard top-k of the region logits, one row per program, ranked
+as a stable descending sort ranks them; one launch where torch needs two sorts.
+
 Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter on CPU; its ``tl.dot`` is wrong
 for bfloat16, so the op refuses bf16 CPU tensors). fp16, bf16, fp32 (fp32 dots in IEEE precision);
 head dims up to 256 (non-powers of two are padded with masked lanes), ``d_qk`` and ``d_v`` may
@@ -355,11 +358,6 @@ def _bra_plan_kernel(
         tl.store(ICNT + bh * n_tiles + tile, ioff)
 
 
-# ---------------------------------------------------------------------------------------------
-# Host launchers. q/k/v are [B, H, W, heads, d] views with a dense last dim; plans come from
-# visattn.ops.bilevel_routing_plan. ``geo`` = (r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n).
-
-
 @triton.jit(do_not_specialize=["P", "topk"])
 def _route_topk_kernel(LOGITS, INDEX, P, topk, stride_lb, stride_lr, stride_ib, stride_ir,
                        P_PAD: tl.constexpr):
@@ -376,7 +374,13 @@ def _route_topk_kernel(LOGITS, INDEX, P, topk, stride_lb, stride_lr, stride_ib, 
     rank = tl.sum((before & ok[:, None]).to(tl.int32), 0)
     sel = (rank < topk) & ok
     pos = tl.cumsum(sel.to(tl.int32), 0) - sel.to(tl.int32)
-    tl.store(INDEX + b * stride_ib + r * stride_ir + pos, offs, mask=sel)
+    # pos < topk always holds for finite logits; NaN rows (invalid input) must not write past the row
+    tl.store(INDEX + b * stride_ib + r * stride_ir + pos, offs, mask=sel & (pos < topk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers. q/k/v are [B, H, W, heads, d] views with a dense last dim; plans come from
+# visattn.ops.bilevel_routing_plan. ``geo`` = (r_H, r_W, R_H, R_W, g_H, g_W, block_m, block_n).
 
 
 ROUTE_TOPK_MAX_P = 128  # the kernel holds a [P, P] comparison per row
