@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_S = 32
+# tokens per program; H100 sweep, q + k [1, 32760, 12, 128] bf16: 8-16 tokens 0.168 ms, 32: 0.190, 64: 0.191
+_BLOCK_S = 16
 
 
 @triton.jit
