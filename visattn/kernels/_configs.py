@@ -183,7 +183,7 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
         # forward with RPB at 128x128x3 asked for 352 KB); fewer keys first, then fewer stages
         def need(stages, bn):  # (+ the extra-token loop's own unpipelined K/V tiles)
             return (bm * dp + (stages + has_extra) * 2 * bn * dp) * esize + stages * bm * bn * 4
-        while need(stages, bn) > 160 * 1024 and (bn > 64 or stages > 1 or bn > 32):
+        while need(stages, bn) > 160 * 1024 and (stages > 1 or bn > 32):
             if bn > 64 or stages == 1:
                 bn //= 2
             else:

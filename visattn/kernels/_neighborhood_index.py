@@ -99,6 +99,12 @@ def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.const
 
 
 @triton.jit
+def _rpb_lin(a0, a1, a2, sr0, sr1, sr2):
+    """Linear RPB-table offset of per-axis relative positions (the in-box row / column parts)."""
+    return a0 * sr0 + a1 * sr1 + a2 * sr2
+
+
+@triton.jit
 def _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, row_rel, col_rel, ks0, ks1, ks2, sr_h, sr0, sr1, sr2):
     """RPB bias per (row, col) of the Q box at ``f`` and the KV box at ``j`` (group coordinates):
     ``rpb[h, c0 - i0 + ks0 - 1, ...]`` as one linear table index, a scalar of the box origins plus the

@@ -29,7 +29,7 @@ import triton.language as tl
 from ._common import (LOG2E, _fwd_epilogue, _online_softmax_step, _online_softmax_step_scaled, dot_precision,
                       head_dim_pad)
 from ._neighborhood_index import (_box, _flat, _ids, _kv_box_rel, _kv_box_step, _load_rows, _off, _row_windows,
-                                  _rpb_logits, _span, _win_mask)
+                                  _rpb_lin, _rpb_logits, _span, _win_mask)
 
 
 @triton.jit(do_not_specialize=["L0", "L1", "L2", "d0", "d1", "d2", "ks0", "ks1", "ks2", "n_extra", "nt1", "nt2"])
@@ -78,8 +78,8 @@ def _neighborhood_fwd_kernel(
     v_base = V + b * sv_b + hk * sv_h
     r0, r1, r2, k_rel, v_rel = _kv_box_rel(d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, K0, K1, K2)
     if HAS_RPB:
-        rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
-        rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
+        rpb_rows = _rpb_lin(i0 - f0, i1 - f1, i2 - f2, sr_0, sr_1, sr_2)
+        rpb_cols = _rpb_lin(r0, r1, r2, sr_0, sr_1, sr_2)
     for it in range(0, n0 * n1 * n2):
         j0, j1, j2, c0, c1, c2, col_ok, k, v = _kv_box_step(
             it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
@@ -193,8 +193,8 @@ def _neighborhood_bwd_dq_kernel(
     v_base = V + b * sv_b + hk * sv_h
     r0, r1, r2, k_rel, v_rel = _kv_box_rel(d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, K0, K1, K2)
     if HAS_RPB:
-        rpb_rows = (i0 - f0) * sr_0 + (i1 - f1) * sr_1 + (i2 - f2) * sr_2
-        rpb_cols = r0 * sr_0 + r1 * sr_1 + r2 * sr_2
+        rpb_rows = _rpb_lin(i0 - f0, i1 - f1, i2 - f2, sr_0, sr_1, sr_2)
+        rpb_cols = _rpb_lin(r0, r1, r2, sr_0, sr_1, sr_2)
     if STORE_DS:
         slot_cols = (r0 * ks1 + r1) * ks2 + r2
         ds_rows = stat * (ks0 * ks1 * ks2) - ((rs0 * ks1 + rs1) * ks2 + rs2)
@@ -298,8 +298,8 @@ def _neighborhood_bwd_dkdv_kernel(
     N = L0 * L1 * L2
     if HAS_RPB:
         rq0, rq1, rq2 = _box(0, 0, 0, T0, T1, T2)
-        rpb_rows = rq0 * sr_0 + rq1 * sr_1 + rq2 * sr_2
-        rpb_cols = (c0 - j0) * sr_0 + (c1 - j1) * sr_1 + (c2 - j2) * sr_2
+        rpb_rows = _rpb_lin(rq0, rq1, rq2, sr_0, sr_1, sr_2)
+        rpb_cols = _rpb_lin(c0 - j0, c1 - j1, c2 - j2, sr_0, sr_1, sr_2)
     for hh in range(0, kv_group):
         h = hk * kv_group + hh
         for it in range(0, n0 * n1 * n2):
