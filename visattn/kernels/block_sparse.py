@@ -101,18 +101,15 @@ def _block_sparse_fwd_kernel(
     ORDERED: tl.constexpr = False,
 ):
     SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
     if ORDERED:
-        # heavy tiles first: grid (B*H, tiles), so the k-th heaviest tile of every head is scheduled
-        # before the (k+1)-th; TILE_ORDER[b, h, k] names the tile
-        pid_bh = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
-        tile = tl.load(TILE_ORDER + b * stride_tb + h * stride_th + pid_r // SUBQ)
-        pid_m = tile * SUBQ + pid_r % SUBQ
+        # heavy tiles first within each head (TILE_ORDER[b, h, k] names the k-th heaviest tile); heads
+        # stay the slow grid axis, so the programs in flight share one head's K/V in L2
+        tile = tl.load(TILE_ORDER + b * stride_tb + h * stride_th + pid_m // SUBQ)
+        pid_m = tile * SUBQ + pid_m % SUBQ
     else:
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b, h, hk = _bh_ids(pid_bh, n_heads, kv_group)
         tile = pid_m // SUBQ
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -464,7 +461,7 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
     - ``rect_scale`` fp32 ``[B|1, H|1, n_q_tiles]`` and ``rect_bias`` fp32 ``[B|1, H|1, n_q_tiles, D]``:
       Rectified's epilogue ``out_row = rect_scale * out_row + rect_bias`` (the LSE is the sparse one).
     - ``tile_order`` int32 ``[B|1, H|1, n_q_tiles]``: a permutation of the tiles of each row, heaviest
-      first; programs are scheduled in that order across all heads (load balance).
+      first; each head's programs are scheduled in that order (load balance), head after head (L2 reuse).
     """
     B, Nq, H, D = q.shape
     Nk, Hk = k.shape[1], k.shape[2]
@@ -507,7 +504,7 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
     grid_m = triton.cdiv(Nq, cfg.block_m) if n_tiles is None else n_tiles * (block_q // cfg.block_m)
     if ordered:
         grid_m = n_rows * (block_q // cfg.block_m)
-    grid = (B * H, grid_m) if ordered else (grid_m, B * H)
+    grid = (grid_m, B * H)
     _block_sparse_fwd_kernel[grid](
         q, k, v, out, lse, kv_index, kv_count, text_valid, rs, rb, level_ptr, kp, vp, order,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
