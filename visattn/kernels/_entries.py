@@ -112,8 +112,10 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
     With ``PREFETCH`` the lanes' block ids are read one tile ahead (the gather addresses then depend on
     a loop-carried value, not on a load of the same iteration)."""
     P: tl.constexpr = BLOCK_K // MF
+    LOG2_MF: tl.constexpr = 0.0 if MF == 1 else (1.0 if MF == 2 else (2.0 if MF == 4 else 3.0))
     offs_p = tl.arange(0, TN)
-    n_t = (n_ent * P + TN - 1) // TN
+    n_lanes = n_ent * P
+    n_t = (n_lanes + TN - 1) // TN
     blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K, MF, TN)
     for t in range(0, n_t):
         if PREFETCH:
@@ -123,8 +125,27 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
             blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
         rows, cnt, last = _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk,
                                      n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
-        k, v, qk = _gathered_logits(q, k_base, v_base, stride_kn, stride_vn, rows, cnt, last, rows_q, sm_scale_log2,
-                                    offs_d, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, CAUSAL)
+        if CAUSAL:
+            k, v, qk = _gathered_logits(q, k_base, v_base, stride_kn, stride_vn, rows, cnt, last, rows_q,
+                                        sm_scale_log2, offs_d, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, CAUSAL)
+        else:
+            # Lanes of full groups (c = MF) share one bias, log2(MF); only a tile holding a group with fewer
+            # real tokens (a partial block, an empty or invalid entry) needs per-lane counts in the logits'
+            # layout, recomputed from a fresh read of the ids there (the common tile never pays for it).
+            lane = t * TN + offs_p
+            odd = tl.max(((lane < n_lanes) & (cnt < MF)).to(tl.int32), 0)
+            mask = _tile_mask(cnt > 0, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if odd > 0:
+                blk_c = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
+                _, cnt_c, _ = _lane_rows(blk_c, t, offs_p, seq_k, text_valid, video_start, num_video, text_start,
+                                         n_vk, n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
+                bias = tl.where(cnt_c > 0, tl.math.log2(tl.maximum(cnt_c, 1).to(tl.float32)), float("-inf"))
+            else:
+                bias = tl.where(lane < n_lanes, LOG2_MF, float("-inf"))
+            qk = qk * sm_scale_log2 + bias[None, :]
         p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
