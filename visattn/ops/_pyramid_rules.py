@@ -40,14 +40,40 @@ def sample_offsets(
     return r.argsort(dim=-1)[..., :n]
 
 
-def _sample_rows(x: torch.Tensor, start: int, length: int, block: int, off: torch.Tensor) -> torch.Tensor:
-    """Rows ``start + I*block + min(off, len_I - 1)`` of every block I of a segment: ``[B, H, n*s, D]``."""
-    n = _cdiv(length, block)
-    base = torch.arange(n, device=x.device) * block
+def _sample_index(
+    B: int, H: int, start: int, length: int, block: int, n: int, device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Rows ``start + I*block + min(off, len_I - 1)`` of every block I of a segment (int64 ``[B, H, nb*n]``).
+
+    Without a generator the rows depend on the shapes only, so they are built once per shape and device
+    and reused (not while tracing for torch.compile or capturing a CUDA graph: those build them inline).
+    """
+    key = (B, H, start, length, block, n, torch.device(device))
+    cache = generator is None and not torch.compiler.is_compiling() and not _capturing(key[-1])
+    if cache and key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    off = sample_offsets(B, H, block, n, device, generator)
+    nb = _cdiv(length, block)
+    base = torch.arange(nb, device=off.device) * block
     blen = (length - base).clamp(max=block)
-    rows = start + base[:, None] + torch.minimum(off[:, :, None, :], blen[:, None] - 1)  # [B, H, n, s]
-    rows = rows.flatten(2)
-    return torch.gather(x, 2, rows[..., None].expand(-1, -1, -1, x.shape[-1])), rows
+    rows = (start + base[:, None] + torch.minimum(off[:, :, None, :], blen[:, None] - 1)).flatten(2)
+    if cache:
+        if len(_INDEX_CACHE) >= 64:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = rows
+    return rows
+
+
+_INDEX_CACHE: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _sample_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` (``[B, H, r]``) of ``x`` (``[B, H, N, D]``): ``[B, H, r, D]``."""
+    return torch.gather(x, 2, rows[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
 def sampled_scores(
@@ -68,10 +94,9 @@ def sampled_scores(
     sq, sk = int(bq * config.sample_fraction), int(bk * config.sample_fraction)
     vs, nv = _video_span(N, seq_layout)
     nq, nk = _cdiv(nv, bq), _cdiv(nv, bk)
-    qo = sample_offsets(B, H, bq, sq, q.device, generator)
-    ko = sample_offsets(B, H, bk, sk, q.device, generator)
-    qs, qrows = _sample_rows(q, vs, nv, bq, qo)
-    ks, krows = _sample_rows(k, vs, nv, bk, ko)
+    qrows = _sample_index(B, H, vs, nv, bq, sq, q.device, generator)
+    krows = _sample_index(B, H, vs, nv, bk, sk, q.device, generator)
+    qs, ks = _sample_rows(q, qrows), _sample_rows(k, krows)
     if use_triton and sq & (sq - 1) == 0 and sk & (sk - 1) == 0:
         from ..kernels.pyramid import sampled_scores as _kernel
 
