@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -216,9 +215,9 @@ def main(argv=None) -> int:
         )
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    # the model token ("NVIDIA H100 80GB HBM3" -> "h100"), not the memory type
-    model_tokens = [t for t in name.split() if re.fullmatch(r"[A-Za-z]+\d+[A-Za-z]*", t) and t != "NVIDIA"]
-    gpu = (model_tokens or name.split()[-1:])[0].lower()
+    from visattn.bench._harness import gpu_tag
+
+    gpu = gpu_tag(name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"pipelines_{args.model}_{gpu}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from visattn.bench._harness import environment, time_ms
+from visattn.bench._harness import environment, gpu_tag, time_ms
 from visattn.ops import PyramidConfig, pyramid_attention, pyramid_attention_ref, pyramid_plan
 from visattn.testing import local_qkv
 
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     sweep_rows = sweep(presets) if a.sweep else []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "pyramid_" + env["device_name"].split()[-1].lower().replace("/", "_")
+    stem = "pyramid_" + gpu_tag(env["device_name"])
     (out / f"{stem}.json").write_text(
         json.dumps({"environment": env, "speed": speed_rows, "error": err_rows, "sweep": sweep_rows}, indent=2)
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from visattn.bench._harness import environment, time_ms
+from visattn.bench._harness import environment, gpu_tag, time_ms
 from visattn.ops import (
     BlockSparsePlan,
     RectifiedConfig,
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     err_rows = [] if a.skip_error else error_table(a.quick)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "rectified_" + env["device_name"].split()[-1].lower().replace("/", "_")
+    stem = "rectified_" + gpu_tag(env["device_name"])
     (out / f"{stem}.json").write_text(
         json.dumps({"environment": env, "speed": speed_rows, "error": err_rows}, indent=2)
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -89,6 +90,13 @@ def graph_time_ms(fn: Callable[[], object], *, replays: int = 20, rounds: int = 
         end.synchronize()
         samples.append(start.elapsed_time(end) / replays)
     return statistics.median(samples)
+
+
+def gpu_tag(name: str) -> str:
+    """File-name tag of a device name: its model token ("NVIDIA H100 80GB HBM3" -> "h100"), not the
+    memory type; the last word when no token looks like a model."""
+    tokens = [t for t in name.split() if re.fullmatch(r"[A-Za-z]+\d+[A-Za-z]*", t) and t != "NVIDIA"]
+    return (tokens or name.split()[-1:] or ["cpu"])[0].lower().replace("/", "_")
 
 
 def environment(device: torch.device) -> dict:
