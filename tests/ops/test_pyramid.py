@@ -511,3 +511,22 @@ def test_triton_planner_matches_torch_rules(mode, levels, align, text, device):
     a = pyramid_plan(q, q, config=cfg, scores=s.to(device), backend="torch", seq_layout=lay)
     b = pyramid_plan(q, q, config=cfg, scores=s.to(device), backend="triton", seq_layout=lay)
     assert torch.equal(a.kv_index, b.kv_index) and torch.equal(a.level_ptr, b.level_ptr)
+
+
+def test_sample_index_is_built_once_per_shape_and_never_with_a_generator():
+    from visattn.ops import _pyramid_rules as R
+
+    R._INDEX_CACHE.clear()
+    a = R._sample_index(1, 2, 3, 70, 16, 4, "cpu", None)
+    assert R._sample_index(1, 2, 3, 70, 16, 4, "cpu", None) is a  # reused
+    R._INDEX_CACHE.clear()
+    b = R._sample_index(1, 2, 3, 70, 16, 4, "cpu", None)
+    assert b is not a and torch.equal(a, b)  # the same rows when rebuilt
+    off = R.sample_offsets(1, 2, 16, 4, "cpu", None)
+    blk = torch.arange(5)[:, None]  # 70 tokens from 3: blocks of 16, the last one 6 long
+    want = 3 + blk * 16 + torch.minimum(off[:, :, None, :], torch.where(blk == 4, 5, 15))
+    assert torch.equal(a, want.flatten(2))
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    x = R._sample_index(1, 2, 3, 70, 16, 4, "cpu", g1)
+    y = R._sample_index(1, 2, 3, 70, 16, 4, "cpu", g2)
+    assert not torch.equal(x, y) and len(R._INDEX_CACHE) == 1  # drawn from each generator, not cached
