@@ -85,17 +85,29 @@ def _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, vi
 
 
 @triton.jit
+def _group_bias(cnt):
+    """``log2 c`` of each lane's group of ``c`` real tokens; -inf for masked lanes (``c == 0``)."""
+    return tl.where(cnt > 0, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
+
+
+@triton.jit
+def _gathered_kv(k_base, v_base, stride_kn, stride_vn, rows, cnt, offs_d, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr):
+    """K/V rows of one gathered tile (masked lanes read as 0)."""
+    mask = _tile_mask(cnt > 0, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _gathered_logits(q, k_base, v_base, stride_kn, stride_vn, rows, cnt, last, rows_q, sm_scale_log2, offs_d,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      CAUSAL: tl.constexpr):
     """K/V rows of one gathered tile and its log2-domain logits with the ``+log2 c`` group-count bias
     (masked lanes and, under ``CAUSAL``, groups ending after the query row get -inf)."""
-    ok = cnt > 0
-    mask = _tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
-    bias = tl.where(ok, tl.math.log2(tl.maximum(cnt, 1).to(tl.float32)), float("-inf"))
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + bias[None, :]
+    k, v = _gathered_kv(k_base, v_base, stride_kn, stride_vn, rows, cnt, offs_d, HEAD_DIM, HEAD_DIM_PAD)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2 + _group_bias(cnt)[None, :]
     if CAUSAL:
         qk = tl.where(last[None, :] <= rows_q[:, None], qk, float("-inf"))
     return k, v, qk
@@ -134,15 +146,12 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
             # layout, recomputed from a fresh read of the ids there (the common tile never pays for it).
             lane = t * TN + offs_p
             odd = tl.max(((lane < n_lanes) & (cnt < MF)).to(tl.int32), 0)
-            mask = _tile_mask(cnt > 0, offs_d, HEAD_DIM, HEAD_DIM_PAD)
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+            k, v = _gathered_kv(k_base, v_base, stride_kn, stride_vn, rows, cnt, offs_d, HEAD_DIM, HEAD_DIM_PAD)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if odd > 0:
-                blk_c = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
-                _, cnt_c, _ = _lane_rows(blk_c, t, offs_p, seq_k, text_valid, video_start, num_video, text_start,
-                                         n_vk, n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
-                bias = tl.where(cnt_c > 0, tl.math.log2(tl.maximum(cnt_c, 1).to(tl.float32)), float("-inf"))
+                _, cnt_c, _ = _level_lanes(idx_row, stride_ij, e0, n_ent, t, offs_p, seq_k, text_valid, video_start,
+                                           num_video, text_start, n_vk, n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
+                bias = _group_bias(cnt_c)
             else:
                 bias = tl.where(lane < n_lanes, LOG2_MF, float("-inf"))
             qk = qk * sm_scale_log2 + bias[None, :]

@@ -48,8 +48,9 @@ def _sample_index(
     Without a generator the rows depend on the shapes only, so they are built once per shape and device
     and reused (not while tracing for torch.compile or capturing a CUDA graph: those build them inline).
     """
-    key = (B, H, start, length, block, n, torch.device(device))
-    cache = generator is None and not torch.compiler.is_compiling() and not _capturing(key[-1])
+    dev = torch.device(device)
+    key = (B, H, start, length, block, n, dev)
+    cache = generator is None and not torch.compiler.is_compiling() and not _capturing(dev)
     if cache and key in _INDEX_CACHE:
         return _INDEX_CACHE[key]
     off = sample_offsets(B, H, block, n, device, generator)
