@@ -134,6 +134,31 @@ def test_segments_from_layout():
     assert seg.num_q_tiles(16) == 2 + 1 and seg.num_kv_blocks(4) == 8 + 2
 
 
+def test_segments_covers():
+    assert Segments(0, 30, 30, 7).covers(37) and Segments(7, 30, 0, 7).covers(37)
+    assert Segments(0, 30, 30, 0).covers(30) and Segments(0, 30, 0, 0).covers(30)
+    assert not Segments(0, 30, 30, 7).covers(40)  # rows after the text
+    assert not Segments(0, 30, 32, 7).covers(39)  # a gap between the segments
+    assert not Segments(2, 30, 32, 0).covers(32)  # rows before the video
+
+
+def test_rows_outside_the_segments_are_zero(device):
+    """Rows no segment covers (here 5 after the text) belong to no tile: zero output, LSE -inf."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, D, nv, tlen, bq, bk = 1, 2, 16, 40, 9, 16, 16
+    N = nv + tlen + 5
+    q, k, v = (torch.randn(B, N, H, D, generator=gen) for _ in range(3))
+    seg = Segments(0, nv, nv, tlen, None)
+    idx, cnt = _random_lists(B, H, seg.num_q_tiles(bq), seg.num_kv_blocks(bk), gen)
+    out, lse = block_sparse_fwd(
+        *(t.to(device) for t in (q, k, v, idx, cnt)), bq, bk, D**-0.5, segments=seg
+    )
+    eo, el = _oracle(q[:, : nv + tlen], k[:, : nv + tlen], v[:, : nv + tlen], idx, cnt, bq, bk, seg, None, None)
+    assert torch.equal(out[:, nv + tlen :].cpu(), torch.zeros(B, 5, H, D))
+    assert torch.isneginf(lse[:, :, nv + tlen :]).all()
+    assert_close("out", out[:, : nv + tlen].cpu(), eo, dtype=torch.float32)
+
+
 def test_rect_epilogue_without_segments(device):
     gen = torch.Generator().manual_seed(3)
     B, N, H, D, bq, bk = 1, 50, 2, 16, 16, 16

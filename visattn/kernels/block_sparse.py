@@ -414,6 +414,16 @@ class Segments(NamedTuple):
     def num_kv_blocks(self, block_k: int) -> int:
         return triton.cdiv(self.num_video, block_k) + triton.cdiv(self.text_len, block_k)
 
+    def covers(self, seq_len: int) -> bool:
+        """Whether the video and text segments tile ``[0, seq_len)`` (every row belongs to a tile)."""
+        spans = sorted(s for s in ((self.video_start, self.num_video), (self.text_start, self.text_len)) if s[1])
+        end = 0
+        for start, length in spans:
+            if start != end:
+                return False
+            end += length
+        return end == seq_len
+
 
 def _segment_args(segments: Segments | None, batch: int, block_q: int, block_k: int, device):
     """(TEXT_VALID tensor, the 7 scalar segment arguments, number of query tiles or None)."""
@@ -468,9 +478,8 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
     dev = q.device
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
-    if segments is not None:
-        # rows not covered by a tile do not exist when the segments tile the sequence; padded
-        # layouts (N > segments) leave them untouched, so start from finite values
+    if segments is not None and not segments.covers(Nq):
+        # rows outside the segments belong to no tile: start them from finite values
         out.zero_()
         lse.fill_(float("-inf"))
     dpad = head_dim_pad(D)
