@@ -18,12 +18,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from visattn.kernels import block_sparse as bs
+from visattn.kernels import _pyramid_planning as pp
 from visattn.kernels import pyramid as pk
 
 PTRS = {n: "bf16" for n in ("Q", "K", "V", "O", "KP", "VP", "DO", "DQ", "QS", "KS")}
 PTRS.update({n: "fp32" for n in ("LSE", "RECT_SCALE", "RECT_BIAS", "LSE2", "DELTA", "DK", "DV", "S", "W")})
 PTRS.update({n: "i32" for n in ("KV_INDEX", "KV_COUNT", "TEXT_VALID", "LEVEL_PTR", "TILE_ORDER", "Q_INDEX",
-                                "Q_COUNT", "QPOS", "KPOS")})
+                                "Q_COUNT")})
+PTRS.update({n: "i64" for n in ("QROWS", "KPOS", "ROWS")})
+PTRS.update({"X": "bf16", "OUT": "bf16", "ORDER": "i32"})
 
 
 def _signature(fn, consts, ptrs=None):
@@ -84,9 +87,13 @@ def main() -> int:
         ok &= check(f"bwd_dkdv_l{lvl}", pk._pyramid_bwd_dkdv_kernel,
                     dict(d, LVL=lvl, BLOCK_Q=128, BLOCK_K=32, BLOCK_M=64, TNB=max(16, 32 >> lvl), SEGMENTS=True,
                          CAUSAL=True), warps=4, stages=2)
-    ok &= check("estimator", pk._sampled_scores_kernel,
-                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=64, SOFTMAX=True, MEAN=False, CAUSAL=True))
-    ok &= check("planner", pk._pyramid_plan_kernel, dict(NK_PAD=512, NT_PAD=16, MODE=1), warps=8)
+    ok &= check("estimator", pp._sampled_scores_kernel,
+                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=64, SOFTMAX=True, MEAN=False, CAUSAL=True, PERM=False))
+    ok &= check("estimator_perm", pp._sampled_scores_kernel,
+                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=64, SOFTMAX=False, MEAN=False, CAUSAL=False, PERM=True))
+    ok &= check("gather_rows", pp._gather_rows_kernel, dict(RB=64, HEAD_DIM=128, HEAD_DIM_PAD=128), warps=4)
+    ok &= check("tile_order", pk._tile_order_kernel, dict(T_PAD=512), warps=4)
+    ok &= check("planner", pp._pyramid_plan_kernel, dict(NK_PAD=512, NT_PAD=16, MODE=1), warps=8)
     ok &= _rectified()
     return 0 if ok else 1
 
@@ -103,7 +110,8 @@ def _rectified() -> bool:
     from visattn.kernels import rectified as rk
 
     ok = check("rect_stats", rk._rectified_stats_kernel,
-               dict(BLOCK=128, HEAD_DIM=128, HEAD_DIM_PAD=128, UPSTREAM_TAIL=False), ptrs=RECT_PTRS)
+               dict(BLOCK=128, HEAD_DIM=128, HEAD_DIM_PAD=128, DC=rk.STATS_DC, UPSTREAM_TAIL=False),
+               warps=rk.stats_warps(128, rk.STATS_DC), ptrs=RECT_PTRS)
     for name, text in (("rect_scores_wan", False), ("rect_scores_text", True)):
         c = dict(BLOCK=128, BM=rs.SCORE_TILE[0], BN=rs.SCORE_TILE[1], DK=32, TL=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
                  PREC="tf32x3", HAS_TEXT_COL=text, IPAR=True, EXACT_TAIL=True, GAPR=True)

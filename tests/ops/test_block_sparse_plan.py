@@ -16,7 +16,6 @@ from visattn import BlockSparsePlan
 from ._block_sparse_utils import plan_block_mask, plan_from_random_mask
 
 
-
 def _random_raw_plan(Bp, Hp, nq, max_kv, nk, bq=16, bk=16):
     """A plan with arbitrary entries: negative, out-of-range, and counts outside [0, max_kv]."""
     kv_index = torch.randint(-3, nk + 3, (Bp, Hp, nq, max_kv), dtype=torch.int32)

@@ -477,14 +477,21 @@ def test_antidiagonal_estimator_matches_naive_definition(causal, text):
             torch.testing.assert_close(got[b, h].double(), want, atol=1e-5, rtol=0)
 
 @pytest.mark.parametrize(
-    "estimator, reduce, causal", [("sampled_max", "max", False), ("sampled_softmax_max", "mean", True)]
+    "estimator, reduce, causal, fraction",
+    [
+        ("sampled_max", "max", False, 0.25),  # keys in the chunk order (kernels._pyramid_planning.chunk_key_order)
+        ("sampled_softmax_max", "mean", True, 0.25),
+        ("sampled_softmax_max", "max", False, 0.25),
+        ("sampled_max", "max", True, 1.0),  # block-major keys (16 samples: the chunk order does not apply)
+    ],
 )
-def test_triton_estimator_matches_torch(estimator, reduce, causal, device):
+def test_triton_estimator_matches_torch(estimator, reduce, causal, fraction, device):
     g = torch.Generator().manual_seed(2)
     lay = SequenceLayout((3, 5, 7), text_len=20, text_position="start") if not causal else None
     N = 150 if lay is None else lay.seq_len
     q, k = (torch.randn(2, N, 2, 16, generator=g).to(device) for _ in range(2))
-    cfg = PyramidConfig(estimator=estimator, reduce=reduce, causal=causal)._with_blocks(32, 16)
+    cfg = PyramidConfig(estimator=estimator, reduce=reduce, causal=causal, sample_fraction=fraction)
+    cfg = cfg._with_blocks(32, 16)
     a = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="torch", seq_layout=lay)
     b = pyramid_plan(q, k, config=cfg, keep_scores=True, backend="triton", seq_layout=lay)
     assert torch.allclose(a.scores, b.scores, atol=1e-5)

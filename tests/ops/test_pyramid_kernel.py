@@ -145,3 +145,31 @@ def test_pool_levels_are_exact_group_means(device):
                 grp = toks[g * m : (g + 1) * m]
                 want = k[0, grp, 0].double().mean(0)
                 assert max_abs(pyr.k[0, off + j * P + g, 0].cpu(), want) < 1e-6
+
+
+@pytest.mark.parametrize("torch_path", [False, True])
+def test_tile_order_is_the_stable_heavy_first_argsort(device, torch_path, monkeypatch):
+    """``tile_order`` (one sort per (b, h), or torch beyond ``SORT_MAX_TILES``) against the argsort of the
+    FLOP-equivalent work (entries / factor), with many ties and a broadcast head axis."""
+    from visattn.kernels import pyramid as pk
+
+    if torch_path:
+        monkeypatch.setattr(pk, "SORT_MAX_TILES", 8)
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.randint(0, 4, (2, 1, 37, 4), generator=gen)  # small counts: ties
+    level_ptr = torch.cat([torch.zeros(2, 1, 37, 1, dtype=torch.long), counts.cumsum(-1)], -1).to(torch.int32)
+    work = counts[..., 0] + counts[..., 1] / 2 + counts[..., 2] / 4 + counts[..., 3] / 8
+    want = work.argsort(dim=-1, descending=True, stable=True)
+    got = pk.tile_order(level_ptr.to(device))
+    assert got.dtype == torch.int32 and got.shape == (2, 1, 37)
+    assert torch.equal(got.cpu().long(), want)
+
+
+def test_gather_rows_matches_torch_gather(device):
+    from visattn.kernels._pyramid_planning import gather_rows
+
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 70, 3, 24, generator=gen).transpose(1, 2)  # [B, H, N, D] view of BNHD, D padded to 32
+    rows = torch.randint(0, 70, (2, 3, 75), generator=gen)
+    want = torch.gather(x, 2, rows[..., None].expand(-1, -1, -1, 24))
+    assert torch.equal(gather_rows(x.to(device), rows.to(device)).cpu(), want)

@@ -1,4 +1,4 @@
-"""PSA-specific Triton kernels: pyramid pooling, pooled-level backward, importance estimation.
+"""PSA-specific Triton kernels: pyramid pooling, the tile schedule, the pooled-level backward.
 
 "PSA: Pyramid Sparse Attention" (Li et al., https://arxiv.org/abs/2512.04025). The attention itself
 runs on the shared core ``kernels/block_sparse.py`` (``level_ptr`` + :class:`Pyramid`); this file
@@ -6,10 +6,11 @@ holds what only PSA needs:
 
 - ``pyramid_pool``: one pass over K and V writing the mean-pooled levels (factors 2, 4, 8) of every
   KV block, with true group counts for partial blocks (fp32 sums, stored in the input dtype);
+- ``tile_order``: each (b, h) row's query tiles heaviest first (one sort per row), for the forward grid;
 - ``pyramid_bwd``: dQ (the forward's multi-level walk), dK/dV per (KV block, level) over the query
-  tiles of the transposed plan (no atomics), and the scatter of pooled gradients to tokens;
-- ``sampled_scores``: the sampled max-attention estimator (one GEMM pass; per-program scratch slots
-  of block maxima, reread while still in L2).
+  tiles of the transposed plan (no atomics), and the scatter of pooled gradients to tokens.
+
+The estimator and the planner are in ``kernels/_pyramid_planning.py``.
 
 Caution/limits: tested under the Triton 3.9 interpreter, compiled for sm_90 on the CPU
 (``tests/ops/test_pyramid_compile.py``) and on an H100 with Triton 3.6 (``tests/ops/test_pyramid_cuda.py``). fp16,
@@ -17,8 +18,6 @@ bf16, fp32; head dims up to 256; ``block_k`` a power of two >= 16 (32, 64, 128 i
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -40,7 +39,7 @@ def _pool_level(base, stride_n, start, end, out_base, stride_on, j, n_blk, offs_
     G: tl.constexpr = CHUNK // MF
     g = tl.arange(0, G)
     d3 = offs_d[None, None, :]
-    for c in tl.static_range(BLOCK_K // CHUNK):
+    for c in range(BLOCK_K // CHUNK):
         tok = start + c * CHUNK + g[:, None] * MF + tl.arange(0, MF)[None, :]  # [G, MF]
         ok = tok < end
         x = tl.load(base + tok.to(tl.int64)[:, :, None] * stride_n + d3, mask=ok[:, :, None] & (d3 < HEAD_DIM),
@@ -118,6 +117,50 @@ def pyramid_pool(k: torch.Tensor, v: torch.Tensor, block_k: int, *, segments: Se
         DO2=2 in factors, DO4=4 in factors, DO8=8 in factors, num_warps=4,
     )
     return Pyramid(kp, vp, n_blk)
+
+
+@triton.jit(do_not_specialize=["n_heads", "n_tiles"])
+def _tile_order_kernel(LEVEL_PTR, ORDER, stride_lb, stride_lh, stride_lt, stride_ob, stride_oh, n_heads, n_tiles,
+                       T_PAD: tl.constexpr):
+    """One program per (b, h): FLOP-equivalent work of every query tile (``8 n_1 + 4 n_2 + 2 n_4 + n_8``
+    entries), then the tiles sorted heaviest first, ties by index (one ``tl.sort`` of packed keys)."""
+    pid = tl.program_id(0)
+    b = (pid // n_heads).to(tl.int64)
+    h = (pid % n_heads).to(tl.int64)
+    t = tl.arange(0, T_PAD)
+    ok = t < n_tiles
+    row = LEVEL_PTR + b * stride_lb + h * stride_lh + t.to(tl.int64) * stride_lt
+    p0 = tl.load(row, mask=ok, other=0)
+    p1 = tl.load(row + 1, mask=ok, other=0)
+    p2 = tl.load(row + 2, mask=ok, other=0)
+    p3 = tl.load(row + 3, mask=ok, other=0)
+    p4 = tl.load(row + 4, mask=ok, other=0)
+    work = 8 * (p1 - p0) + 4 * (p2 - p1) + 2 * (p3 - p2) + (p4 - p3)
+    key = tl.where(ok, (work.to(tl.int64) << 24) | (T_PAD - 1 - t), -1)  # padding sorts last
+    idx = (T_PAD - 1 - (tl.sort(key, descending=True) & 0xFFFFFF)).to(tl.int32)
+    tl.store(ORDER + b * stride_ob + h * stride_oh + t, idx, mask=ok)
+
+
+SORT_MAX_TILES = 4096  # query tiles per row sorted by one program of _tile_order_kernel
+
+
+def tile_order(level_ptr: torch.Tensor) -> torch.Tensor:
+    """Query tiles of each (b, h) row of a PSA plan heaviest first (stable): int32 ``level_ptr.shape[:-1]``.
+
+    The work of a tile counts its entries at factor m as 1/m of a level-1 entry. The same order as
+    ``work.argsort(-1, descending=True, stable=True)``."""
+    Bl, Hl, T, _ = level_ptr.shape
+    if T > SORT_MAX_TILES:  # beyond one program's sort
+        n = (level_ptr[..., 1:] - level_ptr[..., :-1]).to(torch.int64)
+        work = 8 * n[..., 0] + 4 * n[..., 1] + 2 * n[..., 2] + n[..., 3]
+        return work.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    level_ptr = level_ptr if level_ptr.stride(-1) == 1 else level_ptr.contiguous()
+    order = torch.empty((Bl, Hl, T), device=level_ptr.device, dtype=torch.int32)
+    _tile_order_kernel[(Bl * Hl,)](
+        level_ptr, order, *level_ptr.stride()[:3], order.stride(0), order.stride(1), Hl, T,
+        T_PAD=max(16, triton.next_power_of_2(T)), num_warps=4,
+    )
+    return order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,218 +418,3 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
     dk.copy_(dk_h.transpose(1, 2))
     dv.copy_(dv_h.transpose(1, 2))
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
-# sampled max-attention estimator (spec §2.4): two passes over the sampled keys, no scratch
-
-
-@triton.jit
-def _sampled_chunk(q, ks_base, stride_ksn, c, offs_t, offs_d, n_keys, qpos, KPOS, CAUSAL: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """log2-domain logits (unscaled) of the sampled rows against sampled keys ``[c*KC, (c+1)*KC)``."""
-    KC: tl.constexpr = offs_t.shape[0]
-    t = c * KC + offs_t
-    ok = t < n_keys
-    k = tl.load(ks_base + t.to(tl.int64)[:, None] * stride_ksn + offs_d[None, :],
-                mask=_tile_mask(ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
-    lg = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    valid = ok[None, :]
-    if CAUSAL:
-        kpos = tl.load(KPOS + t, mask=ok, other=0)
-        valid = valid & (kpos[None, :] <= qpos[:, None])
-    return lg, valid
-
-
-@triton.jit(do_not_specialize=["n_vq", "n_vk", "n_items"])
-def _sampled_scores_kernel(
-    QS, KS, QPOS, KPOS, S, W,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_si,
-    n_heads, sm_scale_log2, n_vq, n_vk, n_items,
-    QB: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, KC: tl.constexpr, JC: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTMAX: tl.constexpr, MEAN: tl.constexpr, CAUSAL: tl.constexpr,
-):
-    """Persistent: each program takes work items ``(QB query blocks, b, h)`` in turn and owns one scratch
-    slot ``W[pid]`` of ``[QB * SQ rows, n_vk]`` fp32. One GEMM pass writes every row's per-block max logit
-    there while it tracks the row max (and softmax denominator); a second, GEMM-free pass reads the slot
-    back (still in L2) and reduces ``exp(m_rJ - M_r)`` over each query block's rows."""
-    pid = tl.program_id(0)
-    ROWS: tl.constexpr = QB * SQ
-    BPC: tl.constexpr = KC // SK
-    offs_r = tl.arange(0, ROWS)
-    offs_t = tl.arange(0, KC)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_j = tl.arange(0, JC)
-    n_keys = n_vk * SK
-    n_chunks = (n_keys + KC - 1) // KC
-    n_groups = (n_vq + QB - 1) // QB
-    w_rows = W + pid.to(tl.int64) * ROWS * n_vk + offs_r.to(tl.int64)[:, None] * n_vk  # [ROWS, 1] row starts
-    for item in range(pid, n_items, tl.num_programs(0)):
-        grp = item % n_groups
-        pid_bh = item // n_groups
-        b = (pid_bh // n_heads).to(tl.int64)
-        h = (pid_bh % n_heads).to(tl.int64)
-        row = grp * ROWS + offs_r
-        r_ok = row < n_vq * SQ
-        q = tl.load(QS + b * stride_qb + h * stride_qh + row.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                    mask=_tile_mask(r_ok, offs_d, HEAD_DIM, HEAD_DIM_PAD), other=0.0)
-        qpos = tl.load(QPOS + pid_bh.to(tl.int64) * n_vq * SQ + row, mask=r_ok, other=0) if CAUSAL else row
-        kpos_base = KPOS + pid_bh.to(tl.int64) * n_vk * SK
-        ks_base = KS + b * stride_kb + h * stride_kh
-        m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-        l_r = tl.zeros([ROWS], dtype=tl.float32)
-        tl.debug_barrier()  # the previous item's reads of the slot are done before it is overwritten
-        for c in range(0, n_chunks):  # the GEMM pass: block maxima to the slot, row max (and denominator)
-            lg, valid = _sampled_chunk(q, ks_base, stride_kn, c, offs_t, offs_d, n_keys, qpos, kpos_base, CAUSAL,
-                                       HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-            lg = tl.where(valid, lg * sm_scale_log2, float("-inf"))
-            m_blk = tl.max(tl.reshape(lg, (ROWS, BPC, SK)), 2)  # [rows, blocks of the chunk]
-            jb = c * BPC + tl.arange(0, BPC)
-            tl.store(w_rows + jb[None, :], m_blk, mask=(jb < n_vk)[None, :])
-            m_new = tl.maximum(m_r, tl.max(m_blk, 1))
-            if SOFTMAX:
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_r = l_r * tl.math.exp2(m_r - shift) + tl.sum(tl.math.exp2(lg - shift[:, None]), 1)
-            m_r = m_new
-        tl.debug_barrier()  # the slot's writes are visible to every thread of the program
-        m_shift = tl.where(m_r == float("-inf"), 0.0, m_r)
-        inv_l = 1.0 / tl.where(l_r == 0.0, 1.0, l_r)
-        offs_i = grp * QB + tl.arange(0, QB)
-        s_rows = S + b * stride_sb + h * stride_sh + offs_i.to(tl.int64)[:, None] * stride_si
-        for j0 in range(0, n_vk, JC):  # reduce exp(m_rJ - M_r) over each query block's rows
-            j = j0 + offs_j
-            m_blk = tl.load(w_rows + j[None, :], mask=(j < n_vk)[None, :], other=float("-inf"))
-            e = tl.math.exp2(m_blk - m_shift[:, None])
-            if SOFTMAX:
-                e = e * inv_l[:, None]
-            e = tl.reshape(tl.where(r_ok[:, None], e, 0.0), (QB, SQ, JC))
-            if MEAN:
-                sc = tl.sum(e, 1) / SQ
-            else:
-                sc = tl.max(e, 1)  # [QB, JC]
-            tl.store(s_rows + j[None, :], sc, mask=(offs_i < n_vq)[:, None] & (j < n_vk)[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def sampled_scores(qs, ks, qpos, kpos, n_vq: int, n_vk: int, scale: float, *, softmax: bool = False,
-                   mean: bool = False, causal: bool = False, key_chunk: int | None = None) -> torch.Tensor:
-    """Unnormalised sampled scores ``[B, H, n_q, n_k]`` fp32 from pre-gathered samples.
-
-    ``qs`` ``[B, H, n_q * s_q, D]`` and ``ks`` ``[B, H, n_k * s_k, D]`` (the sampled rows of every block,
-    block-major; unit stride on D); ``qpos``/``kpos`` int ``[B, H, rows]`` token positions (causal only).
-    ``s_q`` and ``s_k`` are powers of two. Scratch: one ``[QB * s_q, n_k]`` fp32 slot per program (two
-    programs per SM on the GPU).
-    """
-    from ._common import LOG2E, dot_precision
-
-    B, H, _, D = qs.shape
-    sq, sk = qs.shape[2] // n_vq, ks.shape[2] // n_vk
-    out = torch.empty((B, H, n_vq, n_vk), device=qs.device, dtype=torch.float32)
-    gpu = qs.device.type == "cuda"
-    qb = max(1, (128 if gpu else 16) // sq)  # rows per program: one M=128 dot on the GPU
-    kc = max(sk, key_chunk or (128 if gpu else 32))  # 128: 0.63 ms vs 0.76 at 64 (H100, Wan)
-    n_items = triton.cdiv(n_vq, qb) * B * H
-    n_prog = min(n_items, 2 * _num_sms(qs.device) if gpu else 3)  # CPU: several items per program
-    scratch = torch.empty((n_prog, qb * sq, n_vk), device=qs.device, dtype=torch.float32)
-    if causal:
-        qpos, kpos = qpos.to(torch.int32).contiguous(), kpos.to(torch.int32).contiguous()
-    else:
-        qpos = kpos = out  # never read
-    _sampled_scores_kernel[(n_prog,)](
-        qs, ks, qpos, kpos, out, scratch, qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1),
-        ks.stride(2), out.stride(0), out.stride(1), out.stride(2), H, scale * LOG2E, n_vq, n_vk, n_items,
-        QB=qb, SQ=sq, SK=sk, KC=kc, JC=64 if gpu else 32, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D),
-        DOT_PRECISION=dot_precision(qs.dtype), SOFTMAX=softmax, MEAN=mean, CAUSAL=causal,
-        num_warps=8 if gpu and qb * sq >= 128 else 4,
-    )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# planner (spec §2.5): one program per (b, h, query tile); sort, cumulative mass, level ends, lists
-
-
-@triton.jit
-def _level_end(e_prev, C, rank, n_vk, tau, e_topk, a, min_full, IS_L1: tl.constexpr, MODE: tl.constexpr):
-    if MODE == 0:  # topk: quantile ends computed on the host (shapes only)
-        e = tl.maximum(e_prev, e_topk)
-    else:  # thresholdbound: the crossing block is included
-        c = tl.sum(((C <= tau + 1e-6) & (rank < n_vk)).to(tl.int32), 0)
-        e = tl.where(c > 0, c + 1, e_prev)
-        e = tl.minimum(tl.maximum(e, e_prev), n_vk)
-        if IS_L1:
-            e = tl.maximum(e, min_full)
-    # upstream alignment: the level's length rounded up to a multiple of a (down at the end of the row)
-    up = e_prev + (e - e_prev + a - 1) // a * a
-    end = tl.minimum(up, n_vk)
-    aligned = tl.where(end == n_vk, e_prev + (end - e_prev) // a * a, end)
-    return tl.where(a > 1, aligned, e)
-
-
-@triton.jit(do_not_specialize=["n_vq", "n_vk", "n_tk"])
-def _pyramid_plan_kernel(
-    S, KV_INDEX, LEVEL_PTR, stride_sb, stride_sh, stride_si, stride_ib, stride_ih, stride_ii,
-    stride_lb, stride_lh, stride_li, n_heads, n_vq, n_vk, n_tk,
-    tau1, tau2, tau4, tau8, k1, k2, k4, k8, a1, a2, a4, a8, min_full,
-    NK_PAD: tl.constexpr, NT_PAD: tl.constexpr, MODE: tl.constexpr,
-):
-    i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    idx_row = KV_INDEX + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
-    lp_row = LEVEL_PTR + b * stride_lb + h * stride_lh + i * stride_li
-    n_all = n_vk + n_tk
-    rank = tl.arange(0, NK_PAD)
-    offs_t = tl.arange(0, NT_PAD)
-    if i >= n_vq:  # text query tiles: every block at m = 1, in order
-        tl.store(idx_row + rank, rank, mask=rank < n_vk)
-        tl.store(idx_row + n_vk + offs_t, n_vk + offs_t, mask=offs_t < n_tk)
-        tl.store(lp_row + tl.arange(0, 8), tl.where(tl.arange(0, 8) == 0, 0, n_all), mask=tl.arange(0, 8) < 5)
-    else:
-        ok = rank < n_vk
-        s = tl.load(S + b * stride_sb + h * stride_sh + i * stride_si + rank, mask=ok, other=0.0)
-        s = tl.maximum(s, 0.0)
-        # one sortable key: score bits (non-negative floats order like their bits), then lower index first
-        bits = s.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(ok, (bits << 32) | (NK_PAD - 1 - rank).to(tl.int64), -1)
-        key = tl.sort(key, descending=True)
-        blk = (NK_PAD - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
-        vals = tl.where(rank < n_vk, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-        cum = tl.cumsum(vals, 0)
-        C = cum / tl.maximum(tl.max(cum, 0), 1e-30)  # the last cumulative value, as the torch rules
-        e1 = _level_end(0, C, rank, n_vk, tau1, k1, a1, min_full, True, MODE)
-        e2 = _level_end(e1, C, rank, n_vk, tau2, k2, a2, min_full, False, MODE)
-        e4 = _level_end(e2, C, rank, n_vk, tau4, k4, a4, min_full, False, MODE)
-        e8 = _level_end(e4, C, rank, n_vk, tau8, k8, a8, min_full, False, MODE)
-        # video ranks grouped by level; the text blocks (m = 1) follow the level-1 ranks
-        pos = rank + tl.where(rank >= e1, n_tk, 0)
-        tl.store(idx_row + pos, blk, mask=ok)
-        tl.store(idx_row + e1 + offs_t, n_vk + offs_t, mask=offs_t < n_tk)
-        lp = tl.arange(0, 8)
-        val = tl.where(lp == 0, 0, tl.where(lp == 1, e1, tl.where(lp == 2, e2, tl.where(lp == 3, e4, e8))) + n_tk)
-        tl.store(lp_row + lp, val.to(tl.int32), mask=lp < 5)
-
-
-def pyramid_plan_lists(scores: torch.Tensor, *, n_tq: int, n_tk: int, mode: str, ends, topk_ends, aligns,
-                       min_full: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kv_index, level_ptr)`` from video scores ``[B, H, n_q, n_k]`` (``n_k <= 2048``) by the topk or
-    thresholdbound rule; ``n_tq``/``n_tk`` text query tiles / KV blocks are appended (text at m = 1)."""
-    B, H, nq, nk = scores.shape
-    n_all = nk + n_tk
-    kv_index = torch.empty((B, H, nq + n_tq, n_all), device=scores.device, dtype=torch.int32)
-    level_ptr = torch.empty((B, H, nq + n_tq, 5), device=scores.device, dtype=torch.int32)
-    s = scores.float()
-    _pyramid_plan_kernel[(nq + n_tq, B * H)](
-        s, kv_index, level_ptr, s.stride(0), s.stride(1), s.stride(2), *kv_index.stride()[:3],
-        *level_ptr.stride()[:3], H, nq, nk, n_tk, *[float(t) for t in ends], *[int(k) for k in topk_ends],
-        *[int(a) for a in aligns], int(min_full),
-        NK_PAD=max(16, triton.next_power_of_2(nk)), NT_PAD=max(16, triton.next_power_of_2(max(n_tk, 1))),
-        MODE=0 if mode == "topk" else 1, num_warps=4 if nk <= 256 else 8,  # 4 warps spill the int64 sort of 512 keys
-    )
-    return kv_index, level_ptr

@@ -41,15 +41,25 @@ def sample_offsets(
 
 
 def _sample_index(
-    B: int, H: int, start: int, length: int, block: int, n: int, device, generator: torch.Generator | None
+    B: int,
+    H: int,
+    start: int,
+    length: int,
+    block: int,
+    n: int,
+    device,
+    generator: torch.Generator | None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Rows ``start + I*block + min(off, len_I - 1)`` of every block I of a segment (int64 ``[B, H, nb*n]``).
+    """Rows ``start + I*block + min(off, len_I - 1)`` of every block I of a segment (int64 ``[B, H, nb*n]``),
+    or with ``chunk`` in the Triton estimator's key order for chunks of that many keys where it
+    applies (``kernels._pyramid_planning.chunk_key_order``).
 
     Without a generator the rows depend on the shapes only, so they are built once per shape and device
     and reused (not while tracing for torch.compile or capturing a CUDA graph: those build them inline).
     """
     dev = torch.device(device)
-    key = (B, H, start, length, block, n, dev)
+    key = (B, H, start, length, block, n, dev, chunk)
     cache = generator is None and not torch.compiler.is_compiling() and not _capturing(dev)
     if cache and key in _INDEX_CACHE:
         return _INDEX_CACHE[key]
@@ -58,6 +68,11 @@ def _sample_index(
     base = torch.arange(nb, device=off.device) * block
     blen = (length - base).clamp(max=block)
     rows = (start + base[:, None] + torch.minimum(off[:, :, None, :], blen[:, None] - 1)).flatten(2)
+    if chunk is not None:
+        from ..kernels._pyramid_planning import chunk_key_order, chunk_order_applies
+
+        if chunk_order_applies(n, chunk):
+            rows = rows[:, :, chunk_key_order(nb, n, chunk, rows.device)]
     if cache:
         if len(_INDEX_CACHE) >= 64:
             _INDEX_CACHE.clear()
@@ -88,33 +103,36 @@ def sampled_scores(
 ) -> torch.Tensor:
     """Sampled max-attention scores ``S [B, H, n_q, n_k]`` (float32, rows sum to 1), spec §2.4.
 
-    ``use_triton`` runs the two-pass Triton kernel (sample counts must be powers of two), else a
-    chunked torch path (same arithmetic)."""
+    ``use_triton`` runs the Triton estimator (sample counts must be powers of two; q read in place, the
+    sampled keys gathered by one kernel), else a chunked torch path (same arithmetic)."""
     B, H, N, _ = q.shape
     bq, bk = config.block_q, config.block_k
     sq, sk = int(bq * config.sample_fraction), int(bk * config.sample_fraction)
     vs, nv = _video_span(N, seq_layout)
     nq, nk = _cdiv(nv, bq), _cdiv(nv, bk)
     qrows = _sample_index(B, H, vs, nv, bq, sq, q.device, generator)
-    krows = _sample_index(B, H, vs, nv, bk, sk, q.device, generator)
-    qs, ks = _sample_rows(q, qrows), _sample_rows(k, krows)
     if use_triton and sq & (sq - 1) == 0 and sk & (sk - 1) == 0:
-        from ..kernels.pyramid import sampled_scores as _kernel
+        from ..kernels._pyramid_planning import gather_rows, key_chunk
+        from ..kernels._pyramid_planning import sampled_scores as _kernel
 
-        s = _kernel(
-            qs,
-            ks,
+        kc = key_chunk(q.device, sk)
+        krows = _sample_index(B, H, vs, nv, bk, sk, q.device, generator, chunk=kc)
+        return _kernel(
+            q,
+            gather_rows(k, krows),
             qrows,
             krows,
             nq,
             nk,
+            sk,
             scale,
+            key_chunk=kc,
             softmax=config.estimator == "sampled_softmax_max",
             mean=config.reduce == "mean",
             causal=config.causal,
         )
-        return s / s.sum(-1, keepdim=True).clamp_min(1e-30)
-    qs, ks = qs.float(), ks.float()
+    krows = _sample_index(B, H, vs, nv, bk, sk, q.device, generator)
+    qs, ks = _sample_rows(q, qrows).float(), _sample_rows(k, krows).float()
     per_block = B * H * sq * nk * sk * 4
     step = max(1, _CHUNK_BYTES // max(per_block, 1))
     out = []
@@ -224,7 +242,7 @@ def similarity_cap(k, config: PyramidConfig, seq_layout: SequenceLayout | None) 
 
 
 def _kernel_plan(scores, config: PyramidConfig, seq_len: int, seq_layout, keep_scores: bool) -> PyramidPlan:
-    from ..kernels.pyramid import pyramid_plan_lists
+    from ..kernels._pyramid_planning import pyramid_plan_lists
 
     nk = scores.shape[-1]
     bq, bk = config.block_q, config.block_k

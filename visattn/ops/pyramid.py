@@ -332,14 +332,11 @@ def _pyramid_fwd_op(
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.block_sparse import block_sparse_fwd
-    from ..kernels.pyramid import pyramid_pool
+    from ..kernels.pyramid import pyramid_pool, tile_order
 
     segments = _segments(*seg, text_valid, use_segments)
     pyr = pyramid_pool(k, v, block_k, segments=segments)
-    # heavy tiles first: FLOP-equivalent work per tile, sum of entries / factor
-    n = (level_ptr[..., 1:] - level_ptr[..., :-1]).float()
-    work = n[..., 0] + 0.5 * n[..., 1] + 0.25 * n[..., 2] + 0.125 * n[..., 3]  # no host tensor: graph-safe
-    order = work.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    order = tile_order(level_ptr)  # heavy tiles first
     return block_sparse_fwd(
         q,
         k,
