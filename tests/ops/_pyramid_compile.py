@@ -88,9 +88,9 @@ def main() -> int:
                     dict(d, LVL=lvl, BLOCK_Q=128, BLOCK_K=32, BLOCK_M=64, TNB=max(16, 32 >> lvl), SEGMENTS=True,
                          CAUSAL=True), warps=4, stages=2)
     ok &= check("estimator", pp._sampled_scores_kernel,
-                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=64, SOFTMAX=True, MEAN=False, CAUSAL=True, PERM=False))
+                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=128, SOFTMAX=True, MEAN=False, CAUSAL=True, PERM=False, PARTS=2))
     ok &= check("estimator_perm", pp._sampled_scores_kernel,
-                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=64, SOFTMAX=False, MEAN=False, CAUSAL=False, PERM=True))
+                dict(d, QB=4, SQ=32, SK=16, KC=128, JC=128, SOFTMAX=False, MEAN=False, CAUSAL=False, PERM=True, PARTS=2))
     ok &= check("gather_rows", pp._gather_rows_kernel, dict(RB=64, HEAD_DIM=128, HEAD_DIM_PAD=128), warps=4)
     ok &= check("tile_order", pk._tile_order_kernel, dict(T_PAD=512), warps=4)
     ok &= check("planner", pp._pyramid_plan_kernel, dict(NK_PAD=512, NT_PAD=16, MODE=1), warps=8)

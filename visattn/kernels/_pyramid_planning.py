@@ -5,7 +5,8 @@
 
 - ``sampled_scores``: one persistent launch; each work item (128 sampled query rows, read from q in
   place) makes one GEMM pass over the pre-gathered sampled keys, writing per-block maxima to a
-  per-program scratch slot (reread while still in L2), then reduces and normalises its rows of S.
+  per-program scratch slot (block-major), then reduces them (read one step ahead) and normalises
+  its rows of S.
   The keys come in ``chunk_key_order`` so that each block's maximum is a reduction inside one
   thread of the MMA accumulator layout.
 - ``gather_rows``: the sampled keys as one contiguous tensor (one launch, no expanded index).
@@ -97,28 +98,30 @@ def _sampled_scores_kernel(
     n_heads, sm_scale_log2, n_vq, n_vk, n_items,
     QB: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, KC: tl.constexpr, JC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTMAX: tl.constexpr, MEAN: tl.constexpr, CAUSAL: tl.constexpr, PERM: tl.constexpr,
+    SOFTMAX: tl.constexpr, MEAN: tl.constexpr, CAUSAL: tl.constexpr, PERM: tl.constexpr, PARTS: tl.constexpr,
 ):
     """Persistent: each program takes work items ``(QB query blocks, b, h)`` in turn and owns one scratch
-    slot ``W[pid]`` of ``[QB * SQ rows, n_vk]`` fp32. The sampled query rows are read from ``Q`` in place
-    (by ``QROWS``, once per item); the sampled keys come pre-gathered (``KS``, read once per chunk; in
-    ``chunk_key_order`` when ``PERM``). One
-    GEMM pass writes every row's per-block max logit to the slot while it tracks the row max (and
-    softmax denominator); a second, GEMM-free pass reads the slot back (still in L2) and reduces
-    ``exp(m_rJ - M_r)`` over each query block's rows; a third rescales the item's rows of ``S`` to sum 1.
-    ``sm_scale_log2`` > 0."""
+    slot ``W[pid]``: ``[n_vk, QB * SQ rows]`` fp32 block-major maxima (a chunk's stores fill whole sectors),
+    then the rows' shifts and ``1 / l``. The sampled query rows are read from ``Q`` in place (by ``QROWS``,
+    once per item); the sampled keys come pre-gathered (``KS``, read once per chunk; in ``chunk_key_order``
+    when ``PERM``). One GEMM pass writes every row's per-block max logit to the slot while it tracks the
+    row max (and softmax denominator); then, in ``PARTS`` groups of query blocks (fewer live registers),
+    a GEMM-free pass reads the slot back ``JC`` blocks ahead and reduces ``exp(m_rJ - M_r)`` over each
+    query block's rows, and a third rescales those rows of ``S`` to sum 1. ``sm_scale_log2`` > 0."""
     pid = tl.program_id(0)
     ROWS: tl.constexpr = QB * SQ
     BPC: tl.constexpr = KC // SK
     offs_r = tl.arange(0, ROWS)
     offs_t = tl.arange(0, KC)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_j = tl.arange(0, JC)
     n_keys = n_vk * SK
     n_chunks = (n_keys + KC - 1) // KC
     n_groups = (n_vq + QB - 1) // QB
     n_load = n_chunks * KC if PERM else n_keys  # PERM: keys padded to whole chunks
-    w_rows = W + pid.to(tl.int64) * ROWS * n_vk + offs_r.to(tl.int64)[:, None] * n_vk  # [ROWS, 1] row starts
+    # the slot is block-major ([n_vk, ROWS]): a chunk's maxima are whole 32-byte sectors of consecutive rows
+    slot_size = (n_vk + 2) * ROWS  # block-major maxima, then the rows' shifts and 1 / l
+    w_base = W + pid.to(tl.int64) * slot_size
+    w_rows = w_base + offs_r.to(tl.int64)[:, None]
     for item in range(pid, n_items, tl.num_programs(0)):
         grp = item % n_groups
         pid_bh = item // n_groups
@@ -144,38 +147,63 @@ def _sampled_scores_kernel(
             else:  # every key is visible; columns of blocks >= n_vk are never stored, only masked here
                 m_blk = _block_max(lg, ROWS, BPC, SK, PERM) * sm_scale_log2
                 m_blk = tl.where((jb < n_vk)[None, :], m_blk, float("-inf"))
-            tl.store(w_rows + jb[None, :], m_blk, mask=(jb < n_vk)[None, :])
+            tl.store(w_rows + jb[None, :] * ROWS, m_blk, mask=(jb < n_vk)[None, :])
             m_new = tl.maximum(m_r, tl.max(m_blk, 1))
             if SOFTMAX:
                 shift = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_r = l_r * tl.math.exp2(m_r - shift) + tl.sum(tl.math.exp2(lg - shift[:, None]), 1)
             m_r = m_new
+        # the rows' shifts and 1 / l go to the slot's tail, so the reduction can take the rows in parts
+        w_tail = w_base + n_vk * ROWS
+        tl.store(w_tail + offs_r, tl.where(m_r == float("-inf"), 0.0, m_r))
+        tl.store(w_tail + ROWS + offs_r, 1.0 / tl.where(l_r == 0.0, 1.0, l_r))
         tl.debug_barrier()  # the slot's writes are visible to every thread of the program
-        m_shift = tl.where(m_r == float("-inf"), 0.0, m_r)
-        inv_l = 1.0 / tl.where(l_r == 0.0, 1.0, l_r)
-        offs_i = grp * QB + tl.arange(0, QB)
-        i_ok = (offs_i < n_vq)[:, None]
-        s_rows = S + b * stride_sb + h * stride_sh + offs_i.to(tl.int64)[:, None] * stride_si
-        total = tl.zeros([QB], dtype=tl.float32)
-        for j0 in range(0, n_vk, JC):  # reduce exp(m_rJ - M_r) over each query block's rows
-            j = j0 + offs_j
-            m_blk = tl.load(w_rows + j[None, :], mask=(j < n_vk)[None, :], other=float("-inf"))
-            e = tl.math.exp2(m_blk - m_shift[:, None])
-            if SOFTMAX:
-                e = e * inv_l[:, None]
-            e = tl.reshape(tl.where(r_ok[:, None], e, 0.0), (QB, SQ, JC))
-            if MEAN:
-                sc = tl.sum(e, 1) / SQ
-            else:
-                sc = tl.max(e, 1)  # [QB, JC]
-            total += tl.sum(sc, 1)
-            tl.store(s_rows + j[None, :], sc, mask=i_ok & (j < n_vk)[None, :])
-        tl.debug_barrier()  # the item's rows of S are visible to every thread of the program
-        total = tl.maximum(total, 1e-30)[:, None]
-        for j0 in range(0, n_vk, JC):  # rows of S sum to 1
-            j = j0 + offs_j
-            m = i_ok & (j < n_vk)[None, :]
-            tl.store(s_rows + j[None, :], tl.load(s_rows + j[None, :], mask=m, other=0.0) / total, mask=m)
+        PR: tl.constexpr = ROWS // PARTS
+        for part in tl.static_range(PARTS):
+            _reduce_rows(w_base + part * PR, w_tail + part * PR, S + b * stride_sb + h * stride_sh, stride_si,
+                         grp * QB + part * (QB // PARTS), grp * ROWS + part * PR, n_vq, n_vk, ROWS, PR,
+                         QB // PARTS, SQ, JC, SOFTMAX, MEAN)
+
+
+@triton.jit
+def _reduce_rows(w_part, w_tail, s_base, stride_si, i0, row0, n_vq, n_vk, ROWS: tl.constexpr,
+                 PR: tl.constexpr, QP: tl.constexpr, SQ: tl.constexpr, JC: tl.constexpr, SOFTMAX: tl.constexpr,
+                 MEAN: tl.constexpr):
+    """Scores of ``QP`` query blocks (first ``i0``; their ``PR`` sampled rows from ``row0``) from the
+    block-major maxima of a slot (``w_part``: the part's first row, ``ROWS`` per block; ``w_tail``: its
+    shifts, then ``1 / l``): ``exp(m_rJ - M_r)`` (``/ l_r`` with ``SOFTMAX``) reduced over each query
+    block's rows, the next ``JC`` blocks read one step ahead; then those rows of ``S`` sum to 1."""
+    offs_r = tl.arange(0, PR)
+    offs_j = tl.arange(0, JC)
+    r_ok = row0 + offs_r < n_vq * SQ
+    m_shift = tl.load(w_tail + offs_r)
+    inv_l = tl.load(w_tail + ROWS + offs_r) if SOFTMAX else m_shift
+    offs_i = i0 + tl.arange(0, QP)
+    i_ok = (offs_i < n_vq)[:, None]
+    s_rows = s_base + offs_i.to(tl.int64)[:, None] * stride_si
+    rows = w_part + offs_r.to(tl.int64)[:, None]
+    total = tl.zeros([QP], dtype=tl.float32)
+    m_next = tl.load(rows + offs_j[None, :] * ROWS, mask=(offs_j < n_vk)[None, :], other=float("-inf"))
+    for j0 in range(0, n_vk, JC):
+        j = j0 + offs_j
+        m_blk = m_next
+        m_next = tl.load(rows + (j + JC)[None, :] * ROWS, mask=(j + JC < n_vk)[None, :], other=float("-inf"))
+        e = tl.math.exp2(m_blk - m_shift[:, None])
+        if SOFTMAX:
+            e = e * inv_l[:, None]
+        e = tl.reshape(tl.where(r_ok[:, None], e, 0.0), (QP, SQ, JC))
+        if MEAN:
+            sc = tl.sum(e, 1) / SQ
+        else:
+            sc = tl.max(e, 1)  # [QP, JC]
+        total += tl.sum(sc, 1)
+        tl.store(s_rows + j[None, :], sc, mask=i_ok & (j < n_vk)[None, :])
+    tl.debug_barrier()  # these rows of S are visible to every thread of the program
+    total = tl.maximum(total, 1e-30)[:, None]
+    for j0 in range(0, n_vk, JC):  # rows of S sum to 1
+        j = j0 + offs_j
+        m = i_ok & (j < n_vk)[None, :]
+        tl.store(s_rows + j[None, :], tl.load(s_rows + j[None, :], mask=m, other=0.0) / total, mask=m)
 
 
 @triton.jit
@@ -221,7 +249,7 @@ def sampled_scores(q, ks, qrows, kpos, n_vq: int, n_vk: int, sk: int, scale: flo
     holds the ``sk`` sampled keys of every block, block-major, or, where ``chunk_order_applies(sk,
     key_chunk)``, in ``chunk_key_order`` (padded to whole chunks); ``kpos`` (int64 ``[B, H, R]``) are
     their token positions (read when causal). ``s_q`` and ``sk`` are powers of two; ``scale`` > 0.
-    Scratch: one ``[QB * s_q, n_k]`` fp32 slot per program (two programs per SM on the GPU).
+    Scratch: one ``[n_k, QB * s_q]`` fp32 slot per program (two programs per SM on the GPU).
     """
     from ._common import LOG2E, dot_precision
 
@@ -234,14 +262,15 @@ def sampled_scores(q, ks, qrows, kpos, n_vq: int, n_vk: int, sk: int, scale: flo
     qb = max(1, (128 if gpu else 16) // sq)  # rows per program: one M=128 dot on the GPU
     n_items = triton.cdiv(n_vq, qb) * B * H
     n_prog = min(n_items, 2 * _num_sms(q.device) if gpu else 3)  # CPU: several items per program
-    scratch = torch.empty((n_prog, qb * sq, n_vk), device=q.device, dtype=torch.float32)
+    scratch = torch.empty((n_prog, (n_vk + 2) * qb * sq), device=q.device, dtype=torch.float32)
     _sampled_scores_kernel[(n_prog,)](
         q, ks, qrows, kpos if causal else qrows, out, scratch, q.stride(0), q.stride(1), q.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2), out.stride(0), out.stride(1), out.stride(2), H,
         scale * LOG2E, n_vq, n_vk, n_items,
-        QB=qb, SQ=sq, SK=sk, KC=key_chunk, JC=64 if gpu else 32, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D),
+        QB=qb, SQ=sq, SK=sk, KC=key_chunk, JC=128 if gpu else 32, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D),
         DOT_PRECISION=dot_precision(q.dtype), SOFTMAX=softmax, MEAN=mean, CAUSAL=causal,
-        PERM=chunk_order_applies(sk, key_chunk), num_warps=8 if gpu and qb * sq >= 128 else 4,
+        PERM=chunk_order_applies(sk, key_chunk), PARTS=2 if qb % 2 == 0 else 1,  # halves: no register spills
+        num_warps=8 if gpu and qb * sq >= 128 else 4,
     )
     return out
 
