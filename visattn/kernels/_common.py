@@ -7,6 +7,7 @@ dispatcher uses this flag to explain a mismatch instead of failing inside Triton
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -17,6 +18,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent and occupancy-sized grids)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def head_dim_pad(head_dim: int) -> int:

@@ -20,13 +20,11 @@ Sample counts are powers of two; rows of at most 2048 blocks in the planner.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import _tile_mask, head_dim_pad
+from ._common import _tile_mask, head_dim_pad, num_sms
 
 # ---------------------------------------------------------------------------------------------
 # sampled max-attention estimator (spec §2.4): one GEMM pass over the sampled keys, scratch in L2
@@ -235,11 +233,6 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def sampled_scores(q, ks, qrows, kpos, n_vq: int, n_vk: int, sk: int, scale: float, *, key_chunk: int,
                    softmax: bool = False, mean: bool = False, causal: bool = False) -> torch.Tensor:
     """Sampled scores ``[B, H, n_q, n_k]`` fp32, rows normalised to sum 1 (all-zero rows stay 0).
@@ -261,7 +254,7 @@ def sampled_scores(q, ks, qrows, kpos, n_vq: int, n_vk: int, sk: int, scale: flo
     gpu = q.device.type == "cuda"
     qb = max(1, (128 if gpu else 16) // sq)  # rows per program: one M=128 dot on the GPU
     n_items = triton.cdiv(n_vq, qb) * B * H
-    n_prog = min(n_items, 2 * _num_sms(q.device) if gpu else 3)  # CPU: several items per program
+    n_prog = min(n_items, 2 * num_sms(q.device) if gpu else 3)  # CPU: several items per program
     scratch = torch.empty((n_prog, (n_vk + 2) * qb * sq), device=q.device, dtype=torch.float32)
     _sampled_scores_kernel[(n_prog,)](
         q, ks, qrows, kpos if causal else qrows, out, scratch, q.stride(0), q.stride(1), q.stride(2),

@@ -46,6 +46,7 @@ from ._common import (
     _tile_mask,
     dot_precision,
     head_dim_pad,
+    num_sms,
 )
 
 
@@ -358,7 +359,7 @@ def _target_programs(device: torch.device) -> int:
     tiny test shapes still split pass 1 over key chunks and run both batch-group paths of the backward."""
     if INTERPRET or device.type != "cuda":
         return 6
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * num_sms(device)
 
 
 def _bhn(t: torch.Tensor) -> tuple[int, int, int]:

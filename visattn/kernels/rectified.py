@@ -37,6 +37,7 @@ import triton.language as tl
 from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
 from ._rectified_scores import _text_valid, fp32_stats, pooled_scores
 from ._rectified_select import _probabilities, _select_blocks, _store_lists
+from .block_sparse import _bhn_strides
 
 
 @triton.jit
@@ -102,10 +103,6 @@ def stats_warps(block: int, dc: int) -> int:
     """Warps of a statistics program: 64 tile elements per thread, no spills (H100, Wan 480p, 128 x 128
     tiles: 0.12 ms as 2 x 64 lanes at 4 warps; one 128-lane program at 8 warps 0.19 ms)."""
     return max(1, min(8, block * dc // 2048))
-
-
-def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(2), t.stride(1)
 
 
 def block_stats_triton(q, k, v, video_start: int, num_video: int, block: int, upstream_tail: bool):
