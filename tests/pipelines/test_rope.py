@@ -145,3 +145,68 @@ def test_cuda_compiled_wan_rope_traces_the_torch_code():
     compiled = torch.compile(lambda a, b: wan_rope(a, b, *rot), fullgraph=True)
     for out, ref in zip(compiled(q, k), wan_rope(q, k, *rot), strict=True):
         _close(out, ref.float(), torch.bfloat16)
+
+
+def _rmsnorm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp64, rounded once to ``x``'s dtype (torch's fused kernel rounds once)."""
+    xd = x.double()
+    return (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_then_rotation_in_one_launch(dtype):
+    # Wan's norm_q / norm_k (RMSNorm over all heads of a token) fused before the rotation; q and k are
+    # views into a fused qkv buffer (token stride 3 H D), the two weights differ
+    from visattn.kernels.rope import rope_pairs_fwd
+
+    B, S, H, D = 2, 37, 3, 16
+    buf = torch.randn(B, S, 3 * H * D, dtype=dtype) * 4
+    q, k = buf[..., : H * D], buf[..., H * D : 2 * H * D]
+    wq, wk = torch.rand(H * D, dtype=dtype) + 0.5, torch.rand(H * D, dtype=torch.float32) * 2
+    theta = torch.rand(S, D // 2, dtype=torch.float64) * 40
+    cos, sin = (f(theta).repeat_interleave(2, -1).float() for f in (torch.cos, torch.sin))
+    ce, se = cos[:, 0::2], sin[:, 1::2]
+    oq, ok = rope_pairs_fwd((q.unflatten(-1, (H, D)), k.unflatten(-1, (H, D))), ce, ce, se, se,
+                            norm=((wq, wk), 1e-6))
+    for out, x, w in ((oq, q, wq), (ok, k, wk)):
+        ref = _complex_rotation(_rmsnorm_reference(x, w, 1e-6).unflatten(-1, (H, D)), theta)
+        # one unit in the last place from the norm's rounding, carried through the rotation, plus the rotation's own
+        tol = 3 * _ULP[dtype] * ref.abs().double().clamp_min(1.0)
+        assert ((out.double() - ref).abs() <= tol).all(), (out.double() - ref).abs().max()
+    # torch's own RMSNorm module, then the rotation: the same values up to those roundings
+    norm = torch.nn.RMSNorm(H * D, eps=1e-6, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(wq)
+        ref = _complex_rotation(norm(q).unflatten(-1, (H, D)), theta)
+    tol = 3 * _ULP[dtype] * ref.abs().clamp_min(1.0)
+    assert ((oq.double() - ref).abs() <= tol).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_wan_norm_rope_matches_norm_modules_then_rope(dtype):
+    from visattn.pipelines._rope import wan_norm_rope
+
+    B, S, H, D = 1, 4099, 12, 128
+    q, k = (torch.randn(B, S, H * D, device="cuda", dtype=dtype) * 3 for _ in range(2))
+    norm_q, norm_k = (torch.nn.RMSNorm(H * D, eps=1e-6, device="cuda", dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        for n in (norm_q, norm_k):
+            n.weight.uniform_(0.5, 2.0)
+    theta = torch.rand(S, D // 2, device="cuda", dtype=torch.float64) * 100
+    rot = tuple(f(theta).repeat_interleave(2, -1).float()[None, :, None] for f in (torch.cos, torch.sin))
+    with torch.no_grad():
+        oq, ok = wan_norm_rope(q, k, norm_q, norm_k, H, *rot)
+        for out, x, n in ((oq, q, norm_q), (ok, k, norm_k)):
+            ref = _wan_rope_eager(n(x).unflatten(-1, (H, D)), *rot)  # the default processor's steps
+            exact = _complex_rotation(_rmsnorm_reference(x, n.weight, 1e-6).unflatten(-1, (H, D)), theta)
+            tol = 3 * _ULP[dtype] * exact.abs().clamp_min(1.0)
+            assert ((out.double() - exact).abs() <= tol).all()
+            assert (out != ref).float().mean().item() < (0.02 if dtype != torch.float32 else 1.0)
+        # not fused: a gradient is needed, the norms are not RMSNorm, or their eps differ
+        assert wan_norm_rope(q, k, torch.nn.LayerNorm(H * D, device="cuda", dtype=dtype), norm_k, H, *rot) is None
+        norm_k.eps = 1e-5
+        assert wan_norm_rope(q, k, norm_q, norm_k, H, *rot) is None
+        norm_k.eps = 1e-6
+    assert wan_norm_rope(q, k, norm_q, norm_k, H, *rot) is None  # grad mode: the weights need gradients

@@ -116,13 +116,15 @@ def _gathered_logits(q, k_base, v_base, stride_kn, stride_vn, rows, cnt, last, r
 @triton.jit
 def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0, n_ent, rows_q, m_i, l_i, acc,
                   sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
-                  BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  partial, BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, HEAD_DIM: tl.constexpr,
                   HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENTS: tl.constexpr,
                   CAUSAL: tl.constexpr, PREFETCH: tl.constexpr):
     """Online softmax over the entries ``[e0, e0 + n_ent)`` of one pool level, ``TN`` gathered lanes per
     tile; each lane's logit gets ``+ln c`` (``log2 c`` in the exp2 domain), ``c`` its group's true count.
     With ``PREFETCH`` the lanes' block ids are read one tile ahead (the gather addresses then depend on
-    a loop-carried value, not on a load of the same iteration)."""
+    a loop-carried value, not on a load of the same iteration). ``partial`` (from ``_partial_levels``)
+    is nonzero when some entry of the level names a block shorter than ``BLOCK_K``: only then do its
+    tiles test their lanes' counts (a cross-warp reduction per tile)."""
     P: tl.constexpr = BLOCK_K // MF
     LOG2_MF: tl.constexpr = 0.0 if MF == 1 else (1.0 if MF == 2 else (2.0 if MF == 4 else 3.0))
     offs_p = tl.arange(0, TN)
@@ -145,7 +147,9 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
             # real tokens (a partial block, an empty or invalid entry) needs per-lane counts in the logits'
             # layout, recomputed from a fresh read of the ids there (the common tile never pays for it).
             lane = t * TN + offs_p
-            odd = tl.max(((lane < n_lanes) & (cnt < MF)).to(tl.int32), 0)
+            odd = partial * 0
+            if partial != 0:
+                odd = tl.max(((lane < n_lanes) & (cnt < MF)).to(tl.int32), 0)
             k, v = _gathered_kv(k_base, v_base, stride_kn, stride_vn, rows, cnt, offs_d, HEAD_DIM, HEAD_DIM_PAD)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if odd > 0:
@@ -158,3 +162,27 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
         p, m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _partial_levels(idx_row, stride_ij, e_lo, e_1, e_2, e_3, e_end, seq_k, text_valid, video_start, num_video,
+                    text_start, n_vk, n_tk, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Bit ``l`` set when an entry of level ``l`` (entries ``[e_lo, e_1)``, ``[e_1, e_2)``, ``[e_2, e_3)``,
+    ``[e_3, e_end)``) names a block of fewer than ``BLOCK_K`` keys (a partial block, or an id out of range).
+    One pass over the tile's list before its loops, so that a full level's tiles skip the per-tile test."""
+    flags = tl.zeros([SCAN], dtype=tl.int32)
+    for c in range(e_lo, e_end, SCAN):
+        e = c + tl.arange(0, SCAN)
+        ok = e < e_end
+        blk = tl.load(idx_row + e * stride_ij, mask=ok, other=0)
+        start, end = _entry_range(blk, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, BLOCK_K,
+                                  SEGMENTS)
+        lvl = (e >= e_1).to(tl.int32) + (e >= e_2).to(tl.int32) + (e >= e_3).to(tl.int32)
+        flags = flags | tl.where(ok & (end - start < BLOCK_K), tl.full([SCAN], 1, tl.int32) << lvl, 0)
+    return tl.reduce(flags, 0, _or)
+

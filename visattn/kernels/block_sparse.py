@@ -41,7 +41,7 @@ from ._common import (
     dot_precision,
     head_dim_pad,
 )
-from ._entries import _attend_level, _entry_range, _entry_start
+from ._entries import _attend_level, _entry_range, _entry_start, _partial_levels
 
 
 @triton.jit
@@ -137,6 +137,14 @@ def _block_sparse_fwd_kernel(
         lp_row = LEVEL_PTR + b * stride_lb + h * stride_lh + tile * stride_li
         e_lo = tl.minimum(tl.maximum(tl.load(lp_row), 0), max_kv)
         e_1 = tl.minimum(tl.maximum(tl.load(lp_row + stride_lj), e_lo), max_kv)
+        e_2 = tl.minimum(tl.maximum(tl.load(lp_row + 2 * stride_lj), e_1), max_kv)
+        e_3 = tl.minimum(tl.maximum(tl.load(lp_row + 3 * stride_lj), e_2), max_kv)
+        e_4 = tl.minimum(tl.maximum(tl.load(lp_row + 4 * stride_lj), e_3), max_kv)
+        if CAUSAL:
+            partial = 15  # unused: the causal path computes every lane's count
+        else:  # which levels hold a partial block (read here, where its latency overlaps the tile's Q load)
+            partial = _partial_levels(idx_row, stride_ij, e_lo, e_1, e_2, e_3, e_4, seq_k, text_valid, video_start,
+                                      num_video, text_start, n_vk, n_tk, BLOCK_K, 128, SEGMENTS)
         idx_row0 = idx_row
         idx_row = idx_row + e_lo * stride_ij
         count = e_1 - e_lo
@@ -178,14 +186,14 @@ def _block_sparse_fwd_kernel(
         rows_q = start_m + offs_m
         e_prev = e_lo
         for lvl in tl.static_range(0, 4):
-            e_next = tl.minimum(tl.maximum(tl.load(lp_row + (lvl + 1) * stride_lj), e_prev), max_kv)
+            e_next = e_1 if lvl == 0 else (e_2 if lvl == 1 else (e_3 if lvl == 2 else e_4))
             if lvl == 0:
                 if not CONTIG:
                     m_i, l_i, acc = _attend_level(
                         q, k_base, v_base, stride_kn, stride_vn, idx_row0, stride_ij, e_prev, e_next - e_prev,
                         rows_q, m_i, l_i, acc, sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video,
-                        text_start, n_vk, n_tk, 0, BLOCK_K, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
-                        SEGMENTS, CAUSAL, PREFETCH)
+                        text_start, n_vk, n_tk, 0, partial & 1, BLOCK_K, 1, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+                        DOT_PRECISION, SEGMENTS, CAUSAL, PREFETCH)
             else:
                 MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
                 P = BLOCK_K // MF
@@ -193,8 +201,8 @@ def _block_sparse_fwd_kernel(
                     q, KP + b * stride_kpb + hk * stride_kph, VP + b * stride_vpb + hk * stride_vph,
                     stride_kpn, stride_vpn, idx_row0, stride_ij, e_prev, e_next - e_prev, rows_q, m_i, l_i, acc,
                     sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
-                    n_pool_blk * (BLOCK_K - 2 * P), BLOCK_K, MF, POOL_N, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION,
-                    SEGMENTS, CAUSAL, PREFETCH)
+                    n_pool_blk * (BLOCK_K - 2 * P), (partial >> lvl) & 1, BLOCK_K, MF, POOL_N, HEAD_DIM,
+                    HEAD_DIM_PAD, DOT_PRECISION, SEGMENTS, CAUSAL, PREFETCH)
             e_prev = e_next
 
     out, lse = _fwd_epilogue(acc, m_i, l_i)

@@ -20,7 +20,7 @@ import torch
 
 from ..ops import SequenceLayout
 from ._base import VisattnProcessor
-from ._rope import diffusers_rope, wan_rope
+from ._rope import diffusers_rope, wan_norm_rope, wan_rope
 
 
 def _layout_if(ctx_layout: SequenceLayout | None, seq_len: int, text_len: int, position: str):
@@ -114,10 +114,15 @@ class WanAttnBase(VisattnProcessor):
             key, value = attn.to_kv(context).chunk(2, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        query, key = attn.norm_q(query), attn.norm_k(key)  # across heads, before the split
-        query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = wan_rope(query, key, *rotary_emb)  # fused on CUDA (pipelines/_rope.py)
+        fused = None if rotary_emb is None else wan_norm_rope(query, key, attn.norm_q, attn.norm_k, attn.heads,
+                                                             *rotary_emb)
+        if fused is not None:  # norms, head split and RoPE in one launch (inference on CUDA)
+            (query, key), value = fused, _heads(value, attn.heads)
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)  # across heads, before the split
+            query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
+            if rotary_emb is not None:
+                query, key = wan_rope(query, key, *rotary_emb)  # fused on CUDA (pipelines/_rope.py)
 
         out_img = None
         if encoder_img is not None:

