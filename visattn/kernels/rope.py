@@ -17,7 +17,8 @@ The arithmetic is fp32 (fp64 when the input or the tables are fp64), as torch's 
 it for low-precision inputs with fp32 tables; the result is rounded to the input dtype. The backward of the
 rotation is the same kernel with the transposed pair matrix (``TRANSPOSE``). The tables take no
 gradient. Tables and tensors are addressed by strides; the head dim must be contiguous and even (pairs are
-padded to a power of two and masked).
+padded to a power of two and masked). ``NORM`` (Wan's inference) first RMS-normalises each token over all its
+heads, as torch's fused RMSNorm does (fp32, one rounding), in a first pass for the sums of squares.
 """
 
 from __future__ import annotations
