@@ -210,3 +210,45 @@ def test_cuda_wan_norm_rope_matches_norm_modules_then_rope(dtype):
         assert wan_norm_rope(q, k, norm_q, norm_k, H, *rot) is None
         norm_k.eps = 1e-6
     assert wan_norm_rope(q, k, norm_q, norm_k, H, *rot) is None  # grad mode: the weights need gradients
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_cuda_wan_processor_with_fused_norm_rope_matches_default(dtype, fused_qkv):
+    # the dense method's Wan processor takes wan_norm_rope on CUDA (inference); the model's own default
+    # processors (torch RMSNorm modules, then their RoPE) are the oracle
+    import visattn.pipelines as vp
+    from visattn.pipelines import _families
+    from visattn.pipelines.tiny import tiny_inputs, tiny_model
+
+    model = tiny_model("wan").to("cuda", dtype)
+    gen = torch.Generator("cuda").manual_seed(0)
+    with torch.no_grad():  # norm weights of their own, different for q and k (a fresh model's are ones)
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.RMSNorm) and mod.weight is not None:
+                mod.weight.uniform_(0.5, 2.0, generator=gen)
+    if fused_qkv:
+        model.fuse_qkv_projections()
+    inputs = {k: (v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda")) if torch.is_tensor(v) else v
+              for k, v in tiny_inputs("wan", size=32).items()}
+    calls = []
+    real = _families.wan_norm_rope
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    with torch.no_grad():
+        ref = model(**inputs)[0].float()
+        _families.wan_norm_rope = spy
+        try:
+            with vp.apply(model, "dense"):
+                out = model(**inputs)[0].float()
+        finally:
+            _families.wan_norm_rope = real
+    assert calls and all(calls)  # the fused path ran in every self-attention layer
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
