@@ -39,7 +39,7 @@ TARGETS = {  # issue 5's performance items
 }
 
 
-# backend=None is the default path ("auto": on CUDA "sdpa" for inference, "triton" when a gradient flows)
+# backend=None is the default path ("auto": on CUDA "sdpa" for inference and training; "triton" only by name)
 PATHS = (None, "triton", "sdpa", "upstream")
 
 
@@ -240,8 +240,8 @@ def main() -> None:
                                                                targets=TARGETS, errors=errors), indent=2))
     md = [f"# Agent attention benchmark ({env['device']}, {env['amp']})", "",
           f"torch {env['torch']}, timm {env['timm']}, triton {env.get('triton', '-')}; {env['train_step']}.", "",
-          "Path `default` is `backend=None` (auto): on CUDA `sdpa` for inference, the fused `triton` kernels "
-          "when a gradient flows.", "",
+          "Path `default` is `backend=None` (auto): on CUDA `sdpa` for inference and training; the fused "
+          "`triton` kernels run only when named.", "",
           "| model | path | mode | batch | res | img/s | ms/iter | peak GiB |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['path']} | {r['mode']} | {r['batch']} | {r['res']} | {r['img_s']:.1f} | "
            f"{r['ms']:.2f} | {r['peak_gib']:.2f} |" for r in rows]
