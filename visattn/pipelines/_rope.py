@@ -70,11 +70,20 @@ def rope_pairs(
     return tuple(_pairs_eager(x, ce[:, None], co[:, None], se[:, None], so[:, None]) for x in xs)
 
 
-def wan_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """``WanAttnProcessor``'s RoPE of ``[B, S, H, D]`` q and k with its ``[1, S, 1, D]`` tables."""
+def _wan_fused_tables(query, key, cos, sin):
+    """The kernel's ``(ce, se)`` views of Wan's ``[1, S, 1, D]`` tables (one angle per pair: cos at even, sin
+    at odd positions) for ``[B, S, H, D]`` q and k, or ``None`` where the fused kernel does not apply."""
     S, D = query.shape[1], query.shape[-1]
     if cos.shape == sin.shape == (1, S, 1, D) and _fusable((query, key), (cos, sin)):
-        ce, se = cos[0, :, 0, 0::2], sin[0, :, 0, 1::2]
+        return cos[0, :, 0, 0::2], sin[0, :, 0, 1::2]
+    return None
+
+
+def wan_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``WanAttnProcessor``'s RoPE of ``[B, S, H, D]`` q and k with its ``[1, S, 1, D]`` tables."""
+    tables = _wan_fused_tables(query, key, cos, sin)
+    if tables is not None:
+        ce, se = tables
         return rope_pairs((query, key), ce, ce, se, se, fused=True)
     return _wan_rope_eager(query, cos, sin), _wan_rope_eager(key, cos, sin)
 
@@ -93,7 +102,7 @@ def wan_norm_rope(query: torch.Tensor, key: torch.Tensor, norm_q, norm_k, heads:
     norms = (norm_q, norm_k)
     if not all(isinstance(n, torch.nn.RMSNorm) and n.weight is not None for n in norms):
         return None
-    B, S, HD = query.shape
+    HD = query.shape[-1]
     weights = (norm_q.weight, norm_k.weight)
     if (
         (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, *weights)))
@@ -105,11 +114,11 @@ def wan_norm_rope(query: torch.Tensor, key: torch.Tensor, norm_q, norm_k, heads:
     ):
         return None
     q4, k4 = query.unflatten(-1, (heads, -1)), key.unflatten(-1, (heads, -1))
-    D = HD // heads
-    if not (cos.shape == sin.shape == (1, S, 1, D) and _fusable((q4, k4), (cos, sin))):
+    tables = _wan_fused_tables(q4, k4, cos, sin)
+    if tables is None:
         return None
     eps = norm_q.eps if norm_q.eps is not None else torch.finfo(torch.float32).eps
-    ce, se = cos[0, :, 0, 0::2], sin[0, :, 0, 1::2]
+    ce, se = tables
     return rope_pairs_fwd((q4, k4), ce, ce, se, se, norm=(weights, eps))
 
 
