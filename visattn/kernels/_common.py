@@ -52,12 +52,19 @@ def _online_softmax_step(qk, m_i, l_i, acc):
 
 
 @triton.jit
-def _online_softmax_step_scaled(qk, scale, m_i, l_i, acc):
-    """``_online_softmax_step`` of the logits ``qk * scale`` for a ``scale > 0`` (log2 units): the row max
-    is taken on ``qk`` and the scale folds into the exponent's FMA, one multiply per logit fewer."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * scale - m_shift[:, None])
+def _online_softmax_step_scaled(qk, scale, m_i, l_i, acc, GROUP: tl.constexpr = 1):
+    """``_online_softmax_step`` of the logits ``qk * scale + log2 GROUP`` for a ``scale > 0`` (log2 units;
+    ``GROUP`` 1, 2, 4 or 8, PSA's pooled-key bias): the row max is taken on ``qk`` and the scale (and the
+    constant bias) fold into the exponent's FMA, one multiply per logit fewer."""
+    if GROUP == 1:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * scale - m_shift[:, None])
+    else:
+        BIAS: tl.constexpr = 1.0 if GROUP == 2 else (2.0 if GROUP == 4 else 3.0)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale + BIAS)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * scale - (m_shift - BIAS)[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]

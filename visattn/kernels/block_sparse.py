@@ -8,9 +8,9 @@ transposed list (the query tiles that attend the block), and dQ per query tile w
 Extensions (interface C; each a constexpr flag that is off by default, so the plain path compiles to
 the same code): ``segments`` (:class:`Segments`: video tiles then text tiles, KV block ids mapped to
 per-segment token ranges, padded text keys never attended) - ``level_ptr`` + :class:`Pyramid` (PSA:
-entries grouped by pool factor 1/2/4/8; pooled entries run through ``_attend_level``'s general
+entries grouped by pool factor 1/2/4/8; pooled entries run through ``_attend_pooled_level``: general
 split/merge of ``block_k / m`` pooled keys into ``POOL_N``-lane execution tiles with a ``+ln c`` bias,
-``c`` the true group count) - ``causal`` (PSA's causal variant) - ``rect_scale``/``rect_bias``
+``c`` the true group count; a level of full blocks skips the counts) - ``causal`` (PSA's causal variant) - ``rect_scale``/``rect_bias``
 (Rectified's epilogue ``out = R * out + C`` per query tile) - ``tile_order`` (heavy tiles first).
 
 Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter on CPU). fp16, bf16 and fp32
@@ -41,7 +41,7 @@ from ._common import (
     dot_precision,
     head_dim_pad,
 )
-from ._entries import _attend_level, _entry_range, _entry_start, _partial_levels
+from ._entries import _attend_level, _attend_pooled_level, _entry_range, _entry_start, _partial_levels
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def _block_sparse_fwd_kernel(
             else:
                 MF = 1 << lvl  # constexpr (lvl is); annotated constexprs cannot be rebound per iteration
                 P = BLOCK_K // MF
-                m_i, l_i, acc = _attend_level(
+                m_i, l_i, acc = _attend_pooled_level(
                     q, KP + b * stride_kpb + hk * stride_kph, VP + b * stride_vpb + hk * stride_vph,
                     stride_kpn, stride_vpn, idx_row0, stride_ij, e_prev, e_next - e_prev, rows_q, m_i, l_i, acc,
                     sm_scale_log2, offs_d, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk,
