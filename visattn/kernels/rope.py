@@ -17,8 +17,8 @@ The arithmetic is fp32 (fp64 when the input or the tables are fp64), as torch's 
 it for low-precision inputs with fp32 tables; the result is rounded to the input dtype. The backward of the
 rotation is the same kernel with the transposed pair matrix (``TRANSPOSE``). The tables take no
 gradient. Tables and tensors are addressed by strides; the head dim must be contiguous and even (pairs are
-padded to a power of two and masked). ``NORM`` (Wan's inference) first RMS-normalises each token over all its
-heads, as torch's fused RMSNorm does (fp32, one rounding), in a first pass for the sums of squares.
+padded to a power of two and masked). ``_norm_rope_kernel`` (Wan's inference) first RMS-normalises each token
+over all its heads, as torch's fused RMSNorm does (fp32, one rounding), from one read of the token's heads.
 """
 
 from __future__ import annotations
@@ -29,67 +29,112 @@ import triton.language as tl
 
 # tokens per program; H100 sweep, q + k [1, 32760, 12, 128] bf16: 8-16 tokens 0.168 ms, 32: 0.190, 64: 0.191
 _BLOCK_S = 16
+# the one-pass norm + rotation holds every head of its tokens; H100, Wan's q + k as above (the two-pass per-head
+# loop before it: 0.236 ms): tokens / warps 4 / 4 0.163 ms, 2 / 4 0.176, 4 / 8 0.163, 8 / 8 0.231, 8 / 4 0.159, 1 / 4 0.165
+_NORM_BLOCK_S, _NORM_WARPS = 4, 4
 
 
 @triton.jit
-def _rope_tile(x_ptr, o_ptr, rows, ok, offs_d, h, sx_s, sx_h, so_s, so_h, ce, co, se, so, w_ptr, rstd, head_dim,
-               HALF_P: tl.constexpr, TRANSPOSE: tl.constexpr, NORM: tl.constexpr):
-    x = tl.load(x_ptr + rows[:, None] * sx_s + h * sx_h + offs_d[None, :], mask=ok, other=0.0)
-    if NORM:  # torch's fused RMSNorm: x * rstd * weight in fp32, rounded once to the input dtype
-        w = tl.load(w_ptr + h * head_dim + offs_d, mask=offs_d < head_dim, other=0.0)
-        x = (x.to(tl.float32) * rstd[:, None] * w.to(tl.float32)[None, :]).to(x.dtype)
-    xe, xo = tl.split(tl.reshape(x.to(ce.dtype), (x.shape[0], HALF_P, 2)))
+def _rotate(xe, xo, ce, co, se, so, TRANSPOSE: tl.constexpr):
+    """The pair rotation of the even / odd elements ``xe`` / ``xo`` (in the tables' dtype) by tables
+    broadcast to their shape; returns the joined ``[..., HALF_P, 2]`` pairs."""
     if TRANSPOSE:  # [[ce, -se], [so, co]]^T
         oe = xe * ce + xo * so
         oo = xo * co - xe * se
     else:
         oe = xe * ce - xo * se
         oo = xo * co + xe * so
-    out = tl.reshape(tl.join(oe, oo), (x.shape[0], 2 * HALF_P))
+    return tl.join(oe, oo)
+
+
+@triton.jit
+def _rope_tile(x_ptr, o_ptr, rows, ok, offs_d, h, sx_s, sx_h, so_s, so_h, ce, co, se, so, HALF_P: tl.constexpr,
+               TRANSPOSE: tl.constexpr):
+    x = tl.load(x_ptr + rows[:, None] * sx_s + h * sx_h + offs_d[None, :], mask=ok, other=0.0)
+    xe, xo = tl.split(tl.reshape(x.to(ce.dtype), (x.shape[0], HALF_P, 2)))
+    out = tl.reshape(_rotate(xe, xo, ce, co, se, so, TRANSPOSE), (x.shape[0], 2 * HALF_P))
     o_ptrs = o_ptr + rows[:, None] * so_s + h * so_h + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
+def _load_tables(ce_ptr, co_ptr, se_ptr, so_ptr, rows, row_ok, HALF, sc_s, sc_d, ss_s, ss_d, HALF_P: tl.constexpr,
+                 F64: tl.constexpr):
+    """The four ``[len(rows), HALF_P]`` tables of a token tile in the arithmetic dtype (fp32, fp64 with ``F64``)."""
+    offs_i = tl.arange(0, HALF_P)
+    tab_ok = row_ok[:, None] & (offs_i[None, :] < HALF)
+    tab_c = rows[:, None] * sc_s + offs_i[None, :] * sc_d
+    tab_s = rows[:, None] * ss_s + offs_i[None, :] * ss_d
+    cdt = tl.float64 if F64 else tl.float32
+    ce = tl.load(ce_ptr + tab_c, mask=tab_ok, other=0.0).to(cdt)
+    co = tl.load(co_ptr + tab_c, mask=tab_ok, other=0.0).to(cdt)
+    se = tl.load(se_ptr + tab_s, mask=tab_ok, other=0.0).to(cdt)
+    so = tl.load(so_ptr + tab_s, mask=tab_ok, other=0.0).to(cdt)
+    return ce, co, se, so
+
+
+@triton.jit
 def _rope_kernel(
-    x0_ptr, x1_ptr, o0_ptr, o1_ptr, ce_ptr, co_ptr, se_ptr, so_ptr, w0_ptr, w1_ptr,
-    S, H, HALF, eps,
+    x0_ptr, x1_ptr, o0_ptr, o1_ptr, ce_ptr, co_ptr, se_ptr, so_ptr,
+    S, H, HALF,
     sx_b, sx_s, sx_h, so_b, so_s, so_h,
     sc_s, sc_d, ss_s, ss_d,
     HALF_P: tl.constexpr, BLOCK_S: tl.constexpr, F64: tl.constexpr, TRANSPOSE: tl.constexpr,
-    NORM: tl.constexpr = False,
 ):
     # grid: (token tiles, batch, tensor); the tables are read once per tile for every head.
-    # NORM: RMSNorm over all heads of a token first (weights w0 / w1, one pass for the sums of squares)
     pid_s, b, t = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < S
     rows = rows.to(tl.int64)
-    offs_i = tl.arange(0, HALF_P)
     offs_d = tl.arange(0, 2 * HALF_P)  # pairs padded to a power of two, masked past D
-    tab_ok = row_ok[:, None] & (offs_i[None, :] < HALF)
-    tab_c = rows[:, None] * sc_s + offs_i[None, :] * sc_d
-    tab_s = rows[:, None] * ss_s + offs_i[None, :] * ss_d
-    ce = tl.load(ce_ptr + tab_c, mask=tab_ok, other=0.0)
-    co = tl.load(co_ptr + tab_c, mask=tab_ok, other=0.0)
-    se = tl.load(se_ptr + tab_s, mask=tab_ok, other=0.0)
-    so = tl.load(so_ptr + tab_s, mask=tab_ok, other=0.0)
+    ce, co, se, so = _load_tables(ce_ptr, co_ptr, se_ptr, so_ptr, rows, row_ok, HALF, sc_s, sc_d, ss_s, ss_d, HALF_P,
+                                  F64)
     ok = row_ok[:, None] & (offs_d[None, :] < 2 * HALF)
-    cdt = tl.float64 if F64 else tl.float32
-    ce, co, se, so = ce.to(cdt), co.to(cdt), se.to(cdt), so.to(cdt)
+    if t == 0:
+        x_ptr, o_ptr = x0_ptr + b * sx_b, o0_ptr + b * so_b
+    else:
+        x_ptr, o_ptr = x1_ptr + b * sx_b, o1_ptr + b * so_b
+    for h in range(H):
+        _rope_tile(x_ptr, o_ptr, rows, ok, offs_d, h, sx_s, sx_h, so_s, so_h, ce, co, se, so, HALF_P, TRANSPOSE)
+
+
+@triton.jit
+def _norm_rope_kernel(
+    x0_ptr, x1_ptr, o0_ptr, o1_ptr, ce_ptr, co_ptr, se_ptr, so_ptr, w0_ptr, w1_ptr,
+    S, H, HALF, eps,
+    sx_b, sx_s, sx_h, so_b, so_s, so_h,
+    sc_s, sc_d, ss_s, ss_d,
+    H_P: tl.constexpr, HALF_P: tl.constexpr, BLOCK_S: tl.constexpr, F64: tl.constexpr,
+):
+    # grid: (token tiles, batch, tensor). One pass: a [BLOCK_S, H_P, 2 * HALF_P] tile holds every head of its
+    # tokens, so the sums of squares and the rotation read x once (the per-head loop of _rope_kernel would read
+    # it twice, with each head's load waiting on the previous one).
+    pid_s, b, t = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_ok = rows < S
+    rows = rows.to(tl.int64)
+    offs_h = tl.arange(0, H_P)
+    offs_d = tl.arange(0, 2 * HALF_P)
+    ce, co, se, so = _load_tables(ce_ptr, co_ptr, se_ptr, so_ptr, rows, row_ok, HALF, sc_s, sc_d, ss_s, ss_d, HALF_P,
+                                  F64)
+    hd_ok = (offs_h[:, None] < H) & (offs_d[None, :] < 2 * HALF)
+    ok = row_ok[:, None, None] & hd_ok[None, :, :]
     if t == 0:
         x_ptr, o_ptr, w_ptr = x0_ptr + b * sx_b, o0_ptr + b * so_b, w0_ptr
     else:
         x_ptr, o_ptr, w_ptr = x1_ptr + b * sx_b, o1_ptr + b * so_b, w1_ptr
-    rstd = tl.zeros([BLOCK_S], dtype=tl.float32)
-    if NORM:
-        for h in range(H):
-            x = tl.load(x_ptr + rows[:, None] * sx_s + h * sx_h + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-            rstd += tl.sum(x * x, 1)
-        rstd = tl.math.rsqrt(rstd / (H * 2 * HALF) + eps)
-    for h in range(H):
-        _rope_tile(x_ptr, o_ptr, rows, ok, offs_d, h, sx_s, sx_h, so_s, so_h, ce, co, se, so, w_ptr, rstd, 2 * HALF,
-                   HALF_P, TRANSPOSE, NORM)
+    x = tl.load(x_ptr + rows[:, None, None] * sx_s + offs_h[None, :, None] * sx_h + offs_d[None, None, :], mask=ok,
+                other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(tl.sum(xf * xf, 2), 1) / (H * 2 * HALF) + eps)
+    # torch's fused RMSNorm: x * rstd * weight in fp32, rounded once to the input dtype
+    w = tl.load(w_ptr + offs_h[:, None] * (2 * HALF) + offs_d[None, :], mask=hd_ok, other=0.0).to(tl.float32)
+    xn = (xf * rstd[:, None, None] * w[None, :, :]).to(x.dtype)
+    xe, xo = tl.split(tl.reshape(xn.to(ce.dtype), (BLOCK_S, H_P, HALF_P, 2)))
+    out = _rotate(xe, xo, ce[:, None, :], co[:, None, :], se[:, None, :], so[:, None, :], False)
+    out = tl.reshape(out, (BLOCK_S, H_P, 2 * HALF_P))
+    o_ptrs = o_ptr + rows[:, None, None] * so_s + offs_h[None, :, None] * so_h + offs_d[None, None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=ok)
 
 
 def rope_pairs_fwd(
@@ -113,15 +158,22 @@ def rope_pairs_fwd(
     B, S, H, D = x0.shape
     outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
     x1, o1 = (xs[1], outs[1]) if len(xs) == 2 else (x0, outs[0])
-    grid = (triton.cdiv(S, _BLOCK_S), B, len(xs))
-    (w0, w1), eps = norm if norm is not None else ((ce, ce), 0.0)
-    _rope_kernel[grid](
-        x0, x1, outs[0], o1, ce, co, se, so, w0, w1 if len(xs) == 2 else w0,
-        S, H, D // 2, eps,
-        x0.stride(0), x0.stride(1), x0.stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
-        ce.stride(0), ce.stride(1), se.stride(0), se.stride(1),
-        HALF_P=max(2, triton.next_power_of_2(D // 2)), BLOCK_S=_BLOCK_S,
-        F64=torch.float64 in (x0.dtype, ce.dtype, se.dtype), TRANSPOSE=transpose, NORM=norm is not None,
-        num_warps=4,
+    args = (S, H, D // 2)
+    strides = (x0.stride(0), x0.stride(1), x0.stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
+               ce.stride(0), ce.stride(1), se.stride(0), se.stride(1))
+    half_p = max(2, triton.next_power_of_2(D // 2))
+    f64 = torch.float64 in (x0.dtype, ce.dtype, se.dtype)
+    if norm is None:
+        _rope_kernel[(triton.cdiv(S, _BLOCK_S), B, len(xs))](
+            x0, x1, outs[0], o1, ce, co, se, so, *args, *strides,
+            HALF_P=half_p, BLOCK_S=_BLOCK_S, F64=f64, TRANSPOSE=transpose, num_warps=4,
+        )
+        return outs
+    if transpose:
+        raise NotImplementedError("rope_pairs_fwd: norm= is forward only (transpose=False)")
+    (w0, w1), eps = norm
+    _norm_rope_kernel[(triton.cdiv(S, _NORM_BLOCK_S), B, len(xs))](
+        x0, x1, outs[0], o1, ce, co, se, so, w0, w1 if len(xs) == 2 else w0, *args, eps, *strides,
+        H_P=triton.next_power_of_2(H), HALF_P=half_p, BLOCK_S=_NORM_BLOCK_S, F64=f64, num_warps=_NORM_WARPS,
     )
     return outs
