@@ -51,6 +51,19 @@ def _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def _tile_blocks(blk_next, idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K: tl.constexpr, MF: tl.constexpr,
+                 TN: tl.constexpr, PREFETCH: tl.constexpr):
+    """Block ids of tile ``t``'s lanes and the loop-carried ids of tile ``t + 1`` (read one tile ahead
+    with ``PREFETCH``, so the gather addresses depend on a loop-carried value)."""
+    if PREFETCH:
+        blk = blk_next
+        blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, t + 1, offs_p, BLOCK_K, MF, TN)
+    else:
+        blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
+    return blk, blk_next
+
+
+@triton.jit
 def _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk, n_tk, pool_off,
                BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr, SEGMENTS: tl.constexpr):
     """Rows, true group counts and last-token positions of the lanes of tile ``t`` (see ``_level_lanes``)."""
@@ -132,11 +145,7 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
     n_t = (n_lanes + TN - 1) // TN
     blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K, MF, TN)
     for t in range(0, n_t):
-        if PREFETCH:
-            blk = blk_next
-            blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, t + 1, offs_p, BLOCK_K, MF, TN)
-        else:
-            blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
+        blk, blk_next = _tile_blocks(blk_next, idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN, PREFETCH)
         rows, cnt, last = _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk,
                                      n_tk, pool_off, BLOCK_K, MF, TN, SEGMENTS)
         if CAUSAL:
@@ -178,11 +187,7 @@ def _full_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0,
     n_t = (n_lanes + TN - 1) // TN
     blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K, MF, TN)
     for t in range(0, n_t):
-        if PREFETCH:
-            blk = blk_next
-            blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, t + 1, offs_p, BLOCK_K, MF, TN)
-        else:
-            blk = _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN)
+        blk, blk_next = _tile_blocks(blk_next, idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN, PREFETCH)
         lane = t * TN + offs_p
         rows = pool_off + blk * P + lane % P
         lane_ok = lane < n_lanes

@@ -74,6 +74,19 @@ def _load_tables(ce_ptr, co_ptr, se_ptr, so_ptr, rows, row_ok, HALF, sc_s, sc_d,
 
 
 @triton.jit
+def _tile_of_program(x0_ptr, x1_ptr, o0_ptr, o1_ptr, S, sx_b, so_b, BLOCK_S: tl.constexpr):
+    """Grid (token tiles, batch, tensor): this program's token rows (int64), their validity, and the input and
+    output base pointers of its batch and tensor (``t`` 0 or 1)."""
+    pid_s, b, t = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    if t == 0:
+        x_ptr, o_ptr = x0_ptr + b * sx_b, o0_ptr + b * so_b
+    else:
+        x_ptr, o_ptr = x1_ptr + b * sx_b, o1_ptr + b * so_b
+    return rows.to(tl.int64), rows < S, x_ptr, o_ptr, t
+
+
+@triton.jit
 def _rope_kernel(
     x0_ptr, x1_ptr, o0_ptr, o1_ptr, ce_ptr, co_ptr, se_ptr, so_ptr,
     S, H, HALF,
@@ -81,19 +94,12 @@ def _rope_kernel(
     sc_s, sc_d, ss_s, ss_d,
     HALF_P: tl.constexpr, BLOCK_S: tl.constexpr, F64: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
-    # grid: (token tiles, batch, tensor); the tables are read once per tile for every head.
-    pid_s, b, t = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    row_ok = rows < S
-    rows = rows.to(tl.int64)
+    # the tables are read once per tile for every head
+    rows, row_ok, x_ptr, o_ptr, _ = _tile_of_program(x0_ptr, x1_ptr, o0_ptr, o1_ptr, S, sx_b, so_b, BLOCK_S)
     offs_d = tl.arange(0, 2 * HALF_P)  # pairs padded to a power of two, masked past D
     ce, co, se, so = _load_tables(ce_ptr, co_ptr, se_ptr, so_ptr, rows, row_ok, HALF, sc_s, sc_d, ss_s, ss_d, HALF_P,
                                   F64)
     ok = row_ok[:, None] & (offs_d[None, :] < 2 * HALF)
-    if t == 0:
-        x_ptr, o_ptr = x0_ptr + b * sx_b, o0_ptr + b * so_b
-    else:
-        x_ptr, o_ptr = x1_ptr + b * sx_b, o1_ptr + b * so_b
     for h in range(H):
         _rope_tile(x_ptr, o_ptr, rows, ok, offs_d, h, sx_s, sx_h, so_s, so_h, ce, co, se, so, HALF_P, TRANSPOSE)
 
@@ -106,23 +112,19 @@ def _norm_rope_kernel(
     sc_s, sc_d, ss_s, ss_d,
     H_P: tl.constexpr, HALF_P: tl.constexpr, BLOCK_S: tl.constexpr, F64: tl.constexpr,
 ):
-    # grid: (token tiles, batch, tensor). One pass: a [BLOCK_S, H_P, 2 * HALF_P] tile holds every head of its
-    # tokens, so the sums of squares and the rotation read x once (the per-head loop of _rope_kernel would read
-    # it twice, with each head's load waiting on the previous one).
-    pid_s, b, t = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    row_ok = rows < S
-    rows = rows.to(tl.int64)
+    # One pass: a [BLOCK_S, H_P, 2 * HALF_P] tile holds every head of its tokens, so the sums of squares and the
+    # rotation read x once (the per-head loop of _rope_kernel would read it twice, each head's load waiting on the
+    # previous one).
+    rows, row_ok, x_ptr, o_ptr, t = _tile_of_program(x0_ptr, x1_ptr, o0_ptr, o1_ptr, S, sx_b, so_b, BLOCK_S)
+    w_ptr = w0_ptr
+    if t != 0:
+        w_ptr = w1_ptr
     offs_h = tl.arange(0, H_P)
     offs_d = tl.arange(0, 2 * HALF_P)
     ce, co, se, so = _load_tables(ce_ptr, co_ptr, se_ptr, so_ptr, rows, row_ok, HALF, sc_s, sc_d, ss_s, ss_d, HALF_P,
                                   F64)
     hd_ok = (offs_h[:, None] < H) & (offs_d[None, :] < 2 * HALF)
     ok = row_ok[:, None, None] & hd_ok[None, :, :]
-    if t == 0:
-        x_ptr, o_ptr, w_ptr = x0_ptr + b * sx_b, o0_ptr + b * so_b, w0_ptr
-    else:
-        x_ptr, o_ptr, w_ptr = x1_ptr + b * sx_b, o1_ptr + b * so_b, w1_ptr
     x = tl.load(x_ptr + rows[:, None, None] * sx_s + offs_h[None, :, None] * sx_h + offs_d[None, None, :], mask=ok,
                 other=0.0)
     xf = x.to(tl.float32)
