@@ -4,7 +4,8 @@ Measures, in one run on one GPU (bf16 autocast, ``cudnn.benchmark``):
 
 * img/s at batch 128, 224^2, inference (``no_grad``, eval) and training (forward + cross-entropy +
   backward + SGD step) of ``agent_swin_tiny`` and ``agent_pvt_small`` on the default path
-  (``backend=None``: on CUDA ``"sdpa"`` for inference and the fused ``"triton"`` kernels for training),
+  (``backend=None``: on CUDA the fused ``"triton"`` kernels when training on grids of >= 2048 tokens,
+  ``"sdpa"`` otherwise),
   on each of ``"triton"`` and ``"sdpa"`` forced, and on the ``"upstream"`` path (upstream's computation
   order: biases interpolated, materialised and repeated over the batch every call, explicit softmax),
   and of timm's ``swin_tiny_patch4_window7_224`` (and ``agent_deit_small`` vs timm's
@@ -39,7 +40,7 @@ TARGETS = {  # issue 5's performance items
 }
 
 
-# backend=None is the default path ("auto": on CUDA "sdpa" for inference and training; "triton" only by name)
+# backend=None is the default path ("auto": on CUDA "triton" when training on >= 2048 query tokens, else "sdpa")
 PATHS = (None, "triton", "sdpa", "upstream")
 
 
@@ -240,8 +241,8 @@ def main() -> None:
                                                                targets=TARGETS, errors=errors), indent=2))
     md = [f"# Agent attention benchmark ({env['device']}, {env['amp']})", "",
           f"torch {env['torch']}, timm {env['timm']}, triton {env.get('triton', '-')}; {env['train_step']}.", "",
-          "Path `default` is `backend=None` (auto): on CUDA `sdpa` for inference and training; the fused "
-          "`triton` kernels run only when named.", "",
+          "Path `default` is `backend=None` (auto): on CUDA the fused `triton` kernels when training on "
+          ">= 2048 query tokens (the 56x56 stage 1), `sdpa` otherwise.", "",
           "| model | path | mode | batch | res | img/s | ms/iter | peak GiB |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['path']} | {r['mode']} | {r['batch']} | {r['res']} | {r['img_s']:.1f} | "
            f"{r['ms']:.2f} | {r['peak_gib']:.2f} |" for r in rows]

@@ -303,7 +303,7 @@ def test_errors_shapes_agents_and_bias_binding():
 
 def test_backend_selection():
     q, k, v = _qkv(1, 16, 16, 1, 8)
-    assert visattn.list_backends("agent")["agent"] == ["sdpa", "triton", "torch", "upstream"]
+    assert visattn.list_backends("agent")["agent"] == ["triton", "sdpa", "torch", "upstream"]
     with pytest.raises(ValueError, match="backend"):
         agent_attention(q, k, v, agent_shape=(2, 2), grid=(4, 4), backend="nope")
     with pytest.raises(NotImplementedError, match="float64"):  # the fused backend says why it cannot run

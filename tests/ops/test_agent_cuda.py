@@ -106,12 +106,30 @@ def test_triton_backward_large_batch(dtype):
     _backward_case("triton", dtype, ((28, 28), (4, 4), 0, 1, 6, 32), mask=True, B=48)
 
 
-def test_auto_picks_sdpa_for_training_and_inference_on_cuda():
+def test_auto_picks_sdpa_below_2048_tokens_and_for_inference_on_cuda():
     (q, k, v), d, _ = _case((14, 14), (7, 7), 1, 1, 6, 64, dtype=torch.bfloat16)
     kw = dict(agent_shape=(7, 7), grid=(14, 14), bias=AgentBias(**d, cache={}))
     qg = q.detach().requires_grad_()
     auto = agent_attention(qg, k, v, **kw)
     torch.testing.assert_close(auto, agent_attention(qg, k, v, backend="sdpa", **kw), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(agent_attention(q, k, v, **kw), agent_attention(q, k, v, backend="sdpa", **kw),
+                                   rtol=0, atol=0)
+
+
+def test_auto_picks_triton_for_training_on_2048_tokens_or_more():
+    # a 56x56 stage 1 (3136 tokens) trains on the fused kernels; without a gradient it stays on SDPA
+    (q, k, v), d, _ = _case((56, 56), (3, 3), 1, 1, 3, 32, dtype=torch.bfloat16)
+    kw = dict(agent_shape=(3, 3), grid=(56, 56), bias=AgentBias(**d, cache={}))
+    qg = q.detach().requires_grad_()
+    auto = agent_attention(qg, k, v, **kw)
+    fused = agent_attention(qg, k, v, backend="triton", **kw)
+    torch.testing.assert_close(auto, fused, rtol=0, atol=0)
+    assert not torch.equal(fused, agent_attention(qg, k, v, backend="sdpa", **kw))  # the choice is visible
+    g = torch.randn_like(auto)
+    (ga,) = torch.autograd.grad(auto, qg, g)
+    (gf,) = torch.autograd.grad(fused, qg, g)
+    torch.testing.assert_close(ga, gf, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(agent_attention(q, k, v, **kw), agent_attention(q, k, v, backend="sdpa", **kw),
                                    rtol=0, atol=0)

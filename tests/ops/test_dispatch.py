@@ -117,11 +117,13 @@ def test_summary_callable_is_built_only_for_an_error(monkeypatch):
 def fake_op():
     """A made-up op with three backends, removed from the registry afterwards."""
     calls = []
-    state = {"a": [], "b": [], "c": []}
+    state = {"a": [], "b": [], "c": [], "a_auto": []}
     names = {"a": "triton", "b": "torch", "c": "flex"}
     for key, auto, devices in (("a", True, None), ("b", True, ("cpu",)), ("c", False, None)):
+        auto_if = (lambda *a: list(state["a_auto"])) if key == "a" else None
         _dispatch.register_backend("_test_op", names[key], can_run=lambda *a, _k=key: list(state[_k]),
-                                   auto=auto, auto_devices=devices)(lambda *a, _k=key: calls.append(_k))
+                                   auto=auto, auto_devices=devices, auto_if=auto_if)(
+            lambda *a, _k=key: calls.append(_k))
     yield state
     _dispatch._REGISTRY.pop("_test_op", None)
     _dispatch._LOGGED_REFERENCE.discard("_test_op")
@@ -141,6 +143,19 @@ def test_fake_op_priority_and_auto_flags(fake_op):
     assert "backend 'triton':\n    - a cannot" in msg and "backend 'torch':\n    - b cannot" in msg
     assert "flex" not in msg
     assert _dispatch.select("_test_op", "flex", CPU, "").name == "flex"
+
+
+def test_fake_op_auto_if_passes_over_a_backend_that_can_run(fake_op):
+    # a speed rule: "auto" takes the next backend, the rule's reasons appear if nothing runs, and the
+    # backend still runs when it is named
+    fake_op["a_auto"] = ["slower here"]
+    assert _dispatch.select("_test_op", "auto", CPU, "").name == "torch"
+    assert _dispatch.select("_test_op", "triton", CPU, "").name == "triton"
+    fake_op["b"] = ["b cannot"]
+    with pytest.raises(NotImplementedError, match="backend 'triton':\n    - slower here"):
+        _dispatch.select("_test_op", "auto", CPU, "in")
+    fake_op["a_auto"] = []
+    assert _dispatch.select("_test_op", "auto", CPU, "").name == "triton"
 
 
 def test_fake_op_named_backend_raises_its_own_reasons(fake_op):

@@ -5,8 +5,10 @@ Each op registers its backends in priority order with ``@register_backend(op, na
 (an empty list means it can), in the style of xformers' capability checks. Selection:
 
 * ``backend="auto"`` (or ``None`` with no ``use_backend`` in force) tries the backends marked
-  ``auto=True`` in order and takes the first that can run. The ``"torch"`` reference is eligible only
-  for CPU tensors, and picking it is logged: a CUDA tensor never falls back to it silently.
+  ``auto=True`` in order and takes the first that can run, passing over one whose ``auto_if`` gives
+  reasons (a measured speed rule: it runs these inputs, but a later backend is faster there). The
+  ``"torch"`` reference is eligible only for CPU tensors, and picking it is logged: a CUDA tensor never
+  falls back to it silently.
 * A backend asked for by name runs or raises ``NotImplementedError`` with its reasons.
 * When nothing can run, the error lists every backend tried with its reasons, independent of the
   log level, and ends with the action most likely to fix it.
@@ -50,6 +52,7 @@ class _Backend:
     auto_devices: tuple[str, ...] | None
     doc: str = ""
     extra: dict = field(default_factory=dict)
+    auto_if: Callable[..., list[str]] | None = None
 
 
 _REGISTRY: dict[str, dict[str, _Backend]] = {}
@@ -68,6 +71,7 @@ def register_backend(
     auto: bool = True,
     auto_devices: tuple[str, ...] | None = None,
     doc: str = "",
+    auto_if: Callable[..., list[str]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` as backend ``name`` of ``op``; registration order is the ``"auto"`` priority.
 
@@ -77,11 +81,15 @@ def register_backend(
         can_run: ``can_run(*args, **kwargs) -> list[str]`` of reasons it cannot run these inputs.
         auto: whether ``"auto"`` may pick it (comparison backends such as ``"flex"`` set False).
         auto_devices: device types on which ``"auto"`` may pick it (``("cpu",)`` for references).
+        auto_if: ``auto_if(*args, **kwargs) -> list[str]`` of reasons why ``"auto"`` passes over it for
+            inputs it can run (a measured speed rule, e.g. a later backend is faster there); by name it
+            still runs them.
     """
     BackendName(name)  # unknown names are a programming error caught at import
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[name] = _Backend(op, name, fn, can_run, auto, auto_devices, doc)
+        _REGISTRY.setdefault(op, {})[name] = _Backend(op, name, fn, can_run, auto, auto_devices, doc,
+                                                      auto_if=auto_if)
         return fn
 
     return deco
@@ -163,6 +171,8 @@ def select(op: str, backend: str | None, device: torch.device, summary, *args, *
                     f"'auto' picks the {b.name!r} backend only for {'/'.join(b.auto_devices)} tensors, "
                     f"got device={device}; pass backend={b.name!r} to run it there on purpose"
                 ]
+            if not reasons and b.auto_if is not None:
+                reasons = list(b.auto_if(*args, **kwargs))
             if not reasons:
                 if b.auto_devices is not None and op not in _LOGGED_REFERENCE:
                     _LOGGED_REFERENCE.add(op)

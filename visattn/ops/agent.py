@@ -6,12 +6,12 @@ https://arxiv.org/abs/2312.08874). With agents ``A`` (pooled from the queries' g
 
 Contents: the public op :func:`agent_attention`; :func:`agent_attention_ref`, the float64-capable
 pure-PyTorch reference; :class:`AgentBias` (decomposed, cached biases; ``agent_bias.py``); and the
-backends: ``"sdpa"`` (default on CUDA for inference: two ``F.scaled_dot_product_attention`` calls with
-the cached biases broadcast over the batch), ``"triton"`` (fused forward and backward kernels,
-``kernels/agent.py`` via ``_agent_triton.py``; default on CUDA when a gradient flows, see
-:func:`agent_attention`), ``"torch"`` (the reference, default on CPU) and ``"upstream"`` (upstream's
-computation order: biases materialised and repeated over the batch every call, explicit softmax; for
-benchmarks only, never picked by ``"auto"``).
+backends: ``"triton"`` (fused forward and backward kernels, ``kernels/agent.py`` via ``_agent_triton.py``;
+default on CUDA when a gradient flows through a grid of at least 2048 query tokens, see
+:func:`agent_attention`), ``"sdpa"`` (default on CUDA otherwise: two ``F.scaled_dot_product_attention``
+calls with the cached biases broadcast over the batch), ``"torch"`` (the reference, default on CPU) and
+``"upstream"`` (upstream's computation order: biases materialised and repeated over the batch every call,
+explicit softmax; for benchmarks only, never picked by ``"auto"``).
 """
 
 from __future__ import annotations
@@ -285,10 +285,11 @@ def agent_attention(
         layout: ``"BNHD"`` (default) or ``"BHND"``; the output has q's layout, shape and dtype.
         dropout_p: attention dropout on both softmaxes (pass 0 in eval).
         backend: ``"auto"``, ``"sdpa"``, ``"triton"``, ``"torch"`` or ``"upstream"``. On CUDA ``"auto"``
-            picks ``"sdpa"`` (two SDPA calls) for inference and training: on an H100 it trained
-            agent_swin_tiny / agent_pvt_small at 1.03x / 1.02x of upstream's path against 0.98x /
-            0.87x for the fused ``"triton"`` kernels (``benchmarks/results/agent_h100.md``), which
-            are chosen only by name. On CPU ``"auto"`` picks ``"torch"``.
+            picks the fused ``"triton"`` kernels when a gradient flows and the queries hold at least
+            2048 tokens (e.g. a 56x56 stage 1), where they train about twice as fast as two SDPA calls,
+            and ``"sdpa"`` (two SDPA calls) otherwise, where it is faster (measurements beside
+            ``_TRITON_AUTO_MIN_TOKENS``; ``benchmarks/results/agent_h100.md``). On CPU ``"auto"`` picks
+            ``"torch"``.
 
     Raises:
         ValueError: inconsistent shapes, dtypes, devices or arguments (the message names them).
@@ -387,8 +388,32 @@ def _triton_can_run(p: _Problem, dropout_p: float = 0.0) -> list[str]:
     return _agent_triton.triton_reasons(p.q, _n_agents(p), dropout_p, _needs_grad(p))
 
 
+# "auto" takes the fused kernels only where they measured faster than two SDPA calls: training on a large
+# token grid. H100, batch 128, bf16, AgentBias parameters, forward + backward ms, triton / sdpa: Agent-Swin
+# stage 1 (56x56, 9 agents) 3.67 / 7.08, Agent-PVT stage 1 (56x56) 2.94 / 3.43; 28x28 and smaller 2.6-3.9 /
+# 1.5-2.3; inference at every stage slower. Whole agent_swin_tiny training step: 60-66 ms against 68-73.
+_TRITON_AUTO_MIN_TOKENS = 2048
+
+
+def _triton_auto_reasons(p: _Problem, dropout_p: float = 0.0) -> list[str]:
+    if not _needs_grad(p):
+        return ["no gradient: two SDPA calls are faster for inference"]
+    if p.q.shape[2] < _TRITON_AUTO_MIN_TOKENS:
+        return [f"{p.q.shape[2]} query tokens < {_TRITON_AUTO_MIN_TOKENS}: two SDPA calls train faster"]
+    return []
+
+
+@_dispatch.register_backend("agent", "triton", can_run=_triton_can_run, auto_devices=("cuda",),
+                            auto_if=_triton_auto_reasons,
+                            doc="fused Triton forward + backward (auto: training on >= 2048 query tokens)")
+def _run_triton(p: _Problem, dropout_p: float) -> torch.Tensor:
+    a = _agents(p, p.q)
+    b1, b2 = _materialize(p, a.shape[2], p.q.dtype)
+    return _agent_triton.agent_attention_triton(p.q, p.k, p.v, a, b1, b2, p.mask, p.s1, p.s2)
+
+
 @_dispatch.register_backend("agent", "sdpa", can_run=_no_reasons, auto_devices=("cuda",),
-                            doc="two SDPA calls with cached biases broadcast over the batch")
+                            doc="two SDPA calls with cached biases broadcast over the batch (auto otherwise)")
 def _run_sdpa(p: _Problem, dropout_p: float) -> torch.Tensor:
     q, k, v = p.q, p.k, p.v
     a = _agents(p, q)
@@ -404,14 +429,6 @@ def _run_sdpa(p: _Problem, dropout_p: float) -> torch.Tensor:
     if anyv is not None:
         va = va * anyv.to(va.dtype)
     return F.scaled_dot_product_attention(q, a, va, attn_mask=m2, dropout_p=dropout_p, scale=p.s2)
-
-
-@_dispatch.register_backend("agent", "triton", can_run=_triton_can_run, auto_devices=("cuda",),
-                            doc="fused Triton forward + backward (by name; slower than sdpa on an H100)")
-def _run_triton(p: _Problem, dropout_p: float) -> torch.Tensor:
-    a = _agents(p, p.q)
-    b1, b2 = _materialize(p, a.shape[2], p.q.dtype)
-    return _agent_triton.agent_attention_triton(p.q, p.k, p.v, a, b1, b2, p.mask, p.s1, p.s2)
 
 
 @_dispatch.register_backend("agent", "torch", can_run=_no_reasons, auto_devices=("cpu",),
