@@ -10,8 +10,9 @@ the same code): ``segments`` (:class:`Segments`: video tiles then text tiles, KV
 per-segment token ranges, padded text keys never attended) - ``level_ptr`` + :class:`Pyramid` (PSA:
 entries grouped by pool factor 1/2/4/8; pooled entries run through ``_attend_pooled_level``: general
 split/merge of ``block_k / m`` pooled keys into ``POOL_N``-lane execution tiles with a ``+ln c`` bias,
-``c`` the true group count; a level of full blocks skips the counts) - ``causal`` (PSA's causal variant) - ``rect_scale``/``rect_bias``
-(Rectified's epilogue ``out = R * out + C`` per query tile) - ``tile_order`` (heavy tiles first).
+``c`` the true group count; a level of full blocks skips the counts) - ``causal`` (PSA's causal
+variant) - ``rect_scale``/``rect_bias`` (Rectified's epilogue ``out = R * out + C`` per query tile) -
+``tile_order`` (heavy tiles first).
 
 Caution/limits: tested with Triton 3.6 (GPU) and 3.9 (interpreter on CPU). fp16, bf16 and fp32
 (fp32 dots run in IEEE precision); head dims up to 256 (non-powers of two are padded with masked

@@ -29,8 +29,9 @@ import triton.language as tl
 
 # tokens per program; H100 sweep, q + k [1, 32760, 12, 128] bf16: 8-16 tokens 0.168 ms, 32: 0.190, 64: 0.191
 _BLOCK_S = 16
-# the one-pass norm + rotation holds every head of its tokens; H100, Wan's q + k as above (the two-pass per-head
-# loop before it: 0.236 ms): tokens / warps 4 / 4 0.163 ms, 2 / 4 0.176, 4 / 8 0.163, 8 / 8 0.231, 8 / 4 0.159, 1 / 4 0.165
+# the one-pass norm + rotation holds every head of its tokens; H100, Wan's q + k as above (the two-pass
+# per-head loop before it: 0.236 ms), ms by tokens / warps: 4 / 4 0.163, 2 / 4 0.176, 4 / 8 0.163,
+# 8 / 8 0.231, 8 / 4 0.159, 1 / 4 0.165
 _NORM_BLOCK_S, _NORM_WARPS = 4, 4
 
 
