@@ -51,6 +51,15 @@ def _lane_blocks(idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def _level_tiles(idx_row, stride_ij, e0, n_ent, BLOCK_K: tl.constexpr, MF: tl.constexpr, TN: tl.constexpr):
+    """A level loop's set-up: lane offsets, its lane and tile counts, and the block ids of its first tile."""
+    offs_p = tl.arange(0, TN)
+    n_lanes = n_ent * (BLOCK_K // MF)
+    return offs_p, n_lanes, (n_lanes + TN - 1) // TN, _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K,
+                                                                   MF, TN)
+
+
+@triton.jit
 def _tile_blocks(blk_next, idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K: tl.constexpr, MF: tl.constexpr,
                  TN: tl.constexpr, PREFETCH: tl.constexpr):
     """Block ids of tile ``t``'s lanes and the loop-carried ids of tile ``t + 1`` (read one tile ahead
@@ -138,12 +147,8 @@ def _attend_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e
     a loop-carried value, not on a load of the same iteration). ``partial`` (from ``_partial_levels``)
     is nonzero when some entry of the level names a block shorter than ``BLOCK_K``: only then do its
     tiles test their lanes' counts (a cross-warp reduction per tile)."""
-    P: tl.constexpr = BLOCK_K // MF
     LOG2_MF: tl.constexpr = 0.0 if MF == 1 else (1.0 if MF == 2 else (2.0 if MF == 4 else 3.0))
-    offs_p = tl.arange(0, TN)
-    n_lanes = n_ent * P
-    n_t = (n_lanes + TN - 1) // TN
-    blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K, MF, TN)
+    offs_p, n_lanes, n_t, blk_next = _level_tiles(idx_row, stride_ij, e0, n_ent, BLOCK_K, MF, TN)
     for t in range(0, n_t):
         blk, blk_next = _tile_blocks(blk_next, idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN, PREFETCH)
         rows, cnt, last = _lane_rows(blk, t, offs_p, seq_k, text_valid, video_start, num_video, text_start, n_vk,
@@ -182,10 +187,7 @@ def _full_level(q, k_base, v_base, stride_kn, stride_vn, idx_row, stride_ij, e0,
     comes from its block id alone, ``log2 MF`` folds into the exponent's FMA, and only the level's last
     tile masks lanes."""
     P: tl.constexpr = BLOCK_K // MF
-    offs_p = tl.arange(0, TN)
-    n_lanes = n_ent * P
-    n_t = (n_lanes + TN - 1) // TN
-    blk_next = _lane_blocks(idx_row, stride_ij, e0, n_ent, 0, offs_p, BLOCK_K, MF, TN)
+    offs_p, n_lanes, n_t, blk_next = _level_tiles(idx_row, stride_ij, e0, n_ent, BLOCK_K, MF, TN)
     for t in range(0, n_t):
         blk, blk_next = _tile_blocks(blk_next, idx_row, stride_ij, e0, n_ent, t, offs_p, BLOCK_K, MF, TN, PREFETCH)
         lane = t * TN + offs_p
