@@ -117,11 +117,16 @@ def test_summary_callable_is_built_only_for_an_error(monkeypatch):
 def fake_op():
     """A made-up op with three backends, removed from the registry afterwards."""
     calls = []
-    state = {"a": [], "b": [], "c": [], "a_auto": []}
+    state = {"a": [], "b": [], "c": [], "a_auto": [], "checked": []}
     names = {"a": "triton", "b": "torch", "c": "flex"}
+
+    def can_run(*a, _k):
+        state["checked"].append(_k)
+        return list(state[_k])
+
     for key, auto, devices in (("a", True, None), ("b", True, ("cpu",)), ("c", False, None)):
         auto_if = (lambda *a: list(state["a_auto"])) if key == "a" else None
-        _dispatch.register_backend("_test_op", names[key], can_run=lambda *a, _k=key: list(state[_k]),
+        _dispatch.register_backend("_test_op", names[key], can_run=lambda *a, _k=key: can_run(*a, _k=_k),
                                    auto=auto, auto_devices=devices, auto_if=auto_if)(
             lambda *a, _k=key: calls.append(_k))
     yield state
@@ -150,6 +155,7 @@ def test_fake_op_auto_if_passes_over_a_backend_that_can_run(fake_op):
     # backend still runs when it is named
     fake_op["a_auto"] = ["slower here"]
     assert _dispatch.select("_test_op", "auto", CPU, "").name == "torch"
+    assert fake_op["checked"] == ["b"]  # the rule is asked first and spares "a"'s capability check
     assert _dispatch.select("_test_op", "triton", CPU, "").name == "triton"
     fake_op["b"] = ["b cannot"]
     with pytest.raises(NotImplementedError, match="backend 'triton':\n    - slower here"):

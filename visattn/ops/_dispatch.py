@@ -83,7 +83,8 @@ def register_backend(
         auto_devices: device types on which ``"auto"`` may pick it (``("cpu",)`` for references).
         auto_if: ``auto_if(*args, **kwargs) -> list[str]`` of reasons why ``"auto"`` passes over it for
             inputs it can run (a measured speed rule, e.g. a later backend is faster there); by name it
-            still runs them.
+            still runs them. ``"auto"`` asks it before ``can_run`` (a cheap rule spares the capability
+            check), so it must not assume the inputs are runnable.
     """
     BackendName(name)  # unknown names are a programming error caught at import
 
@@ -165,14 +166,15 @@ def select(op: str, backend: str | None, device: torch.device, summary, *args, *
         for b in registry.values():
             if not b.auto:
                 continue
-            reasons = list(b.can_run(*args, **kwargs))
+            # the speed rule first: it is cheaper than the capability check it spares
+            reasons = list(b.auto_if(*args, **kwargs)) if b.auto_if is not None else []
+            if not reasons:
+                reasons = list(b.can_run(*args, **kwargs))
             if not reasons and b.auto_devices is not None and device.type not in b.auto_devices:
                 reasons = [
                     f"'auto' picks the {b.name!r} backend only for {'/'.join(b.auto_devices)} tensors, "
                     f"got device={device}; pass backend={b.name!r} to run it there on purpose"
                 ]
-            if not reasons and b.auto_if is not None:
-                reasons = list(b.auto_if(*args, **kwargs))
             if not reasons:
                 if b.auto_devices is not None and op not in _LOGGED_REFERENCE:
                     _LOGGED_REFERENCE.add(op)
