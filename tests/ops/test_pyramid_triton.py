@@ -33,6 +33,8 @@ def _grads(fn, q, k, v, do, dl):
 def _compare(device, q, k, v, plan, lay=None, layout="BNHD", rows_ok=None):
     q, k, v = (t.to(device).requires_grad_() for t in (q, k, v))
     plan = plan.to(device)
+    if lay is not None:  # the moved plan's layout (a layout's text-length tensor is compared by identity)
+        lay = plan.seq_layout
     g = torch.Generator().manual_seed(11)
     do = torch.randn(q.shape, generator=g).to(device)
     B, H = q.shape[0], q.shape[2] if layout == "BNHD" else q.shape[1]
@@ -88,9 +90,22 @@ def test_triton_text_segments_with_valid_lengths(device, pos):
     plan = pyramid_plan(q, k, config=cfg, seq_layout=lay)
     rows_ok = torch.ones(2, N, dtype=torch.bool)
     rows_ok[1, lay.text_start + 7 : lay.text_start + 23] = False
-    _compare(
-        device, q, k, v, plan, lay=lay.replace(text_valid_len=lay.text_valid_len.to(device)), rows_ok=rows_ok
-    )
+    _compare(device, q, k, v, plan, lay=lay, rows_ok=rows_ok)
+
+
+def test_triton_video_only_layout_runs_the_plain_path(device):
+    """A layout without text (Wan's self-attention) runs the kernels without segments: same blocks cut
+    from 0, a partial last block, gradients included."""
+    from visattn.ops.pyramid import _kernel_args
+
+    lay = SequenceLayout((3, 5, 9))
+    N = lay.seq_len
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, N, 2, 16, generator=g) for _ in range(3))
+    cfg = PyramidConfig(levels={1: 0.2, 2: 0.4, 4: 0.6, 8: 0.8}, align="none")._with_blocks(32, 32)
+    plan = pyramid_plan(q, k, config=cfg, seq_layout=lay)
+    assert _kernel_args(plan, 2, device)[2] is False
+    _compare(device, q, k, v, plan, lay=lay)
 
 
 def test_triton_causal_variant(device):

@@ -477,7 +477,7 @@ _pyramid_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _kernel_args(plan: PyramidPlan, B: int, device):
     lay = plan.seq_layout
-    if lay is None:
+    if lay is None or lay.text_len == 0:  # video only: its blocks are cut from 0 like a plain sequence's
         return [0, 0, 0, 0], None, False
     return ([lay.video_start, lay.num_video, lay.text_start, lay.text_len], lay.valid_text(B, device), True)
 

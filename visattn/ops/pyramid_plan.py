@@ -246,13 +246,16 @@ class PyramidPlan:
         return flops / float(self.seq_len) ** 2
 
     def to(self, device) -> PyramidPlan:
+        lay = self.seq_layout  # its per-sample text lengths move too
+        if lay is not None and isinstance(lay.text_valid_len, torch.Tensor):
+            lay = lay.replace(text_valid_len=lay.text_valid_len.to(device))
         return PyramidPlan(
             self.kv_index.to(device),
             self.level_ptr.to(device),
             self.block_q,
             self.block_k,
             self.seq_len,
-            self.seq_layout,
+            lay,
             self.config,
             None if self.scores is None else self.scores.to(device),
         )
