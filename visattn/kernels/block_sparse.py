@@ -494,7 +494,7 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
     dpad = head_dim_pad(D)
     levels = level_ptr is not None
     if levels:
-        cfg = _configs.pyramid_fwd_config(dev, D, block_q, block_k, q.dtype)
+        cfg = _configs.pyramid_fwd_config(dev, D, block_q, block_k, q.dtype, segments is not None)
     else:
         cfg = _configs.fwd_config(dev, D, block_q, block_k, q.dtype)
     text_valid, seg, n_tiles = _segment_args(segments, B, block_q, block_k, dev)
@@ -534,7 +534,7 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=dot_precision(q.dtype),
         TAIL_BRANCH=cfg.tail_branch, PREFETCH=cfg.prefetch, SEGMENTS=segments is not None, RECT=rect,
         LEVELS=levels, POOL_N=cfg.pool_n, CAUSAL=causal, ORDERED=ordered,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return out, lse
 
