@@ -389,7 +389,7 @@ def _rectified_fwd_op(
         block,
         block,
         scale,
-        segments=Segments(*seg, text_valid),
+        segments=Segments(*seg, text_valid) if seg[3] else None,  # video only: the plain path, blocks from 0
         rect_scale=rect_scale,
         rect_bias=rect_bias,
         tile_order=tile_order,
