@@ -58,10 +58,11 @@ def _stack_bytes(k) -> int:
     return int(m.group(1)) if m else -1
 
 
-def check(name, fn, consts, warps=8, stages=3, ptrs=None) -> bool:
+def check(name, fn, consts, warps=8, stages=3, ptrs=None, maxnreg=None) -> bool:
+    opts = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     try:
         k = triton.compile(ASTSource(fn, _signature(fn, consts, ptrs), constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                           target=GPUTarget("cuda", 90, 32), options=opts)
         print("OK", name, k.metadata.shared, k.asm["ptx"].count(".local"), _stack_bytes(k))
         return True
     except Exception as e:  # noqa: BLE001  (report every kernel, then fail)
@@ -79,6 +80,10 @@ def main() -> int:
     c = dict(d, BLOCK_Q=128, BLOCK_M=128, BLOCK_K=128, BLOCK_N=128, TAIL_BRANCH=True, PREFETCH=True, SEGMENTS=True,
              RECT=True, LEVELS=False, POOL_N=64, CAUSAL=False, ORDERED=False)
     ok &= check("fwd_segments_rect", bs._block_sparse_fwd_kernel, c)
+    # the GPU tiles of 32-key blocks without segments: 2 stages, registers capped for two programs per SM
+    c = dict(d, BLOCK_Q=128, BLOCK_M=128, BLOCK_K=32, BLOCK_N=32, TAIL_BRANCH=True, PREFETCH=True, SEGMENTS=False,
+             RECT=False, LEVELS=True, POOL_N=32, CAUSAL=False, ORDERED=True)
+    ok &= check("fwd_levels_bk32_capped", bs._block_sparse_fwd_kernel, c, stages=2, maxnreg=128)
     ok &= check("pool", pk._pyramid_pool_kernel,
                 dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_K=64, SEGMENTS=True, DO2=True, DO4=True, DO8=True))
     ok &= check("bwd_dq", pk._pyramid_bwd_dq_kernel,

@@ -94,7 +94,8 @@ def _bwd_dq_config(device: torch.device, head_dim: int, block_q: int, block_k: i
 def pyramid_fwd_config(device: torch.device, head_dim: int, block_q: int, block_k: int, dtype: torch.dtype,
                        segments: bool = False) -> TileConfig:
     """PSA forward: level-1 tiles of ``block_n`` keys (wider than a 32-key block: entries are packed),
-    pooled levels in tiles of ``pool_n`` lanes; ``block_m`` divides ``block_q``."""
+    pooled levels in tiles of ``pool_n`` lanes; ``block_m`` divides ``block_q``. ``segments``: the sequence has
+    text segments (its kernel variant takes other tiles at 32-key blocks)."""
     if "pyramid_fwd" in OVERRIDES:
         c = OVERRIDES["pyramid_fwd"]
         return TileConfig(min(c.block_m, block_q), c.block_n, c.num_warps, c.num_stages, c.tail_branch, c.prefetch,
