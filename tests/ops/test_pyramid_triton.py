@@ -96,7 +96,7 @@ def test_triton_text_segments_with_valid_lengths(device, pos):
 def test_triton_video_only_layout_runs_the_plain_path(device):
     """A layout without text (Wan's self-attention) runs the kernels without segments: same blocks cut
     from 0, a partial last block, gradients included."""
-    from visattn.ops.pyramid import _kernel_args
+    from visattn.ops.pyramid import _kernel_args, _segments
 
     lay = SequenceLayout((3, 5, 9))
     N = lay.seq_len
@@ -104,7 +104,8 @@ def test_triton_video_only_layout_runs_the_plain_path(device):
     q, k, v = (torch.randn(2, N, 2, 16, generator=g) for _ in range(3))
     cfg = PyramidConfig(levels={1: 0.2, 2: 0.4, 4: 0.6, 8: 0.8}, align="none")._with_blocks(32, 32)
     plan = pyramid_plan(q, k, config=cfg, seq_layout=lay)
-    assert _kernel_args(plan, 2, device)[2] is False
+    seg, tv, use = _kernel_args(plan, 2, device)
+    assert _segments(*seg, tv, use) is None  # the kernels get no segments
     _compare(device, q, k, v, plan, lay=lay)
 
 

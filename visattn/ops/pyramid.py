@@ -311,9 +311,9 @@ def pyramid_attention_ref(
 
 
 def _segments(video_start, num_video, text_start, text_len, text_valid, use_segments):
-    from ..kernels.block_sparse import Segments
+    from ..kernels.block_sparse import segments_for
 
-    return Segments(video_start, num_video, text_start, text_len, text_valid) if use_segments else None
+    return segments_for(video_start, num_video, text_start, text_len, text_valid) if use_segments else None
 
 
 @torch.library.custom_op("visattn::pyramid_fwd", mutates_args=())
@@ -477,9 +477,10 @@ _pyramid_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _kernel_args(plan: PyramidPlan, B: int, device):
     lay = plan.seq_layout
-    if lay is None or lay.text_len == 0:  # video only: its blocks are cut from 0 like a plain sequence's
+    if lay is None:
         return [0, 0, 0, 0], None, False
-    return ([lay.video_start, lay.num_video, lay.text_start, lay.text_len], lay.valid_text(B, device), True)
+    tv = lay.valid_text(B, device) if lay.text_len else None  # video only: no segments (``segments_for``)
+    return [lay.video_start, lay.num_video, lay.text_start, lay.text_len], tv, True
 
 
 def _as_bnhd(t: torch.Tensor, layout: str) -> torch.Tensor:

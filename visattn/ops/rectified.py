@@ -377,7 +377,7 @@ def _rectified_fwd_op(
     text_valid: torch.Tensor,
     tile_order: torch.Tensor,
 ) -> torch.Tensor:
-    from ..kernels.block_sparse import Segments, block_sparse_fwd
+    from ..kernels.block_sparse import block_sparse_fwd, segments_for
 
     # heavy tiles first (text tiles list every block): load balance across the grid
     out, _ = block_sparse_fwd(
@@ -389,7 +389,7 @@ def _rectified_fwd_op(
         block,
         block,
         scale,
-        segments=Segments(*seg, text_valid) if seg[3] else None,  # video only: the plain path, blocks from 0
+        segments=segments_for(*seg, text_valid),
         rect_scale=rect_scale,
         rect_bias=rect_bias,
         tile_order=tile_order,
