@@ -37,7 +37,7 @@ def _signature(fn, consts, ptrs=None):
             sig[n] = "constexpr"
         elif n in ptrs:
             sig[n] = "*" + ptrs[n]
-        elif n.startswith(("sm_scale", "tau")) or n == "scale":
+        elif n.startswith(("sm_scale", "tau")) or n in ("scale", "qk_scale"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"

@@ -33,20 +33,42 @@ def _kv_box_rel(d0, d1, d2, sk0, sk1, sk2, sv0, sv1, sv2, od, ov, K0: tl.constex
 
 
 @triton.jit
-def _kv_box_step(it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
-                 d0, d1, d2, sk0, sk1, sk2, sv0, sv1, sv2, od, ov, D: tl.constexpr, DV: tl.constexpr,
-                 K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    """The ``it``-th KV box of a walk over the union window ``[lo, hi]`` (``n1 x n2`` boxes per leading
-    index, row-major): its origin ``j``, key coordinates ``c``, valid columns and the K and V tiles."""
-    j0 = lo0 + (it // (n1 * n2)) * K0
-    j1 = lo1 + ((it // n2) % n1) * K1
-    j2 = lo2 + (it % n2) * K2
+def _kv_box_load(j0, j1, j2, hi0, hi1, hi2, r0, r1, r2, k_box, v_box, k_rel, v_rel, od, ov, D: tl.constexpr,
+                 DV: tl.constexpr):
+    """Key coordinates, valid columns (inside the union window ``[.., hi]``) and the K and V tiles of the KV
+    box at origin ``j`` (``k_box``/``v_box``: its base pointers)."""
     col_ok = (r0 <= hi0 - j0) & (r1 <= hi1 - j1) & (r2 <= hi2 - j2)
-    k = tl.load(k_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sk0, sk1, sk2) + k_rel,
-                mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
-    v = tl.load(v_base + _off(j0, j1, j2, g0, g1, g2, d0, d1, d2, sv0, sv1, sv2) + v_rel,
-                mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
-    return j0, j1, j2, j0 + r0, j1 + r1, j2 + r2, col_ok, k, v
+    k = tl.load(k_box + k_rel, mask=col_ok[:, None] & (od[None, :] < D), other=0.0)
+    v = tl.load(v_box + v_rel, mask=col_ok[:, None] & (ov[None, :] < DV), other=0.0)
+    return j0 + r0, j1 + r1, j2 + r2, col_ok, k, v
+
+
+@triton.jit
+def _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, s0, s1, s2, K0: tl.constexpr, K1: tl.constexpr,
+                   K2: tl.constexpr):
+    """Offset of a walk's first KV box (origin ``lo``) and the three offset deltas of ``_kv_walk_next``:
+    the next box on axis 2, the first box of the next axis-1 row, the first box of the next axis-0 slab."""
+    st2 = (K2 * d2).to(tl.int64) * s2
+    st1 = (K1 * d1).to(tl.int64) * s1
+    st0 = (K0 * d0).to(tl.int64) * s0
+    back2 = (n2 - 1).to(tl.int64) * st2
+    back1 = (n1 - 1).to(tl.int64) * st1
+    return _off(lo0, lo1, lo2, g0, g1, g2, d0, d1, d2, s0, s1, s2), st0 - back1 - back2, st1 - back2, st2
+
+
+@triton.jit
+def _kv_walk_next(j0, j1, j2, lo1, lo2, hi1, hi2, ko, vo, kd0, kd1, kd2, vd0, vd1, vd2,
+                  K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """One step of a row-major walk over the KV boxes covering ``[lo, hi]``, without divisions: the box
+    origins ``j`` and the K/V offsets ``ko``/``vo`` advanced by the walk's deltas (``_kv_walk_start``)."""
+    w2 = j2 + K2 > hi2  # the last box of this axis-2 row
+    w1 = w2 & (j1 + K1 > hi1)
+    j2 = tl.where(w2, lo2, j2 + K2)
+    j1 = tl.where(w1, lo1, tl.where(w2, j1 + K1, j1))
+    j0 = tl.where(w1, j0 + K0, j0)
+    ko += tl.where(w1, kd0, tl.where(w2, kd1, kd2))
+    vo += tl.where(w1, vd0, tl.where(w2, vd1, vd2))
+    return j0, j1, j2, ko, vo
 
 
 @triton.jit
@@ -82,20 +104,27 @@ def _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok):
 
 
 @triton.jit
-def _axis_in(c, s, e, K: tl.constexpr):
+def _axis_in(c, s, e, K: tl.constexpr, SCALAR: tl.constexpr = False):
     """[rows, cols] (or [rows, 1] when the KV box is 1 wide on this axis: one key coordinate) test that
-    key coordinates ``c`` lie in each row's window ``[s, e]`` on one axis."""
+    key coordinates ``c`` lie in each row's window ``[s, e]`` on one axis. ``SCALAR``: a 1-wide axis
+    passes its one coordinate as a scalar (no reduction)."""
     if K == 1:
-        c0 = tl.min(c, 0)  # every column has the same coordinate on this axis
+        if SCALAR:
+            c0 = c
+        else:
+            c0 = tl.min(c, 0)  # every column has the same coordinate on this axis
         return ((c0 >= s) & (c0 <= e))[:, None]
     else:
         return (c[None, :] >= s[:, None]) & (c[None, :] <= e[:, None])
 
 
 @triton.jit
-def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    """[rows, cols] mask: key group coordinates inside every row's per-axis window."""
-    return _axis_in(k0, s0, e0, K0) & _axis_in(k1, s1, e1, K1) & _axis_in(k2, s2, e2, K2)
+def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+              SCALAR: tl.constexpr = False):
+    """[rows, cols] mask: key group coordinates inside every row's per-axis window (``SCALAR``: 1-wide
+    axes pass the box origin's scalar coordinate)."""
+    return (_axis_in(k0, s0, e0, K0, SCALAR) & _axis_in(k1, s1, e1, K1, SCALAR)
+            & _axis_in(k2, s2, e2, K2, SCALAR))
 
 
 @triton.jit

@@ -28,8 +28,9 @@ import triton.language as tl
 
 from ._common import (LOG2E, _fwd_epilogue, _online_softmax_step, _online_softmax_step_scaled, dot_precision,
                       head_dim_pad)
-from ._neighborhood_index import (_box, _flat, _ids, _kv_box_rel, _kv_box_step, _load_rows, _off, _row_windows,
-                                  _rpb_lin, _rpb_logits, _span, _win_mask)
+from ._neighborhood_index import (_box, _flat, _ids, _kv_box_load, _kv_box_rel, _kv_walk_next,
+                                  _kv_walk_start, _load_rows, _off, _row_windows, _rpb_lin, _rpb_logits, _span,
+                                  _win_mask)
 
 
 @triton.jit(do_not_specialize=["L0", "L1", "L2", "d0", "d1", "d2", "ks0", "ks1", "ks2", "n_extra", "nt1", "nt2"])
@@ -80,10 +81,12 @@ def _neighborhood_fwd_kernel(
     if HAS_RPB:
         rpb_rows = _rpb_lin(i0 - f0, i1 - f1, i2 - f2, sr_0, sr_1, sr_2)
         rpb_cols = _rpb_lin(r0, r1, r2, sr_0, sr_1, sr_2)
-    for it in range(0, n0 * n1 * n2):
-        j0, j1, j2, c0, c1, c2, col_ok, k, v = _kv_box_step(
-            it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
-            d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, D, DV, K0, K1, K2)
+    ko, kd0, kd1, kd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2, K0, K1, K2)
+    vo, vd0, vd1, vd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2, K0, K1, K2)
+    j0, j1, j2 = lo0, lo1, lo2
+    for _ in range(0, n0 * n1 * n2):
+        c0, c1, c2, col_ok, k, v = _kv_box_load(j0, j1, j2, hi0, hi1, hi2, r0, r1, r2, k_base + ko, v_base + vo,
+                                                k_rel, v_rel, od, ov, D, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if not FOLD_SCALE:
             s = s * qk_scale
@@ -93,7 +96,8 @@ def _neighborhood_fwd_kernel(
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
-            s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2), s, float("-inf"))
+            s = tl.where(_win_mask(j0 if K0 == 1 else c0, j1 if K1 == 1 else c1, j2 if K2 == 1 else c2,
+                                   rs0, re0, rs1, re1, rs2, re2, K0, K1, K2, True), s, float("-inf"))
         if HAS_KPM:
             m_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2)
             keep = tl.load(KPM + b * sm_b + m_off, mask=col_ok, other=0)
@@ -103,6 +107,8 @@ def _neighborhood_fwd_kernel(
         else:
             p, m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        j0, j1, j2, ko, vo = _kv_walk_next(j0, j1, j2, lo1, lo2, hi1, hi2, ko, vo, kd0, kd1, kd2, vd0, vd1, vd2, K0,
+                                           K1, K2)
     if HAS_EXTRA:
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
@@ -198,10 +204,12 @@ def _neighborhood_bwd_dq_kernel(
     if STORE_DS:
         slot_cols = (r0 * ks1 + r1) * ks2 + r2
         ds_rows = stat * (ks0 * ks1 * ks2) - ((rs0 * ks1 + rs1) * ks2 + rs2)
-    for it in range(0, n0 * n1 * n2):
-        j0, j1, j2, c0, c1, c2, col_ok, k, v = _kv_box_step(
-            it, n1, n2, lo0, lo1, lo2, hi0, hi1, hi2, r0, r1, r2, k_base, v_base, k_rel, v_rel, g0, g1, g2,
-            d0, d1, d2, sk_0, sk_1, sk_2, sv_0, sv_1, sv_2, od, ov, D, DV, K0, K1, K2)
+    ko, kd0, kd1, kd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2, K0, K1, K2)
+    vo, vd0, vd1, vd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2, K0, K1, K2)
+    j0, j1, j2 = lo0, lo1, lo2
+    for _ in range(0, n0 * n1 * n2):
+        c0, c1, c2, col_ok, k, v = _kv_box_load(j0, j1, j2, hi0, hi1, hi2, r0, r1, r2, k_base + ko, v_base + vo,
+                                                k_rel, v_rel, od, ov, D, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
             s += _rpb_logits(RPB, h, f0, f1, f2, j0, j1, j2, rpb_rows, rpb_cols, ks0, ks1, ks2, sr_h, sr_0, sr_1,
@@ -209,7 +217,8 @@ def _neighborhood_bwd_dq_kernel(
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
-            s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2), s, float("-inf"))
+            s = tl.where(_win_mask(j0 if K0 == 1 else c0, j1 if K1 == 1 else c1, j2 if K2 == 1 else c2,
+                                   rs0, re0, rs1, re1, rs2, re2, K0, K1, K2, True), s, float("-inf"))
         if HAS_KPM:
             keep = tl.load(KPM + b * sm_b + _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2),
                            mask=col_ok, other=0)
@@ -223,6 +232,8 @@ def _neighborhood_bwd_dq_kernel(
             # rows' and columns' parts are loop-invariant; pairs outside a window have s = -inf
             ds_cols = (j0 * ks1 + j1) * ks2 + j2 + slot_cols
             tl.store(DS + ds_rows[:, None] + ds_cols[None, :], ds, mask=row_ok[:, None] & (s != float("-inf")))
+        j0, j1, j2, ko, vo = _kv_walk_next(j0, j1, j2, lo1, lo2, hi1, hi2, ko, vo, kd0, kd1, kd2, vd0, vd1, vd2, K0,
+                                           K1, K2)
     if HAS_EXTRA:
         oe = tl.arange(0, BLOCK_N)
         ke_base = KE + b * ske_b + hk * ske_h
