@@ -294,10 +294,18 @@ def environment_reasons() -> dict[str, list[str]]:
     }
 
 
+_OPS_LOADED = False
+
+
 def _load_ops() -> None:
-    """Import every op module so that their backends are registered."""
+    """Import every op module so that their backends are registered (once: every op call asks)."""
+    global _OPS_LOADED
+    if _OPS_LOADED:
+        return
     from . import block_sparse  # noqa: F401
     from . import neighborhood  # noqa: F401
     from . import agent  # noqa: F401
     from . import bilevel_routing  # noqa: F401
     from . import pyramid  # noqa: F401
+
+    _OPS_LOADED = True

@@ -201,9 +201,20 @@ def _check_options(opts):
 # custom ops: q/k/v arrive as [B, *spatial, H, D]; per-axis lists have 3 entries (leading axes of size 1)
 
 
+_TABLES: dict[tuple, tuple] = {}
+
+
 def _tables(size, ks, st, dl, causal, device):
-    start, end, lo, hi = neighborhood_windows(size, ks, st, dl, tuple(bool(c) for c in causal), device)
-    return start, end, lo, hi
+    """``neighborhood_windows`` keyed by the launchers' already-checked per-axis tuples: one dict lookup per
+    call instead of re-normalising the arguments (host time of small layers)."""
+    key = (size, ks, st, dl, tuple(causal), device)
+    hit = _TABLES.get(key)
+    if hit is None:
+        hit = neighborhood_windows(size, ks, st, dl, tuple(bool(c) for c in causal), device)
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        _TABLES[key] = hit
+    return hit
 
 
 def _cfg_from(opts, device, size, ks, D, dtype):
