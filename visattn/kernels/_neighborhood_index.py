@@ -57,6 +57,15 @@ def _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, s0, s1, s2, K0
 
 
 @triton.jit
+def _kv_walks(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk0, sk1, sk2, sv0, sv1, sv2, K0: tl.constexpr,
+              K1: tl.constexpr, K2: tl.constexpr):
+    """``_kv_walk_start`` of the K and of the V tensor: ``(ko, vo, kd0, kd1, kd2, vd0, vd1, vd2)``."""
+    ko, kd0, kd1, kd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk0, sk1, sk2, K0, K1, K2)
+    vo, vd0, vd1, vd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sv0, sv1, sv2, K0, K1, K2)
+    return ko, vo, kd0, kd1, kd2, vd0, vd1, vd2
+
+
+@triton.jit
 def _kv_walk_next(j0, j1, j2, lo1, lo2, hi1, hi2, ko, vo, kd0, kd1, kd2, vd0, vd1, vd2,
                   K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
     """One step of a row-major walk over the KV boxes covering ``[lo, hi]``, without divisions: the box

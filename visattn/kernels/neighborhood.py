@@ -29,7 +29,7 @@ import triton.language as tl
 from ._common import (LOG2E, _fwd_epilogue, _online_softmax_step, _online_softmax_step_scaled, dot_precision,
                       head_dim_pad)
 from ._neighborhood_index import (_box, _flat, _ids, _kv_box_load, _kv_box_rel, _kv_walk_next,
-                                  _kv_walk_start, _load_rows, _off, _row_windows, _rpb_lin, _rpb_logits, _span,
+                                  _kv_walks, _load_rows, _off, _row_windows, _rpb_lin, _rpb_logits, _span,
                                   _win_mask)
 
 
@@ -81,8 +81,8 @@ def _neighborhood_fwd_kernel(
     if HAS_RPB:
         rpb_rows = _rpb_lin(i0 - f0, i1 - f1, i2 - f2, sr_0, sr_1, sr_2)
         rpb_cols = _rpb_lin(r0, r1, r2, sr_0, sr_1, sr_2)
-    ko, kd0, kd1, kd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2, K0, K1, K2)
-    vo, vd0, vd1, vd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2, K0, K1, K2)
+    ko, vo, kd0, kd1, kd2, vd0, vd1, vd2 = _kv_walks(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2,
+                                                     sv_0, sv_1, sv_2, K0, K1, K2)
     j0, j1, j2 = lo0, lo1, lo2
     for _ in range(0, n0 * n1 * n2):
         c0, c1, c2, col_ok, k, v = _kv_box_load(j0, j1, j2, hi0, hi1, hi2, r0, r1, r2, k_base + ko, v_base + vo,
@@ -204,8 +204,8 @@ def _neighborhood_bwd_dq_kernel(
     if STORE_DS:
         slot_cols = (r0 * ks1 + r1) * ks2 + r2
         ds_rows = stat * (ks0 * ks1 * ks2) - ((rs0 * ks1 + rs1) * ks2 + rs2)
-    ko, kd0, kd1, kd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2, K0, K1, K2)
-    vo, vd0, vd1, vd2 = _kv_walk_start(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sv_0, sv_1, sv_2, K0, K1, K2)
+    ko, vo, kd0, kd1, kd2, vd0, vd1, vd2 = _kv_walks(lo0, lo1, lo2, n1, n2, g0, g1, g2, d0, d1, d2, sk_0, sk_1, sk_2,
+                                                     sv_0, sv_1, sv_2, K0, K1, K2)
     j0, j1, j2 = lo0, lo1, lo2
     for _ in range(0, n0 * n1 * n2):
         c0, c1, c2, col_ok, k, v = _kv_box_load(j0, j1, j2, hi0, hi1, hi2, r0, r1, r2, k_base + ko, v_base + vo,
