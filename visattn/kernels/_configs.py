@@ -180,11 +180,10 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
         2: {64: (1, 8, 8), 128: (1, 8, 16), 32: (1, 4, 8)},
         3: {64: (2, 4, 8), 128: (2, 8, 8), 32: (2, 4, 4)},
     }[rank]
-    q_shapes = dict(shapes)
     if which == "fwd" and bn == 128 and rank == 2:
         # H100, D = 128, 256x256 window 80x80: 16x8 boxes for both Q and KV hold the forward at 255 registers
         # without spills (8x16: 104 bytes of stack); 14.6 ms against 16.2 (benchmarks/NOTES.md)
-        q_shapes[128] = shapes[128] = (1, 16, 8)
+        shapes[128] = (1, 16, 8)
     if which == "fwd" and bn == 128 and rank == 3:
         bn = 64  # 2x8x8 KV boxes spill (96 bytes); 2x4x8: 30x48x80 window 18x24x24 57 ms against 62
     warps = 8 if (bm == 128 and head_dim > 64) else 4
@@ -209,7 +208,7 @@ def _neighborhood_config(device_type, size, kernel_size, head_dim, dtype, which,
             stages -= 1
         while bn > 32 and (bm * dp + stages * 2 * bn * dp) * esize > 160 * 1024:
             bn //= 2
-    return NATileConfig(_fit_box(q_shapes[bm], size), _fit_box(shapes[bn], size), warps, stages)
+    return NATileConfig(_fit_box(shapes[bm], size), _fit_box(shapes[bn], size), warps, stages)
 
 
 def agent_config(device: torch.device, which: str, head_dim_pad: int, block_a: int, dtype: torch.dtype) -> TileConfig:

@@ -113,27 +113,21 @@ def _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok):
 
 
 @triton.jit
-def _axis_in(c, s, e, K: tl.constexpr, SCALAR: tl.constexpr = False):
-    """[rows, cols] (or [rows, 1] when the KV box is 1 wide on this axis: one key coordinate) test that
-    key coordinates ``c`` lie in each row's window ``[s, e]`` on one axis. ``SCALAR``: a 1-wide axis
-    passes its one coordinate as a scalar (no reduction)."""
+def _axis_in(j, c, s, e, K: tl.constexpr):
+    """[rows, cols] test that key coordinates ``c`` lie in each row's window ``[s, e]`` on one axis; a KV box
+    1 wide on this axis has one key coordinate, its origin ``j`` (scalar): a [rows, 1] test."""
     if K == 1:
-        if SCALAR:
-            c0 = c
-        else:
-            c0 = tl.min(c, 0)  # every column has the same coordinate on this axis
-        return ((c0 >= s) & (c0 <= e))[:, None]
+        return ((j >= s) & (j <= e))[:, None]
     else:
         return (c[None, :] >= s[:, None]) & (c[None, :] <= e[:, None])
 
 
 @triton.jit
-def _win_mask(k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-              SCALAR: tl.constexpr = False):
-    """[rows, cols] mask: key group coordinates inside every row's per-axis window (``SCALAR``: 1-wide
-    axes pass the box origin's scalar coordinate)."""
-    return (_axis_in(k0, s0, e0, K0, SCALAR) & _axis_in(k1, s1, e1, K1, SCALAR)
-            & _axis_in(k2, s2, e2, K2, SCALAR))
+def _win_mask(j0, j1, j2, k0, k1, k2, s0, e0, s1, e1, s2, e2, K0: tl.constexpr, K1: tl.constexpr,
+              K2: tl.constexpr):
+    """[rows, cols] mask: the keys (group coordinates ``k``) of the KV box at origin ``j`` inside every row's
+    per-axis window."""
+    return _axis_in(j0, k0, s0, e0, K0) & _axis_in(j1, k1, s1, e1, K1) & _axis_in(j2, k2, s2, e2, K2)
 
 
 @triton.jit

@@ -96,8 +96,8 @@ def _neighborhood_fwd_kernel(
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
-            s = tl.where(_win_mask(j0 if K0 == 1 else c0, j1 if K1 == 1 else c1, j2 if K2 == 1 else c2,
-                                   rs0, re0, rs1, re1, rs2, re2, K0, K1, K2, True), s, float("-inf"))
+            s = tl.where(_win_mask(j0, j1, j2, c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2), s,
+                         float("-inf"))
         if HAS_KPM:
             m_off = _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2)
             keep = tl.load(KPM + b * sm_b + m_off, mask=col_ok, other=0)
@@ -217,8 +217,8 @@ def _neighborhood_bwd_dq_kernel(
         full = ((j0 >= fs0) & (j0 + K0 - 1 <= fe0) & (j1 >= fs1) & (j1 + K1 - 1 <= fe1)
                 & (j2 >= fs2) & (j2 + K2 - 1 <= fe2))
         if not full:
-            s = tl.where(_win_mask(j0 if K0 == 1 else c0, j1 if K1 == 1 else c1, j2 if K2 == 1 else c2,
-                                   rs0, re0, rs1, re1, rs2, re2, K0, K1, K2, True), s, float("-inf"))
+            s = tl.where(_win_mask(j0, j1, j2, c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2), s,
+                         float("-inf"))
         if HAS_KPM:
             keep = tl.load(KPM + b * sm_b + _off(c0, c1, c2, g0, g1, g2, d0, d1, d2, sm_0, sm_1, sm_2),
                            mask=col_ok, other=0)
@@ -340,7 +340,8 @@ def _neighborhood_bwd_dkdv_kernel(
             if not full:
                 x0, x1, x2 = i0 * d0 + g0, i1 * d1 + g1, i2 * d2 + g2
                 rs0, re0, rs1, re1, rs2, re2 = _row_windows(ST0, EN0, ST1, EN1, ST2, EN2, x0, x1, x2, row_ok)
-                s = tl.where(_win_mask(c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2) & col_ok[None, :], s, float("-inf"))
+                s = tl.where(_win_mask(j0, j1, j2, c0, c1, c2, rs0, re0, rs1, re1, rs2, re2, K0, K1, K2)
+                             & col_ok[None, :], s, float("-inf"))
             if HAS_KPM:
                 s = tl.where(keep[None, :], s, float("-inf"))
             p = tl.math.exp2(s - lse2[:, None])

@@ -21,6 +21,7 @@ import torch
 from . import _dispatch
 from .neighborhood_ref import (
     NAParams,
+    _windows,
     clamp_neighborhood,
     merge_attentions,
     neighborhood_attention_gather,
@@ -201,20 +202,9 @@ def _check_options(opts):
 # custom ops: q/k/v arrive as [B, *spatial, H, D]; per-axis lists have 3 entries (leading axes of size 1)
 
 
-_TABLES: dict[tuple, tuple] = {}
-
-
 def _tables(size, ks, st, dl, causal, device):
-    """``neighborhood_windows`` keyed by the launchers' already-checked per-axis tuples: one dict lookup per
-    call instead of re-normalising the arguments (host time of small layers)."""
-    key = (size, ks, st, dl, tuple(causal), device)
-    hit = _TABLES.get(key)
-    if hit is None:
-        hit = neighborhood_windows(size, ks, st, dl, tuple(bool(c) for c in causal), device)
-        if len(_TABLES) > 256:
-            _TABLES.clear()
-        _TABLES[key] = hit
-    return hit
+    """Window tables of the launchers' checked per-axis tuples: a cache lookup, no re-normalisation."""
+    return _windows(NAParams(size, ks, st, dl, tuple(bool(c) for c in causal)), device)
 
 
 def _cfg_from(opts, device, size, ks, D, dtype):

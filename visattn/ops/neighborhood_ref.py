@@ -134,7 +134,11 @@ def neighborhood_windows(size, kernel_size, stride=1, dilation=1, is_causal=Fals
         indexed by the natural coordinate; values are dilation-group coordinates.
     """
     p = normalize_na_args(size, kernel_size, stride, dilation, is_causal)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _windows(p, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+def _windows(p: NAParams, device: torch.device):
+    """``neighborhood_windows`` of validated parameters on a ``torch.device`` (the launchers' per-call lookup)."""
     key = (p, device)
     hit = _TABLE_CACHE.get(key)
     if hit is None:
