@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _tile_mask, head_dim_pad, num_sms
+from ._common import _tile_mask, cdiv, head_dim_pad, next_pow2, num_sms
 
 # ---------------------------------------------------------------------------------------------
 # sampled max-attention estimator (spec §2.4): one GEMM pass over the sampled keys, scratch in L2
@@ -78,7 +78,7 @@ def chunk_key_order(n_vk: int, sk: int, kc: int, device=None) -> torch.Tensor:
     estimator's ``PERM`` key order for chunks of ``kc`` keys (``chunk_order_applies``). The padding
     repeats the last block's keys; the kernel masks those columns."""
     bpc = kc // sk
-    t = torch.arange(triton.cdiv(n_vk * sk, kc) * kc, device=device)
+    t = torch.arange(cdiv(n_vk * sk, kc) * kc, device=device)
     c, u = t // kc, t % kc
     blk = (c * bpc + (u // (4 * sk)) * 4 + (u // 2) % 4).clamp(max=n_vk - 1)
     return blk * sk + 2 * ((u // 8) % (sk // 2)) + u % 2
@@ -232,7 +232,7 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     rows = rows.contiguous()
     R = rows.shape[2]
     out = torch.empty((B, H, R, D), device=x.device, dtype=x.dtype)
-    _gather_rows_kernel[(triton.cdiv(R, 64), B * H)](
+    _gather_rows_kernel[(cdiv(R, 64), B * H)](
         x, rows, out, *x.stride()[:3], H, R, RB=64, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), num_warps=4,
     )
     return out
@@ -258,7 +258,7 @@ def sampled_scores(q, ks, qrows, kpos, n_vq: int, n_vk: int, sk: int, scale: flo
     out = torch.empty((B, H, n_vq, n_vk), device=q.device, dtype=torch.float32)
     gpu = q.device.type == "cuda"
     qb = max(1, (128 if gpu else 16) // sq)  # rows per program: one M=128 dot on the GPU
-    n_items = triton.cdiv(n_vq, qb) * B * H
+    n_items = cdiv(n_vq, qb) * B * H
     n_prog = min(n_items, 2 * num_sms(q.device) if gpu else 3)  # CPU: several items per program
     scratch = torch.empty((n_prog, (n_vk + 2) * qb * sq), device=q.device, dtype=torch.float32)
     _sampled_scores_kernel[(n_prog,)](
@@ -352,7 +352,7 @@ def pyramid_plan_lists(scores: torch.Tensor, *, n_tq: int, n_tk: int, mode: str,
         s, kv_index, level_ptr, s.stride(0), s.stride(1), s.stride(2), *kv_index.stride()[:3],
         *level_ptr.stride()[:3], H, nq, nk, n_tk, *[float(t) for t in ends], *[int(k) for k in topk_ends],
         *[int(a) for a in aligns], int(min_full),
-        NK_PAD=max(16, triton.next_power_of_2(nk)), NT_PAD=max(16, triton.next_power_of_2(max(n_tk, 1))),
+        NK_PAD=max(16, next_pow2(nk)), NT_PAD=max(16, next_pow2(max(n_tk, 1))),
         MODE=0 if mode == "topk" else 1, num_warps=4 if nk <= 256 else 8,  # 4 warps spill the int64 sort of 512 keys
     )
     return kv_index, level_ptr

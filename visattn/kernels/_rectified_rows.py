@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import next_pow2
 from ._rectified_select import _probabilities, _select_blocks, _store_lists
 from ._rectified_scores import _text_valid, fp32_stats, pooled_scores
 
@@ -110,8 +111,8 @@ def plan_tensors_rows(
         kv_index, kv_count, rect_scale, pg, rmap, kcnt, rcnt,
         nv, nt, H, float(config.cum_threshold), int((1.0 - config.drop_rate) * nv),
         BLOCK=block,
-        BJ=triton.next_power_of_2(nv + 1),
-        BT=triton.next_power_of_2(max(nt, 1)),
+        BJ=next_pow2(nv + 1),
+        BT=next_pow2(max(nt, 1)),
         HAS_TEXT_COL=has_text_col,
         HAS_TEXT_BLOCKS=nt > 0,
         GAPR=config.gapr,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import head_dim_pad
+from ._common import cdiv, head_dim_pad
 
 SCORE_TILE = (32, 64)  # [rows, columns] of a scores-kernel program (8 warps: no register spills on sm_90)
 
@@ -129,7 +129,7 @@ def pooled_scores(stats, k_text, text_valid, *, scale: float, block: int, num_vi
     gain = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev) if config.gapr else None
     t_lse = torch.empty((B, H, nv), dtype=torch.float32, device=dev) if has_text_col else None
     dpad = head_dim_pad(D)
-    _rectified_scores_kernel[(triton.cdiv(nv, SCORE_TILE[0]), triton.cdiv(nv, SCORE_TILE[1]), B * H)](
+    _rectified_scores_kernel[(cdiv(nv, SCORE_TILE[0]), cdiv(nv, SCORE_TILE[1]), B * H)](
         stats[0], stats[1], stats[3], stats[4], k_text,
         text_valid if has_text_col else logit,  # read only with a text column
         logit, logit if gain is None else gain, logit if t_lse is None else t_lse,

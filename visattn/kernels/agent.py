@@ -44,8 +44,10 @@ from ._common import (
     _load_tile,
     _online_softmax_step,
     _tile_mask,
+    cdiv,
     dot_precision,
     head_dim_pad,
+    next_pow2,
     num_sms,
 )
 
@@ -401,13 +403,13 @@ def _split(batch: int, heads: int, tiles: int, ws_elems: int, db_elems: int | No
     best = None
     chunks = 0
     for c in range(1, tiles + 1):
-        per_chunk = triton.cdiv(tiles, c)
-        if triton.cdiv(tiles, per_chunk) == chunks:
+        per_chunk = cdiv(tiles, c)
+        if cdiv(tiles, per_chunk) == chunks:
             continue
-        chunks = triton.cdiv(tiles, per_chunk)
-        groups = batch if db_elems is None else min(batch, triton.cdiv(target, chunks * heads))
-        per_group = triton.cdiv(batch, groups)
-        groups = triton.cdiv(batch, per_group)
+        chunks = cdiv(tiles, per_chunk)
+        groups = batch if db_elems is None else min(batch, cdiv(target, chunks * heads))
+        per_group = cdiv(batch, groups)
+        groups = cdiv(batch, per_group)
         if chunks * heads * groups < target and chunks < tiles and groups == batch:
             continue  # too few programs and more chunks would add some
         cost = batch * chunks * ws_elems + (0 if db_elems is None else groups * db_elems)
@@ -424,15 +426,15 @@ def agent_fwd(q, k, v, a, b1, b2, mask, s1: float, s2: float):
     B, H, N, D = q.shape
     Nk, n = k.shape[2], a.shape[2]
     dev = q.device
-    dpad, apad = head_dim_pad(D), max(16, triton.next_power_of_2(n))
+    dpad, apad = head_dim_pad(D), max(16, next_pow2(n))
     prec = dot_precision(q.dtype)
     m_arg = mask.view(torch.uint8) if mask is not None else q
     # pass 1: enough key chunks to fill the GPU, each a run of whole tiles
     cfg = _configs.agent_config(dev, "pool", dpad, apad, q.dtype)
-    tiles = triton.cdiv(Nk, cfg.block_n)
-    chunks = max(1, min(tiles, triton.cdiv(_target_programs(dev), B * H)))
-    per = triton.cdiv(tiles, chunks)
-    chunks = triton.cdiv(tiles, per)
+    tiles = cdiv(Nk, cfg.block_n)
+    chunks = max(1, min(tiles, cdiv(_target_programs(dev), B * H)))
+    per = cdiv(tiles, chunks)
+    chunks = cdiv(tiles, per)
     m_ws = torch.empty((B * H, chunks, apad), device=dev, dtype=torch.float32)
     l_ws = torch.empty_like(m_ws)
     acc_ws = torch.empty((B * H, chunks, apad, dpad), device=dev, dtype=torch.float32)
@@ -451,7 +453,7 @@ def agent_fwd(q, k, v, a, b1, b2, mask, s1: float, s2: float):
     cfg = _configs.agent_config(dev, "fwd", dpad, apad, q.dtype)
     out = tokens_like(q)
     lse2 = torch.empty((B, H, N), device=dev, dtype=torch.float32)
-    _agent_fwd_kernel[(triton.cdiv(N, cfg.block_m), B * H)](
+    _agent_fwd_kernel[(cdiv(N, cfg.block_m), B * H)](
         q, a, va, b2 if b2 is not None else q, out, lse2,
         *_bhn(q), *_bhn(a), *_bias_strides(b2), *_bhn(out),
         N, H, n, s2 * LOG2E,
@@ -468,13 +470,13 @@ def agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1: float, s2: float
     B, H, N, D = q.shape
     Nk, n = k.shape[2], a.shape[2]
     dev = q.device
-    dpad, apad = head_dim_pad(D), max(16, triton.next_power_of_2(n))
+    dpad, apad = head_dim_pad(D), max(16, next_pow2(n))
     prec = dot_precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
 
     # pass 2: dQ, dV_A, dA (as keys of pass 2), dB2
     cfg = _configs.agent_config(dev, "bwd_dq", dpad, apad, q.dtype)
-    tiles = triton.cdiv(N, cfg.block_m)
+    tiles = cdiv(N, cfg.block_m)
     bcast2 = b2 is not None and b2.shape[0] == 1
     chunks, per_chunk, groups, per = _backward_split(B, H, tiles, 2 * n * D, N * n if bcast2 else None, dev)
     dq = tokens_like(q)
@@ -494,7 +496,7 @@ def agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1: float, s2: float
 
     # pass 1: dK, dV, dA (as queries of pass 1), dB1
     cfg = _configs.agent_config(dev, "bwd_dkdv", dpad, apad, q.dtype)
-    tiles = triton.cdiv(Nk, cfg.block_n)
+    tiles = cdiv(Nk, cfg.block_n)
     bcast1 = b1 is not None and b1.shape[0] == 1
     chunks, per_chunk, groups, per = _backward_split(B, H, tiles, n * D, n * Nk if bcast1 else None, dev)
     dk, dv = tokens_like(k), tokens_like(v)

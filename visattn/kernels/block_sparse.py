@@ -39,6 +39,7 @@ from ._common import (
     _load_tile,
     _online_softmax_step,
     _tile_mask,
+    cdiv,
     dot_precision,
     head_dim_pad,
 )
@@ -418,10 +419,10 @@ class Segments(NamedTuple):
                    seq_layout.valid_text(batch, device))
 
     def num_q_tiles(self, block_q: int) -> int:
-        return triton.cdiv(self.num_video, block_q) + triton.cdiv(self.text_len, block_q)
+        return cdiv(self.num_video, block_q) + cdiv(self.text_len, block_q)
 
     def num_kv_blocks(self, block_k: int) -> int:
-        return triton.cdiv(self.num_video, block_k) + triton.cdiv(self.text_len, block_k)
+        return cdiv(self.num_video, block_k) + cdiv(self.text_len, block_k)
 
     def covers(self, seq_len: int) -> bool:
         """Whether the video and text segments tile ``[0, seq_len)`` (every row belongs to a tile)."""
@@ -452,8 +453,8 @@ def _segment_args(segments: Segments | None, batch: int, block_q: int, block_k: 
     if tv is None:
         tv = torch.full((batch,), tlen, dtype=torch.int32, device=device)
     tv = tv.to(device=device, dtype=torch.int32).clamp(0, tlen).contiguous()
-    n_vq, n_tq = triton.cdiv(nv, block_q), triton.cdiv(tlen, block_q)
-    return tv, (vs, nv, ts, tlen, n_vq, triton.cdiv(nv, block_k), triton.cdiv(tlen, block_k)), n_vq + n_tq
+    n_vq, n_tq = cdiv(nv, block_q), cdiv(tlen, block_q)
+    return tv, (vs, nv, ts, tlen, n_vq, cdiv(nv, block_k), cdiv(tlen, block_k)), n_vq + n_tq
 
 
 class Pyramid(NamedTuple):
@@ -529,7 +530,7 @@ def block_sparse_fwd(q, k, v, kv_index, kv_count, block_q: int, block_k: int, sc
     order = tile_order if tile_order is not None else kv_count
     ordered = tile_order is not None
     n_rows = n_tiles if n_tiles is not None else kv_index.shape[2]
-    grid_m = triton.cdiv(Nq, cfg.block_m) if n_tiles is None else n_tiles * (block_q // cfg.block_m)
+    grid_m = cdiv(Nq, cfg.block_m) if n_tiles is None else n_tiles * (block_q // cfg.block_m)
     if ordered:
         grid_m = n_rows * (block_q // cfg.block_m)
     grid = (grid_m, B * H)
@@ -563,7 +564,7 @@ def block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_index, kv_count, q_index, q
     delta = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     pre_block = 64
-    _block_sparse_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_block), B * H)](
+    _block_sparse_bwd_preprocess_kernel[(cdiv(Nq, pre_block), B * H)](
         out, do, dlse if dlse is not None else delta, delta, lse, lse2,
         *_bhn_strides(out), *_bhn_strides(do), Nq, H,
         HAS_DLSE=dlse is not None, BLOCK=pre_block, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
@@ -574,7 +575,7 @@ def block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_index, kv_count, q_index, q
     dv = torch.empty_like(v) if Hk == H else v.new_empty((B, Nk, H, D))
     prec = dot_precision(q.dtype)
     cfg = _configs.bwd_dkdv_config(dev, D, block_q, block_k, q.dtype)
-    _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg.block_n), B * H)](
+    _block_sparse_bwd_dkdv_kernel[(cdiv(Nk, cfg.block_n), B * H)](
         q, k, v, do, lse2, delta, dk, dv, q_index, q_count,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do),
         *_bhn_strides(dk), *_bhn_strides(dv),
@@ -585,7 +586,7 @@ def block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_index, kv_count, q_index, q
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = _configs.bwd_dq_config(dev, D, block_q, block_k, q.dtype)
-    _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg.block_m), B * H)](
+    _block_sparse_bwd_dq_kernel[(cdiv(Nq, cfg.block_m), B * H)](
         q, k, v, do, lse2, delta, dq, kv_index, kv_count,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
         *_plan_strides(kv_index), *_plan_strides(kv_count),

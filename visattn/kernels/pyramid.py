@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _load_tile, _tile_mask, head_dim_pad
+from ._common import _load_tile, _tile_mask, cdiv, head_dim_pad, next_pow2
 from ._entries import _entry_range, _gathered_logits, _level_lanes
 from .block_sparse import Pyramid, Segments, _bhn_strides, _segment_args
 
@@ -91,7 +91,7 @@ def _pyramid_pool_kernel(
 
 
 def num_kv_blocks(seq_k: int, block_k: int, segments: Segments | None) -> int:
-    return triton.cdiv(seq_k, block_k) if segments is None else segments.num_kv_blocks(block_k)
+    return cdiv(seq_k, block_k) if segments is None else segments.num_kv_blocks(block_k)
 
 
 def pyramid_pool(k: torch.Tensor, v: torch.Tensor, block_k: int, *, segments: Segments | None = None,
@@ -160,7 +160,7 @@ def tile_order(level_ptr: torch.Tensor) -> torch.Tensor:
     order = torch.empty((Bl, Hl, T), device=level_ptr.device, dtype=torch.int32)
     _tile_order_kernel[(Bl * Hl,)](
         level_ptr, order, *level_ptr.stride()[:3], order.stride(0), order.stride(1), Hl, T,
-        T_PAD=max(16, triton.next_power_of_2(T)), num_warps=4,
+        T_PAD=max(16, next_pow2(T)), num_warps=4,
     )
     return order
 
@@ -330,12 +330,12 @@ def _token_groups(N: int, block_k: int, m: int, segments: Segments | None, batch
     t = torch.arange(N, device=device)
     if segments is None:
         blk, off = t // block_k, t % block_k
-        n_blk = triton.cdiv(N, block_k)
+        n_blk = cdiv(N, block_k)
         blen = (N - blk * block_k).clamp(max=block_k).expand(batch, N)
     else:
         vs, nv, ts, tlen, tv = segments
         tv = torch.full((batch,), tlen, device=device) if tv is None else tv.to(device).long().clamp(0, tlen)
-        n_vk = triton.cdiv(nv, block_k)
+        n_vk = cdiv(nv, block_k)
         is_v = (t >= vs) & (t < vs + nv)
         rel = torch.where(is_v, t - vs, t - ts)
         blk = torch.where(is_v, rel // block_k, n_vk + rel // block_k)
@@ -366,7 +366,7 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
     prec = dot_precision(q.dtype)
     delta = torch.empty((B, H, N), device=dev, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
-    _block_sparse_bwd_preprocess_kernel[(triton.cdiv(N, 64), B * H)](
+    _block_sparse_bwd_preprocess_kernel[(cdiv(N, 64), B * H)](
         out, do, dlse if dlse is not None else delta, delta, lse, lse2, *_bhn_strides(out), *_bhn_strides(do), N, H,
         HAS_DLSE=dlse is not None, BLOCK=64, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
     )
@@ -375,7 +375,7 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
     kp, vp, n_blk = pyramid
     text_valid, seg, n_tiles = _segment_args(segments, B, block_q, block_k, dev)
     vs, nv, ts, tlen, n_vq, n_vk, n_tk = seg
-    n_tiles = n_tiles if n_tiles is not None else triton.cdiv(N, block_q)
+    n_tiles = n_tiles if n_tiles is not None else cdiv(N, block_q)
     cfg = _configs.pyramid_bwd_config(dev, D, block_q, block_k, q.dtype)
     dq = torch.empty_like(q)
     if segments is not None:
@@ -398,7 +398,7 @@ def pyramid_bwd(do, q, k, v, out, lse, dlse, kv_index, level_ptr, q_index, q_cou
         P = block_k >> lvl
         tnb = max(16, min(cfg.block_n, P))
         src_k, src_v, dst_k, dst_v = (k, v, dk32, dv32) if lvl == 0 else (kp, vp, dkp, dvp)
-        _pyramid_bwd_dkdv_kernel[(n_blk * triton.cdiv(P, tnb), B * H)](
+        _pyramid_bwd_dkdv_kernel[(n_blk * cdiv(P, tnb), B * H)](
             q, src_k, src_v, do, lse2, delta, dst_k, dst_v, q_index, q_count, text_valid,
             *_bhn_strides(q), *_bhn_strides(src_k), *_bhn_strides(src_v), *_bhn_strides(do),
             *_bhn_strides(dst_k), *_bhn_strides(dst_v), *_plan_strides(q_index), *_plan_strides(q_count),

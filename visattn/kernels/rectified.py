@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _bh_ids, _load_tile, _tile_mask, head_dim_pad
+from ._common import _bh_ids, _load_tile, _tile_mask, cdiv, head_dim_pad, next_pow2
 from ._rectified_scores import _text_valid, fp32_stats, pooled_scores
 from ._rectified_select import _probabilities, _select_blocks, _store_lists
 from .block_sparse import _bhn_strides
@@ -108,7 +108,7 @@ def stats_warps(block: int, dc: int) -> int:
 def block_stats_triton(q, k, v, video_start: int, num_video: int, block: int, upstream_tail: bool):
     """q/k/v: [B, N, H, D] views, dense head dim. Returns fp32 (q̄, k̄, V̄, δq, δk), each [B, H, n_v, D]."""
     B, _, H, D = q.shape
-    nv = triton.cdiv(num_video, block)
+    nv = cdiv(num_video, block)
     outs = [torch.empty((B, H, nv, D), device=q.device, dtype=torch.float32) for _ in range(5)]
     dpad = head_dim_pad(D)
     dc = min(dpad, STATS_DC)
@@ -463,19 +463,19 @@ def plan_tensors_triton(
     rmap = torch.empty((B, H, nv, nv), dtype=torch.int8, device=dev)
     done = torch.zeros(B * H, dtype=torch.int32, device=dev)
     tv = _text_valid(text_valid, B, dev, nt > 0 or has_text_col, kv_count)
-    bj = max(16, triton.next_power_of_2(nv + int(has_text_col)))
+    bj = max(16, next_pow2(nv + int(has_text_col)))
     dk_chunk = min(head_dim_pad(D), 32)
     logit, gain, t_lse = pooled_scores(stats, k_text, tv, scale=scale, block=block, num_video=num_video,
                                        config=config)
-    _rectified_plan_kernel[(triton.cdiv(nv, PLAN_GROUP) + nt, B * H)](
+    _rectified_plan_kernel[(cdiv(nv, PLAN_GROUP) + nt, B * H)](
         logit, rmap if gain is None else gain, totals if t_lse is None else t_lse, stats[2], tv,
         nbr if nbr is not None else kv_count,
         first_frame if first_frame is not None else kv_count,
         kv_index, kv_count, rect_scale, rect_bias, rmap, pg if keep else rmap, counts[0], counts[1], totals[0],
         totals[1], tile_order, done, *stats[0].stride()[:3],
         nv, nt, H, float(config.cum_threshold), int((1.0 - config.drop_rate) * nv),
-        BLOCK=block, G=PLAN_GROUP, BJ=bj, BT=max(16, triton.next_power_of_2(max(nt, 1))), DK=dk_chunk,
-        BV=min(1024, max(16, triton.next_power_of_2(nv))), BN=max(16, triton.next_power_of_2(ncols)),
+        BLOCK=block, G=PLAN_GROUP, BJ=bj, BT=max(16, next_pow2(max(nt, 1))), DK=dk_chunk,
+        BV=min(1024, max(16, next_pow2(nv))), BN=max(16, next_pow2(ncols)),
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), PREC="tf32x3",
         HAS_TEXT_COL=has_text_col, HAS_TEXT_BLOCKS=nt > 0, GAPR=config.gapr, HAS_NBR=nbr is not None,
         HAS_FF=first_frame is not None, KEEP_ALL=config.cum_threshold >= 1.0, KEEP_PROBS=keep,

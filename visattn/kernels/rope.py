@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_pow2
+
 # tokens per program; H100 sweep, q + k [1, 32760, 12, 128] bf16: 8-16 tokens 0.168 ms, 32: 0.190, 64: 0.191
 _BLOCK_S = 16
 # the one-pass norm + rotation holds every head of its tokens; H100, Wan's q + k as above (the two-pass
@@ -164,10 +166,10 @@ def rope_pairs_fwd(
     args = (S, H, D // 2)
     strides = (x0.stride(0), x0.stride(1), x0.stride(2), outs[0].stride(0), outs[0].stride(1), outs[0].stride(2),
                ce.stride(0), ce.stride(1), se.stride(0), se.stride(1))
-    half_p = max(2, triton.next_power_of_2(D // 2))
+    half_p = max(2, next_pow2(D // 2))
     f64 = torch.float64 in (x0.dtype, ce.dtype, se.dtype)
     if norm is None:
-        _rope_kernel[(triton.cdiv(S, _BLOCK_S), B, len(xs))](
+        _rope_kernel[(cdiv(S, _BLOCK_S), B, len(xs))](
             x0, x1, outs[0], o1, ce, co, se, so, *args, *strides,
             HALF_P=half_p, BLOCK_S=_BLOCK_S, F64=f64, TRANSPOSE=transpose, num_warps=4,
         )
@@ -175,8 +177,8 @@ def rope_pairs_fwd(
     if transpose:
         raise NotImplementedError("rope_pairs_fwd: norm= is forward only (transpose=False)")
     (w0, w1), eps = norm
-    _norm_rope_kernel[(triton.cdiv(S, _NORM_BLOCK_S), B, len(xs))](
+    _norm_rope_kernel[(cdiv(S, _NORM_BLOCK_S), B, len(xs))](
         x0, x1, outs[0], o1, ce, co, se, so, w0, w1 if len(xs) == 2 else w0, *args, eps, *strides,
-        H_P=triton.next_power_of_2(H), HALF_P=half_p, BLOCK_S=_NORM_BLOCK_S, F64=f64, num_warps=_NORM_WARPS,
+        H_P=next_pow2(H), HALF_P=half_p, BLOCK_S=_NORM_BLOCK_S, F64=f64, num_warps=_NORM_WARPS,
     )
     return outs
