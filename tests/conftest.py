@@ -13,6 +13,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # every cached launch is checked against Triton's own binding (kernels/_launch.py)
+    os.environ.setdefault("VISATTN_CHECK_LAUNCH", "1")
 
 import pytest  # noqa: E402
 

@@ -33,7 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LOG2E, _fwd_epilogue, _online_softmax_step, dot_precision, head_dim_pad
+from ._common import (
+    INTERPRET,
+    LOG2E,
+    _fwd_epilogue,
+    _online_softmax_step,
+    cdiv,
+    dot_precision,
+    head_dim_pad,
+    next_pow2,
+)
+from ._launch import launch
 
 
 @triton.jit
@@ -392,9 +402,10 @@ def route_topk(logits: torch.Tensor, topk: int) -> torch.Tensor:
     B, P, _ = logits.shape
     logits = logits.contiguous()
     index = torch.empty((B, P, topk), device=logits.device, dtype=torch.int32)
-    _route_topk_kernel[(P, B)](
-        logits, index, P, topk, logits.stride(0), logits.stride(1), index.stride(0), index.stride(1),
-        P_PAD=max(16, triton.next_power_of_2(P)), num_warps=4,
+    launch(
+        _route_topk_kernel, (P, B), (logits, index),
+        (P, topk, logits.stride(0), logits.stride(1), index.stride(0), index.stride(1)),
+        P_PAD=max(16, next_pow2(P)), num_warps=4,
     )
     return index
 
@@ -412,12 +423,12 @@ def default_blocks(device: torch.device, dtype: torch.dtype, region_tokens: int)
     if INTERPRET or device.type != "cuda":
         return 32, 32
     if 16 <= region_tokens <= 32:
-        return triton.next_power_of_2(region_tokens), 32
+        return next_pow2(region_tokens), 32
     return 64, 32
 
 
 def _map_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+    return t.stride()[:4]  # one call: t.stride(i) four times costs 4x the host time
 
 
 def _list_strides(lst: torch.Tensor, cnt: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -430,8 +441,8 @@ def _launch_args(q, geo, n_tiles):
     B, H, W, heads, D = q.shape
     r_H, r_W, R_H, R_W, g_H, g_W, block_m, _ = geo
     T = r_H * r_W
-    n_sub = triton.cdiv(g_H * g_W * T, block_m)
-    n_gW = triton.cdiv(R_W, g_W)
+    n_sub = cdiv(g_H * g_W * T, block_m)
+    n_gW = cdiv(R_W, g_W)
     grid = (n_tiles * n_sub, B * heads)
     return grid, (H, W, r_H, r_W, R_H, R_W, g_H, g_W, n_gW, T, n_sub, R_H * R_W)
 
@@ -451,10 +462,11 @@ def bra_fwd(q, k, v, lst, sel, cnt, geo, scale: float, zeros: bool):
     out = q.new_empty((B, H, W, heads, Dv))
     lse = torch.empty((B, H, W, heads), device=q.device, dtype=torch.float32)
     grid, dims = _launch_args(q, geo, lst.shape[2])
-    _bra_fwd_kernel[grid](
-        q, k, v, out, lse, lst, sel, cnt,
-        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *_list_strides(lst, cnt),
-        *dims, lst.shape[-1], heads, scale * LOG2E,
+    launch(
+        _bra_fwd_kernel, grid, (q, k, v, out, lse, lst, sel, cnt),
+        (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *_list_strides(lst, cnt),
+         *dims, lst.shape[-1], heads),
+        (scale * LOG2E,),
         ZEROS=zeros, GROUPED=geo[4] * geo[5] > 1, BLOCK_M=geo[6], BLOCK_N=geo[7],
         D=D, D_PAD=head_dim_pad(D), DV=Dv, DV_PAD=head_dim_pad(Dv), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=_num_warps(q.device), num_stages=_num_stages(),
@@ -475,17 +487,19 @@ def bra_bwd(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, geo, s
                   DV_PAD=head_dim_pad(Dv), DOT_PRECISION=dot_precision(q.dtype),
                   num_warps=_num_warps(q.device), num_stages=_num_stages())
     grid, dims = _launch_args(q, geo, lst.shape[2])
-    _bra_bwd_dq_kernel[grid](
-        q, k, v, do, out, lse, dlse if dlse is not None else lse, delta, dq, lst, sel, cnt,
-        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(lst, cnt),
-        *dims, lst.shape[-1], heads, scale, scale * LOG2E, HAS_DLSE=dlse is not None,
+    launch(
+        _bra_bwd_dq_kernel, grid, (q, k, v, do, out, lse, dlse if dlse is not None else lse, delta, dq, lst, sel, cnt),
+        (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(lst, cnt),
+         *dims, lst.shape[-1], heads),
+        (scale, scale * LOG2E), HAS_DLSE=dlse is not None,
         GROUPED=geo[4] * geo[5] > 1, **common,
     )
     grid, dims = _launch_args(q, geo, ilst.shape[2])
-    _bra_bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, ilst, isel, icnt,
-        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(ilst, icnt),
-        *dims, ilst.shape[-1], heads, scale, scale * LOG2E, GROUPED=geo[4] * geo[5] > 1, **common,
+    launch(
+        _bra_bwd_dkdv_kernel, grid, (q, k, v, do, lse, delta, dk, dv, ilst, isel, icnt),
+        (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(ilst, icnt),
+         *dims, ilst.shape[-1], heads),
+        (scale, scale * LOG2E), GROUPED=geo[4] * geo[5] > 1, **common,
     )
     return dq, dk, dv
 
@@ -500,18 +514,19 @@ def bra_plan(idx: torch.Tensor, grid: tuple[int, int], group: tuple[int, int], i
     B, Hh, P, K = idx.shape
     R_H, R_W = grid
     g_H, g_W = group
-    n_gW = triton.cdiv(R_W, g_W)
-    n_tiles = triton.cdiv(R_H, g_H) * n_gW
+    n_gW = cdiv(R_W, g_W)
+    n_tiles = cdiv(R_H, g_H) * n_gW
     cap = min(g_H * g_W * K, P)
     idx = idx.to(torch.int32).contiguous()
     new = functools.partial(torch.empty, device=idx.device, dtype=torch.int32)
     lst, sel, cnt = new((B, Hh, n_tiles, cap)), new((B, Hh, n_tiles, cap)), new((B, Hh, n_tiles))
     icap = P if inverse else 0
     ilst, isel, icnt = new((B, Hh, n_tiles, icap)), new((B, Hh, n_tiles, icap)), new((B, Hh, n_tiles))
-    p_chunk = min(64, max(16, triton.next_power_of_2(P)))
-    _bra_plan_kernel[(n_tiles, B * Hh)](
-        idx, lst, sel, cnt, ilst, isel, icnt, P, K, R_H, R_W, g_H, g_W, n_gW, n_tiles, cap,
-        INVERSE=inverse, P_CHUNK=p_chunk, E_CHUNK=min(64, max(16, triton.next_power_of_2(g_H * g_W * K))),
-        K_CHUNK=min(32, max(16, triton.next_power_of_2(K))), num_warps=4,
+    p_chunk = min(64, max(16, next_pow2(P)))
+    launch(
+        _bra_plan_kernel, (n_tiles, B * Hh), (idx, lst, sel, cnt, ilst, isel, icnt),
+        (P, K, R_H, R_W, g_H, g_W, n_gW, n_tiles, cap),
+        INVERSE=inverse, P_CHUNK=p_chunk, E_CHUNK=min(64, max(16, next_pow2(g_H * g_W * K))),
+        K_CHUNK=min(32, max(16, next_pow2(K))), num_warps=4,
     )
     return lst, sel, cnt, ilst, isel, icnt

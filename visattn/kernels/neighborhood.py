@@ -26,11 +26,32 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, _fwd_epilogue, _online_softmax_step, _online_softmax_step_scaled, dot_precision,
-                      head_dim_pad)
-from ._neighborhood_index import (_box, _flat, _ids, _kv_box_load, _kv_box_rel, _kv_walk_next,
-                                  _kv_walks, _load_rows, _off, _row_windows, _rpb_lin, _rpb_logits, _span,
-                                  _win_mask)
+from ._common import (
+    LOG2E,
+    _fwd_epilogue,
+    _online_softmax_step,
+    _online_softmax_step_scaled,
+    cdiv,
+    dot_precision,
+    head_dim_pad,
+)
+from ._launch import launch
+from ._neighborhood_index import (
+    _box,
+    _flat,
+    _ids,
+    _kv_box_load,
+    _kv_box_rel,
+    _kv_walk_next,
+    _kv_walks,
+    _load_rows,
+    _off,
+    _row_windows,
+    _rpb_lin,
+    _rpb_logits,
+    _span,
+    _win_mask,
+)
 
 
 @triton.jit(do_not_specialize=["L0", "L1", "L2", "d0", "d1", "d2", "ks0", "ks1", "ks2", "n_extra", "nt1", "nt2"])
@@ -474,13 +495,14 @@ def neighborhood_fwd(q, k, v, tables, kernel_size, dilation, scale, extra=None, 
     grid = (nt[0] * nt[1] * nt[2], B * H, dilation[0] * dilation[1] * dilation[2])
     ke, ve = extra if extra is not None else (None, None)
     dummy = st[0]
-    _neighborhood_fwd_kernel[grid](
-        q, k, v, out, lse, ke if ke is not None else dummy, ve if ve is not None else dummy,
-        rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
-        st[0], en[0], st[1], en[1], st[2], en[2],
-        *_s5(q), *_s5(k), *_s5(v), *_s5(out), *_s3(ke), *_s3(ve), *_rpb_strides(rpb), *_kpm_strides(kpm),
-        L0, L1, L2, *dilation, *kernel_size, nt[1], nt[2], H, H // Hk, 0 if ke is None else ke.shape[1],
-        scale * LOG2E,
+    launch(
+        _neighborhood_fwd_kernel, grid,
+        (q, k, v, out, lse, ke if ke is not None else dummy, ve if ve is not None else dummy,
+         rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
+         st[0], en[0], st[1], en[1], st[2], en[2]),
+        (*_s5(q), *_s5(k), *_s5(v), *_s5(out), *_s3(ke), *_s3(ve), *_rpb_strides(rpb), *_kpm_strides(kpm),
+         L0, L1, L2, *dilation, *kernel_size, nt[1], nt[2], H, H // Hk, 0 if ke is None else ke.shape[1]),
+        (scale * LOG2E,),
         T0=cfg.q_tile[0], T1=cfg.q_tile[1], T2=cfg.q_tile[2], K0=cfg.kv_tile[0], K1=cfg.kv_tile[1], K2=cfg.kv_tile[2],
         **_dims(q, v), HAS_EXTRA=ke is not None, HAS_RPB=rpb is not None, HAS_KPM=kpm is not None,
         PRECISION=dot_precision(q.dtype), FOLD_SCALE=scale > 0 and rpb is None,
@@ -504,8 +526,9 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     delta = torch.empty(q.shape[:-1], device=dev, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     pre = 64
-    _bwd_preprocess_kernel[(triton.cdiv(n_rows, pre),)](
-        out, do, dlse if dlse is not None else delta, lse, delta, lse2, n_rows,
+    launch(
+        _bwd_preprocess_kernel, (cdiv(n_rows, pre),),
+        (out, do, dlse if dlse is not None else delta, lse, delta, lse2), (n_rows,),
         HAS_DLSE=dlse is not None, BLOCK=pre, DV=dims["DV"], DVP=dims["DVP"],
     )
     ke, ve = extra if extra is not None else (None, None)
@@ -520,13 +543,15 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dq", ke is not None,
                                        rpb is not None)
     nt = [-(-n // t) for n, t in zip(ng, cfg.q_tile)]
-    _neighborhood_bwd_dq_kernel[(nt[0] * nt[1] * nt[2], B * H, ngroups)](
-        q, k, v, do, lse2, delta, dq, ds if ds is not None else delta,
-        ke if ke is not None else dummy, ve if ve is not None else dummy,
-        rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
-        st[0], en[0], st[1], en[1], st[2], en[2],
-        *_s5(q), *_s5(k), *_s5(v), *_s5(do), *_s5(dq), *_s3(ke), *_s3(ve), *_rpb_strides(rpb), *_kpm_strides(kpm),
-        L0, L1, L2, *dilation, *kernel_size, nt[1], nt[2], H, H // Hk, n_extra, scale * LOG2E, scale,
+    launch(
+        _neighborhood_bwd_dq_kernel, (nt[0] * nt[1] * nt[2], B * H, ngroups),
+        (q, k, v, do, lse2, delta, dq, ds if ds is not None else delta,
+         ke if ke is not None else dummy, ve if ve is not None else dummy,
+         rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
+         st[0], en[0], st[1], en[1], st[2], en[2]),
+        (*_s5(q), *_s5(k), *_s5(v), *_s5(do), *_s5(dq), *_s3(ke), *_s3(ve), *_rpb_strides(rpb), *_kpm_strides(kpm),
+         L0, L1, L2, *dilation, *kernel_size, nt[1], nt[2], H, H // Hk, n_extra),
+        (scale * LOG2E, scale),
         T0=cfg.q_tile[0], T1=cfg.q_tile[1], T2=cfg.q_tile[2], K0=cfg.kv_tile[0], K1=cfg.kv_tile[1], K2=cfg.kv_tile[2],
         **dims, HAS_EXTRA=ke is not None, HAS_RPB=rpb is not None, HAS_KPM=kpm is not None,
         STORE_DS=ds is not None, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -536,11 +561,13 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
     cfg = _configs.neighborhood_config(dev, (L0, L1, L2), kernel_size, q.shape[-1], q.dtype, "dkdv", ke is not None,
                                        rpb is not None)
     nk = [-(-n // t) for n, t in zip(ng, cfg.kv_tile)]
-    _neighborhood_bwd_dkdv_kernel[(nk[0] * nk[1] * nk[2], B * Hk, ngroups)](
-        q, k, v, do, lse2, delta, dk, dv, rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
-        st[0], en[0], st[1], en[1], st[2], en[2], il[0], ih[0], il[1], ih[1], il[2], ih[2],
-        *_s5(q), *_s5(k), *_s5(v), *_s5(do), *_s5(dk), *_s5(dv), *_rpb_strides(rpb), *_kpm_strides(kpm),
-        L0, L1, L2, *dilation, *kernel_size, nk[1], nk[2], H, H // Hk, scale * LOG2E, scale,
+    launch(
+        _neighborhood_bwd_dkdv_kernel, (nk[0] * nk[1] * nk[2], B * Hk, ngroups),
+        (q, k, v, do, lse2, delta, dk, dv, rpb if rpb is not None else dummy, kpm if kpm is not None else dummy,
+         st[0], en[0], st[1], en[1], st[2], en[2], il[0], ih[0], il[1], ih[1], il[2], ih[2]),
+        (*_s5(q), *_s5(k), *_s5(v), *_s5(do), *_s5(dk), *_s5(dv), *_rpb_strides(rpb), *_kpm_strides(kpm),
+         L0, L1, L2, *dilation, *kernel_size, nk[1], nk[2], H, H // Hk),
+        (scale * LOG2E, scale),
         T0=cfg.q_tile[0], T1=cfg.q_tile[1], T2=cfg.q_tile[2], K0=cfg.kv_tile[0], K1=cfg.kv_tile[1], K2=cfg.kv_tile[2],
         **dims, HAS_RPB=rpb is not None, HAS_KPM=kpm is not None, PRECISION=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -551,10 +578,11 @@ def neighborhood_bwd(do, q, k, v, out, lse, dlse, tables, kernel_size, dilation,
         dve = torch.empty(ve.shape, device=dev, dtype=ve.dtype)
         bm = cfg.q_tile[0] * cfg.q_tile[1] * cfg.q_tile[2]
         bn = cfg.kv_tile[0] * cfg.kv_tile[1] * cfg.kv_tile[2]
-        _extra_bwd_dkdv_kernel[(triton.cdiv(n_extra, bn), B * Hk)](
-            q, ke, ve, do, lse2, delta, dke, dve,
-            *_s5(q), *_s3(ke), *_s3(ve), *_s5(do), *_s3(dke), *_s3(dve),
-            L0 * L1 * L2, L1, L2, H, H // Hk, n_extra, scale * LOG2E, scale,
+        launch(
+            _extra_bwd_dkdv_kernel, (cdiv(n_extra, bn), B * Hk),
+            (q, ke, ve, do, lse2, delta, dke, dve),
+            (*_s5(q), *_s3(ke), *_s3(ve), *_s5(do), *_s3(dke), *_s3(dve), L0 * L1 * L2, L1, L2, H, H // Hk, n_extra),
+            (scale * LOG2E, scale),
             BLOCK_M=bm, BLOCK_N=bn, **dims, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq, dk, dv, dke, dve, ds
