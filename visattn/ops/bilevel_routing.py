@@ -86,13 +86,13 @@ def _check_maps(q, k, v=None) -> int:
             raise ValueError(
                 f"expected q, k and v on one device, got q.device={q.device}, {name}.device={t.device}"
             )
-        axes = ["B"] + [f"spatial {i}" for i in range(q.dim() - 3)] + ["heads"]
-        for ax, label in enumerate(axes):
-            if t.shape[ax] != q.shape[ax]:
-                raise ValueError(
-                    f"expected q and {name} to match on axis {ax} ({label}), got "
-                    f"q.shape[{ax}]={q.shape[ax]}, {name}.shape[{ax}]={t.shape[ax]}"
-                )
+        if t.shape[:-1] != q.shape[:-1]:  # the axis labels are built only for the message (host time per call)
+            axes = ["B"] + [f"spatial {i}" for i in range(q.dim() - 3)] + ["heads"]
+            ax = next(i for i in range(q.dim() - 1) if t.shape[i] != q.shape[i])
+            raise ValueError(
+                f"expected q and {name} to match on axis {ax} ({axes[ax]}), got "
+                f"q.shape[{ax}]={q.shape[ax]}, {name}.shape[{ax}]={t.shape[ax]}"
+            )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"expected q and k to share d_qk (last axis), got q.shape[-1]={q.shape[-1]}, "

@@ -11,6 +11,7 @@ sorts), so CUDA graphs and ``torch.compile`` see fixed shapes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=256)  # a search over up to 32 x 32 groups, on every call of the op
 def choose_group(region: tuple[int, int], grid: tuple[int, int], block_m: int) -> tuple[int, int]:
     """Regions per query tile ``(g_H, g_W)``: one region when it fills a tile, else as many as fit.
 
