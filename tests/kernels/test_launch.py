@@ -26,7 +26,8 @@ class _Kernel:
 
     def __init__(self):
         self.signature = inspect.signature(_body)
-        self.params = [SimpleNamespace(is_constexpr=name in ("BLOCK", "FLAG")) for name in self.signature.parameters]
+        self.params = [SimpleNamespace(is_constexpr=name in ("BLOCK", "FLAG"))
+                       for name in self.signature.parameters]
         self.misses, self.hits = [], []
         self.compiled = SimpleNamespace(function="fn", packed_metadata="meta", run=self._run)
 
@@ -115,8 +116,10 @@ def test_check_mode_sees_every_hit(fast, monkeypatch):
     kern = _Kernel()
     seen = []
     monkeypatch.setattr(_launch, "CHECK", True)
-    monkeypatch.setattr(_launch, "_check", lambda entry, kernel, device, args, meta: seen.append((entry[4], args)))
+    monkeypatch.setattr(_launch, "_check",
+                        lambda entry, kernel, device, args, meta: seen.append((entry[4], args)))
     x = torch.zeros(4)
     for _ in range(3):
         _launch.launch(kern, (1,), (x, x), (1, 2), (0.5,), BLOCK=16)
-    assert len(kern.hits) == 2 and [s[0] for s in seen] == [kern.compiled] * 2 and seen[0][1] == (x, x, 1, 2, 0.5)
+    assert len(kern.hits) == 2 and [s[0] for s in seen] == [kern.compiled] * 2
+    assert seen[0][1] == (x, x, 1, 2, 0.5)

@@ -451,6 +451,8 @@ def test_bad_tensors():
         routed_attention(q, k, v, torch.zeros(1, 5, 2, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="int32/int64"):
         routed_attention(q, k, v, torch.zeros(1, 9, 2), 2)
+    with pytest.raises(ValueError, match="region_index on q's device"):
+        routed_attention(q, k, v, torch.zeros(1, 9, 2, dtype=torch.int32, device="meta"), 2)
     with pytest.raises(ValueError, match="region_weight"):
         routed_attention(
             q, k, v, torch.zeros(1, 9, 2, dtype=torch.int32), 2, region_weight=torch.ones(1, 9, 3)

@@ -73,7 +73,8 @@ def _record(key, kernel, grid, tensors, ints, floats, meta, device) -> None:
         return
     n = len(tensors) + len(ints) + len(floats)
     tail = []
-    for p, (name, sig) in zip(kernel.params[n:], list(kernel.signature.parameters.items())[n:]):
+    params = list(kernel.signature.parameters.items())[n:]
+    for p, (name, sig) in zip(kernel.params[n:], params, strict=True):
         if not p.is_constexpr:
             raise RuntimeError(f"launch({kernel}): parameter {name} is not a constexpr; pass it positionally")
         if name in meta:
@@ -98,8 +99,9 @@ def _check(entry, kernel, device, args, meta) -> None:
     bound, spec, options = binder(*args, **meta)
     compiled = kernel_cache.get(compute_cache_key(key_cache, spec, options))
     values, ours = tuple(bound.values()), (*args, *entry[3])
-    bad = [i for i, (a, b) in enumerate(zip(values, ours))
+    bad = [i for i, (a, b) in enumerate(zip(values, ours, strict=False))
            if a is not b and (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b)]
     if compiled is not entry[4] or len(values) != len(ours) or bad:
-        raise RuntimeError(f"launch({kernel}): the cached launch differs from Triton's binding (same kernel: "
-                           f"{compiled is entry[4]}, {len(values)} vs {len(ours)} arguments, differing at {bad})")
+        raise RuntimeError(f"launch({kernel}): the cached launch differs from Triton's binding (same "
+                           f"kernel: {compiled is entry[4]}, {len(values)} vs {len(ours)} arguments, "
+                           f"differing at {bad})")

@@ -488,7 +488,8 @@ def bra_bwd(do, q, k, v, out, lse, dlse, lst, sel, cnt, ilst, isel, icnt, geo, s
                   num_warps=_num_warps(q.device), num_stages=_num_stages())
     grid, dims = _launch_args(q, geo, lst.shape[2])
     launch(
-        _bra_bwd_dq_kernel, grid, (q, k, v, do, out, lse, dlse if dlse is not None else lse, delta, dq, lst, sel, cnt),
+        _bra_bwd_dq_kernel, grid,
+        (q, k, v, do, out, lse, dlse if dlse is not None else lse, delta, dq, lst, sel, cnt),
         (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do), *_list_strides(lst, cnt),
          *dims, lst.shape[-1], heads),
         (scale, scale * LOG2E), HAS_DLSE=dlse is not None,

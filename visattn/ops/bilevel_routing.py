@@ -86,7 +86,7 @@ def _check_maps(q, k, v=None) -> int:
             raise ValueError(
                 f"expected q, k and v on one device, got q.device={q.device}, {name}.device={t.device}"
             )
-        if t.shape[:-1] != q.shape[:-1]:  # the axis labels are built only for the message (host time per call)
+        if t.shape[:-1] != q.shape[:-1]:  # axis labels are built only for the message (host time per call)
             axes = ["B"] + [f"spatial {i}" for i in range(q.dim() - 3)] + ["heads"]
             ax = next(i for i in range(q.dim() - 1) if t.shape[i] != q.shape[i])
             raise ValueError(
@@ -300,7 +300,7 @@ def region_routing(
 # references
 
 
-def _check_index(region_index, region_weight, B, heads, P, grid) -> torch.Tensor:
+def _check_index(region_index, region_weight, B, heads, P, grid, device) -> torch.Tensor:
     if not isinstance(region_index, torch.Tensor) or region_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"expected region_index to be an int32/int64 tensor, got "
@@ -314,6 +314,9 @@ def _check_index(region_index, region_weight, B, heads, P, grid) -> torch.Tensor
             f"expected region_index of shape [B={B}, P={P}, topk] or [B={B}, heads={heads}, P={P}, "
             f"topk] (grid {grid[0]}x{grid[1]}), got region_index.shape={tuple(region_index.shape)}"
         )
+    if region_index.device != device:  # a kernel handed a pointer of another device would read garbage
+        raise ValueError(f"expected region_index on q's device {device}, "
+                         f"got region_index.device={region_index.device}")
     _check_topk(region_index.shape[-1], grid)
     if region_weight is not None and (
         not isinstance(region_weight, torch.Tensor) or region_weight.shape != region_index.shape
@@ -363,7 +366,8 @@ def routed_attention_ref(
     rs = normalize_tuple(region_size, rank, "region_size")
     region = (1,) + rs if rank == 1 else rs
     grid = _grid_of(q2.shape[1:3], region)
-    idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid)
+    idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid,
+                       q.device)
     scale = check_scale(scale, q.shape[-1])
     dtype = torch.float64 if upcast else q.dtype
     if impl not in ("mask", "gather"):
@@ -478,7 +482,8 @@ def routed_attention(
     region = (1,) + rs if rank == 1 else rs
     q2, k2, v2 = _as_2d(q), _as_2d(k), _as_2d(v)
     grid = _grid_of(tuple(int(s) for s in q2.shape[1:3]), region)
-    idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid)
+    idx = _check_index(region_index, region_weight, q.shape[0], q.shape[-2], grid[0] * grid[1], grid,
+                       q.device)
     scale = check_scale(scale, q.shape[-1])
     opts = dict(backend_options or {})
     def summary() -> str:
