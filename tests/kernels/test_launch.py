@@ -13,11 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import triton.language as tl
 
 from visattn.kernels import _launch
 
 
-def _body(X, Y, n, m, scale, BLOCK, FLAG=False):  # the stand-in kernel's signature
+def _body(X, Y, n, m, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):  # the stand-in's signature
     pass
 
 
@@ -25,6 +26,7 @@ class _Kernel:
     """Records ``kernel[grid](...)`` calls (misses) and C-launcher calls (hits)."""
 
     def __init__(self):
+        self.fn = _body
         self.signature = inspect.signature(_body)
         self.params = [SimpleNamespace(is_constexpr=name in ("BLOCK", "FLAG"))
                        for name in self.signature.parameters]
@@ -123,3 +125,21 @@ def test_check_mode_sees_every_hit(fast, monkeypatch):
         _launch.launch(kern, (1,), (x, x), (1, 2), (0.5,), BLOCK=16)
     assert len(kern.hits) == 2 and [s[0] for s in seen] == [kern.compiled] * 2
     assert seen[0][1] == (x, x, 1, 2, 0.5)
+
+
+@pytest.mark.parametrize("case",
+                         ["none tensor", "float among ints", "int among floats", "runtime by keyword"])
+def test_interpreter_checks_the_launch_contract(monkeypatch, case):
+    """Under the interpreter (CPU tests) every launch site is held to what the cached path needs."""
+    kern = _Kernel()
+    x = torch.zeros(4)
+    monkeypatch.setattr(_launch, "_fast", False)
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    args = {"none tensor": ((x, None), (1, 2), (0.5,), {}),
+            "float among ints": ((x, x), (1, 2.0), (0.5,), {}),
+            "int among floats": ((x, x), (1, 2), (1,), {}),
+            "runtime by keyword": ((x, x), (1, 2), (), dict(scale=0.5))}
+    tensors, ints, floats, extra = args[case]
+    with pytest.raises(TypeError, match="launch"):
+        _launch.launch(kern, (1,), tensors, ints, floats, BLOCK=16, **extra)
+    assert not kern.misses

@@ -40,6 +40,8 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple = (),
     in that order (tensors, then integers and bools, then floats); ``meta`` holds its constexprs and
     launch options (``num_warps``, ``num_stages``). ``tensors`` holds no None (pass a dummy tensor)."""
     if not _fast or _hooked():
+        if INTERPRET:  # CPU tests: every launch site keeps the contract the cached path relies on
+            _check_contract(kernel, tensors, ints, floats, meta)
         kernel[grid](*tensors, *ints, *floats, **meta)
         return
     device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its Python wrapper
@@ -105,3 +107,27 @@ def _check(entry, kernel, device, args, meta) -> None:
         raise RuntimeError(f"launch({kernel}): the cached launch differs from Triton's binding (same "
                            f"kernel: {compiled is entry[4]}, {len(values)} vs {len(ours)} arguments, "
                            f"differing at {bad})")
+
+
+_CONSTEXPR_TAILS: dict = {}
+
+
+def _check_contract(kernel, tensors, ints, floats, meta) -> None:
+    """Tensors, then ints/bools (keyed by value), then floats (not keyed), then only constexprs by keyword:
+    a float among the ints, an int among the floats or a runtime parameter passed by keyword would make a
+    cached launch reuse a kernel specialized for other values."""
+    bad = ([f"tensors[{i}]" for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)]
+           + [f"ints[{i}]" for i, x in enumerate(ints) if isinstance(x, (float, torch.Tensor))]
+           + [f"floats[{i}]" for i, x in enumerate(floats) if type(x) is not float])
+    n = len(tensors) + len(ints) + len(floats)
+    key = (id(kernel), n)
+    if key not in _CONSTEXPR_TAILS:
+        params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters.values())
+        runtime = [p.name for p in params[n:] if "constexpr" not in str(p.annotation)]
+        _CONSTEXPR_TAILS[key] = (len(params), runtime)
+    n_params, runtime = _CONSTEXPR_TAILS[key]
+    bad += [f"runtime parameter {name} not passed positionally" for name in runtime]
+    if n > n_params:
+        bad.append(f"{n} positional arguments for {n_params} parameters")
+    if bad:
+        raise TypeError(f"launch({getattr(kernel, '__name__', kernel)}): {', '.join(bad)}")
