@@ -10,6 +10,10 @@ hook (profilers) or the interpreter goes through ``kernel[grid]``, which compile
 
 Set ``VISATTN_CHECK_LAUNCH=1`` to have every hit recompute Triton's own key and check that it names the
 same compiled kernel and the same argument list (the GPU test suite runs with it).
+
+Used by the launchers of the ops that run inside vision backbones, where calls are small and many
+(neighborhood, bi-level routing, agent). The block-sparse, PSA, Rectified and RoPE launchers keep
+``kernel[grid]``: they run at video-diffusion shapes, where one call is milliseconds of GPU work.
 """
 
 from __future__ import annotations

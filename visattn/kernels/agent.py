@@ -50,6 +50,7 @@ from ._common import (
     next_pow2,
     num_sms,
 )
+from ._launch import launch
 
 
 @triton.jit
@@ -438,25 +439,27 @@ def agent_fwd(q, k, v, a, b1, b2, mask, s1: float, s2: float):
     m_ws = torch.empty((B * H, chunks, apad), device=dev, dtype=torch.float32)
     l_ws = torch.empty_like(m_ws)
     acc_ws = torch.empty((B * H, chunks, apad, dpad), device=dev, dtype=torch.float32)
-    _agent_fwd_pool_kernel[(chunks, B * H)](
-        a, k, v, b1 if b1 is not None else q, m_arg, m_ws, l_ws, acc_ws,
-        *_bhn(a), *_bhn(k), *_bhn(v), *_bias_strides(b1), mask.stride(0) if mask is not None else 0,
-        Nk, H, n, per, chunks, s1 * LOG2E,
+    launch(
+        _agent_fwd_pool_kernel, (chunks, B * H),
+        (a, k, v, b1 if b1 is not None else q, m_arg, m_ws, l_ws, acc_ws),
+        (*_bhn(a), *_bhn(k), *_bhn(v), *_bias_strides(b1), mask.stride(0) if mask is not None else 0,
+         Nk, H, n, per, chunks),
+        (float(s1) * LOG2E,),
         HAS_BIAS=b1 is not None, HAS_MASK=mask is not None, BLOCK_A=apad, BLOCK_N=cfg.block_n,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     va = q.new_empty((B, H, n, D))
     lse1 = torch.empty((B, H, n), device=dev, dtype=torch.float32)
-    _agent_fwd_merge_kernel[(B * H,)](m_ws, l_ws, acc_ws, va, lse1, n, chunks, BLOCK_A=apad, HEAD_DIM=D,
-                                      HEAD_DIM_PAD=dpad, num_warps=4)
+    launch(_agent_fwd_merge_kernel, (B * H,), (m_ws, l_ws, acc_ws, va, lse1), (n, chunks), BLOCK_A=apad,
+           HEAD_DIM=D, HEAD_DIM_PAD=dpad, num_warps=4)
     # pass 2
     cfg = _configs.agent_config(dev, "fwd", dpad, apad, q.dtype)
     out = tokens_like(q)
     lse2 = torch.empty((B, H, N), device=dev, dtype=torch.float32)
-    _agent_fwd_kernel[(cdiv(N, cfg.block_m), B * H)](
-        q, a, va, b2 if b2 is not None else q, out, lse2,
-        *_bhn(q), *_bhn(a), *_bias_strides(b2), *_bhn(out),
-        N, H, n, s2 * LOG2E,
+    launch(
+        _agent_fwd_kernel, (cdiv(N, cfg.block_m), B * H), (q, a, va, b2 if b2 is not None else q, out, lse2),
+        (*_bhn(q), *_bhn(a), *_bias_strides(b2), *_bhn(out), N, H, n),
+        (float(s2) * LOG2E,),
         HAS_BIAS=b2 is not None, BLOCK_M=cfg.block_m, BLOCK_A=apad, HEAD_DIM=D, HEAD_DIM_PAD=dpad,
         DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -483,10 +486,12 @@ def agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1: float, s2: float
     ws_dva = torch.empty((B, H, chunks, n, D), **f32)
     ws_da = torch.empty((B, H, chunks, n, D), **f32)
     db2 = torch.empty((groups, H, N, n), **f32) if b2 is not None else None
-    _agent_bwd_dq_kernel[(chunks, H, groups)](
-        q, a, va, b2 if b2 is not None else q, do, lse2, dq, ws_dva, ws_da, db2 if db2 is not None else q,
-        *_bhn(q), *_bhn(a), *_bias_strides(b2), *_bhn(do), *_bhn(dq),
-        N, H, n, B, per, tiles, per_chunk, chunks, s2, s2 * LOG2E,
+    launch(
+        _agent_bwd_dq_kernel, (chunks, H, groups),
+        (q, a, va, b2 if b2 is not None else q, do, lse2, dq, ws_dva, ws_da, db2 if db2 is not None else q),
+        (*_bhn(q), *_bhn(a), *_bias_strides(b2), *_bhn(do), *_bhn(dq),
+         N, H, n, B, per, tiles, per_chunk, chunks),
+        (float(s2), float(s2) * LOG2E),
         HAS_BIAS=b2 is not None, BLOCK_M=cfg.block_m, BLOCK_A=apad,
         HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -502,12 +507,13 @@ def agent_bwd(do, q, k, v, a, b1, b2, mask, va, lse1, lse2, s1: float, s2: float
     dk, dv = tokens_like(k), tokens_like(v)
     ws_da1 = torch.empty((B, H, chunks, n, D), **f32)
     db1 = torch.empty((groups, H, n, Nk), **f32) if b1 is not None else None
-    _agent_bwd_dkdv_kernel[(chunks, H, groups)](
-        a, k, v, b1 if b1 is not None else q, mask.view(torch.uint8) if mask is not None else q,
-        dva, lse1, delta1, dk, dv, ws_da1, db1 if db1 is not None else q,
-        *_bhn(a), *_bhn(k), *_bhn(v), *_bias_strides(b1), mask.stride(0) if mask is not None else 0,
-        *_bhn(dk), *_bhn(dv),
-        Nk, H, n, B, per, tiles, per_chunk, chunks, s1, s1 * LOG2E,
+    launch(
+        _agent_bwd_dkdv_kernel, (chunks, H, groups),
+        (a, k, v, b1 if b1 is not None else q, mask.view(torch.uint8) if mask is not None else q,
+         dva, lse1, delta1, dk, dv, ws_da1, db1 if db1 is not None else q),
+        (*_bhn(a), *_bhn(k), *_bhn(v), *_bias_strides(b1), mask.stride(0) if mask is not None else 0,
+         *_bhn(dk), *_bhn(dv), Nk, H, n, B, per, tiles, per_chunk, chunks),
+        (float(s1), float(s1) * LOG2E),
         HAS_BIAS=b1 is not None, HAS_MASK=mask is not None, BLOCK_N=cfg.block_n,
         BLOCK_A=apad, HEAD_DIM=D, HEAD_DIM_PAD=dpad, DOT_PRECISION=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
